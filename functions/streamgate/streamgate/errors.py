@@ -1,0 +1,140 @@
+"""Every failure the service reports, and the only place that maps them to statuses and bodies.
+
+Error bodies follow OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``
+(https://platform.openai.com/docs/guides/error-codes). The OpenAI SDKs choose exception classes
+by HTTP status, so the status is part of the contract.
+
+Hierarchy::
+
+    StreamgateError                  status, type, code, param; never carries secrets or paths
+    ├── ConfigError                  bad server configuration (an init failure on Lambda)
+    ├── RequestError                 400 invalid_request_error
+    │   ├── NotFoundError            404 (unknown path, model_not_found)
+    │   ├── MethodNotAllowedError    405
+    │   └── PayloadTooLargeError     413
+    ├── RateLimitError               429, with Retry-After
+    ├── UpstreamError                502 the model backend failed
+    │   ├── UpstreamUnavailableError 503
+    │   └── UpstreamTimeoutError     504
+    ├── DeadlineExceededError        504 generation stopped before the Lambda deadline
+    └── InternalError                500 a bug; its message never leaks internals
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class StreamgateError(Exception):
+    """Base class: a message safe to show to the client, plus OpenAI error fields."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI error object, ``{"error": {...}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers the status needs (``Retry-After`` for 429/503)."""
+        if self.retry_after is None:
+            return {}
+        return {"retry-after": str(max(1, round(self.retry_after)))}
+
+
+class ConfigError(StreamgateError):
+    """The server is misconfigured; on Lambda this is reported as an init error."""
+
+    type = "server_error"
+    code = "configuration_error"
+
+
+class RequestError(StreamgateError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class NotFoundError(RequestError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowedError(RequestError):
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"allow": self.allow}
+
+
+class PayloadTooLargeError(RequestError):
+    status = 413
+    code = "request_too_large"
+
+
+class RateLimitError(StreamgateError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class UpstreamError(StreamgateError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class UpstreamUnavailableError(UpstreamError):
+    status = 503
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class DeadlineExceededError(StreamgateError):
+    status = 504
+    type = "timeout_error"
+    code = "deadline_exceeded"
+
+
+class InternalError(StreamgateError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
+def from_exception(exc: BaseException) -> StreamgateError:
+    """Our error for any exception; unknown ones become a generic 500 that reveals nothing."""
+    if isinstance(exc, StreamgateError):
+        return exc
+    return InternalError("The server had an error while processing your request.")

@@ -1,0 +1,289 @@
+"""The pipeline: HTTP event → validated request → provider deltas → OpenAI chunks → SSE bytes.
+
+Both drivers (the Lambda runtime loop and the local dev server) call :meth:`App.handle` and
+write the :class:`Response` it returns: the status and headers first, then each body item as
+one write. Everything that can fail before the first byte is done before ``handle`` returns
+(including reading the provider's first delta), so it becomes a real HTTP status. After that
+the body generator reports failures as one in-band SSE error event and records them in
+``Response.outcome`` so a driver can add trailers; it never raises, except ``GeneratorExit``
+when a driver closes it because the client went away.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from streamgate import sse
+from streamgate.chunks import ChunkBuilder
+from streamgate.config import Settings, load_settings
+from streamgate.errors import (
+    DeadlineExceededError,
+    MethodNotAllowedError,
+    NotFoundError,
+    StreamgateError,
+    UpstreamError,
+    from_exception,
+)
+from streamgate.events import HttpRequest, parse_event
+from streamgate.providers import Delta, Finish, FinishReason, Provider, TextDelta, Usage
+from streamgate.providers import create_provider as _create_provider
+from streamgate.validation import ChatRequest, check_supported, decode_body, parse_request
+
+logger = logging.getLogger(__name__)
+
+CHAT_PATH = "/v1/chat/completions"
+MODELS_PATH = "/v1/models"
+HEALTH_PATH = "/health"
+_ROUTES = {CHAT_PATH: "POST", MODELS_PATH: "GET", HEALTH_PATH: "GET"}
+
+SSE_HEADERS = {
+    "content-type": "text/event-stream",
+    "cache-control": "no-cache",
+    "x-accel-buffering": "no",
+}
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+class LambdaContext(Protocol):
+    """The part of the Lambda context object the pipeline uses."""
+
+    aws_request_id: str
+
+    def get_remaining_time_in_millis(self) -> int: ...
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one request, filled in while the body streams."""
+
+    model: str | None = None
+    error: StreamgateError | None = None
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    chunks: int = 0
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    headers: dict[str, str]
+    # One item per write: one SSE event each for streams, the whole document otherwise.
+    body: Iterator[bytes]
+    outcome: Outcome = field(default_factory=Outcome)
+
+    def close(self) -> None:
+        """Stop generation early (the client went away); frees the provider."""
+        close = getattr(self.body, "close", None)
+        if close is not None:
+            close()
+
+
+class App:
+    """One configured service: settings plus a provider built on first use."""
+
+    def __init__(self, settings: Settings, provider: Provider | None = None) -> None:
+        self.settings = settings
+        self._provider = provider
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls, *, defaults: Mapping[str, str] | None = None) -> App:
+        return cls(load_settings(defaults=defaults))
+
+    @property
+    def provider(self) -> Provider:
+        if self._provider is None:
+            with self._lock:
+                if self._provider is None:
+                    self._provider = _create_provider(self.settings)
+        return self._provider
+
+    def handle(self, event: Mapping[str, Any], context: LambdaContext | None = None) -> Response:
+        """Run one request through the pipeline; see the module docstring for the contract."""
+        wants_sse = False
+        try:
+            request = parse_event(event)
+            allowed = _ROUTES.get(request.path)
+            if allowed is None:
+                raise NotFoundError(f"Unknown path {request.path!r}; try POST {CHAT_PATH}")
+            if request.method != allowed:
+                raise MethodNotAllowedError(
+                    f"Method {request.method} is not allowed on {request.path}; use {allowed}",
+                    allow=allowed,
+                )
+            if request.path == MODELS_PATH:
+                return _json(200, self._models())
+            if request.path == HEALTH_PATH:
+                return _json(200, {"status": "ok", "provider": self.settings.provider})
+            data = decode_body(request.body, self.settings)
+            wants_sse = data.get("stream") is True and _accepts_sse(request)
+            chat = parse_request(data, self.settings)
+            return self._chat(chat, _deadline(context, self.settings))
+        except Exception as e:
+            err = from_exception(e)
+            if not isinstance(e, StreamgateError):
+                logger.exception("unhandled error before the first byte")
+            return error_response(err, sse_event=wants_sse)
+
+    def _models(self) -> dict[str, Any]:
+        provider = self.provider
+        return {
+            "object": "list",
+            "data": [
+                {"id": m, "object": "model", "created": 0, "owned_by": provider.name}
+                for m in provider.models()
+            ],
+        }
+
+    def _resolve_model(self, chat: ChatRequest) -> str:
+        provider = self.provider
+        model = chat.model or self.settings.default_model or provider.default_model()
+        if model not in provider.models():
+            raise NotFoundError(
+                f"The model `{model}` does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
+        check_supported(chat, provider.capabilities)
+        return model
+
+    def _chat(self, chat: ChatRequest, deadline: float | None) -> Response:
+        model = self._resolve_model(chat)
+        if chat.max_tokens is None:
+            chat = replace(chat, max_tokens=self.settings.default_max_tokens)
+        outcome = Outcome(model=model)
+        builder = ChunkBuilder(model, include_usage=chat.include_usage)
+        deltas = self.provider.stream(chat, model)
+        try:
+            # Read the first delta before committing the status: a provider that fails here
+            # (throttled, bad model, unreachable) becomes a real HTTP error.
+            first = next(deltas, None)
+            if not chat.stream:
+                body = _complete(first, deltas, builder, outcome, deadline)
+                return Response(200, dict(JSON_HEADERS), iter([body]), outcome)
+        except BaseException:
+            _close(deltas)
+            raise
+        return Response(
+            200, dict(SSE_HEADERS), _stream(first, deltas, builder, outcome, deadline), outcome
+        )
+
+
+def _stream(
+    first: Delta | None,
+    deltas: Iterator[Delta],
+    builder: ChunkBuilder,
+    outcome: Outcome,
+    deadline: float | None,
+) -> Iterator[bytes]:
+    """SSE events for one completion; failures end it with one in-band error event."""
+    try:
+        delta = first
+        while delta is not None:
+            _check(deadline)
+            if isinstance(delta, TextDelta):
+                if delta.text:
+                    outcome.chunks += 1
+                    yield sse.data_event(builder.text(delta.text))
+            elif isinstance(delta, Finish):
+                outcome.finish_reason = delta.reason
+                outcome.chunks += 1
+                yield sse.data_event(builder.finish(delta.reason))
+            elif isinstance(delta, Usage):
+                outcome.usage = delta
+            delta = next(deltas, None)
+        if outcome.finish_reason is None:
+            raise UpstreamError("The model stream ended without a finish reason")
+        if builder.include_usage and outcome.usage is not None:
+            yield sse.data_event(builder.usage(outcome.usage))
+        yield sse.DONE
+    except Exception as e:
+        err = from_exception(e)
+        if not isinstance(e, StreamgateError):
+            logger.exception("unhandled error after the first byte")
+        outcome.error = err
+        yield sse.data_event(err.body())
+    finally:
+        _close(deltas)
+
+
+def _complete(
+    first: Delta | None,
+    deltas: Iterator[Delta],
+    builder: ChunkBuilder,
+    outcome: Outcome,
+    deadline: float | None,
+) -> bytes:
+    """The whole ``chat.completion`` document; any failure is a real status."""
+    parts: list[str] = []
+    delta = first
+    while delta is not None:
+        _check(deadline)
+        if isinstance(delta, TextDelta):
+            parts.append(delta.text)
+        elif isinstance(delta, Finish):
+            outcome.finish_reason = delta.reason
+        elif isinstance(delta, Usage):
+            outcome.usage = delta
+        delta = next(deltas, None)
+    if outcome.finish_reason is None:
+        raise UpstreamError("The model stream ended without a finish reason")
+    doc = builder.completion("".join(parts), outcome.finish_reason, outcome.usage)
+    return sse.dumps(doc).encode("utf-8")
+
+
+def _check(deadline: float | None) -> None:
+    """Stop before the Lambda deadline rather than being killed mid-write."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceededError(
+            "Generation stopped: the request reached the function's time limit"
+        )
+
+
+def error_response(err: StreamgateError, *, sse_event: bool = False) -> Response:
+    """An error before the first byte: real status, OpenAI body, as JSON or one SSE event."""
+    headers = dict(SSE_HEADERS if sse_event else JSON_HEADERS)
+    headers.update(err.headers())
+    body = sse.data_event(err.body()) if sse_event else sse.dumps(err.body()).encode("utf-8")
+    return Response(err.status, headers, iter([body]), Outcome(error=err))
+
+
+def _json(status: int, doc: Mapping[str, Any]) -> Response:
+    return Response(status, dict(JSON_HEADERS), iter([sse.dumps(doc).encode("utf-8")]))
+
+
+def _accepts_sse(request: HttpRequest) -> bool:
+    """False when the client's Accept header asks for JSON (the OpenAI SDKs send that)."""
+    accept = request.headers.get("accept", "")
+    types = {part.split(";", 1)[0].strip().lower() for part in accept.split(",")}
+    return "application/json" not in types
+
+
+def _deadline(context: LambdaContext | None, settings: Settings) -> float | None:
+    """Monotonic time at which generation must stop, or None outside Lambda."""
+    if context is None:
+        return None
+    remaining_ms = context.get_remaining_time_in_millis() - settings.deadline_margin_ms
+    return time.monotonic() + remaining_ms / 1000
+
+
+def _close(deltas: Iterator[Delta]) -> None:
+    close = getattr(deltas, "close", None)
+    if close is not None:
+        close()
+
+
+_default_app: App | None = None
+
+
+def handler(event: Mapping[str, Any], context: LambdaContext | None = None) -> Response:
+    """Entry point for the Lambda runtime loop: the app configured from the environment."""
+    global _default_app
+    if _default_app is None:
+        _default_app = App.from_env()
+    return _default_app.handle(event, context)

@@ -1,0 +1,80 @@
+"""Model backends behind one narrow interface.
+
+A provider takes a validated :class:`ChatRequest` and yields deltas. Errors before the first
+delta are raised from ``stream()`` or the first ``next()`` and become real HTTP statuses; errors
+after it end the SSE stream with an in-band error event. Closing the iterator (client gone,
+deadline) must stop generation and free whatever the provider holds.
+
+The registry maps a name to the module that builds the provider, imported only when chosen, so
+the Lambda zip never imports the embedded model's library.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from streamgate.errors import ConfigError
+
+if TYPE_CHECKING:
+    from streamgate.config import Settings
+    from streamgate.validation import ChatRequest
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    reason: FinishReason
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+Delta = TextDelta | Finish | Usage
+
+
+class Provider(Protocol):
+    """What the pipeline needs from a model backend."""
+
+    name: str
+    # Optional request features this backend honours (see validation.CAP_*).
+    capabilities: frozenset[str]
+
+    def default_model(self) -> str: ...
+
+    def models(self) -> list[str]: ...
+
+    def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
+        """Text pieces for ``request`` on ``model``, then one Finish, then Usage if known."""
+        ...
+
+
+# name -> module that defines ``create(settings) -> Provider``.
+REGISTRY: dict[str, str] = {
+    "local": "streamgate.providers.local",
+}
+
+
+def create_provider(settings: Settings) -> Provider:
+    """Build the configured provider (import deferred to here)."""
+    module_name = REGISTRY.get(settings.provider)
+    if module_name is None:
+        raise ConfigError(f"provider {settings.provider!r} is not available in this build")
+    module = importlib.import_module(module_name)
+    provider: Provider = module.create(settings)
+    return provider

