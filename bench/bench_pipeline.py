@@ -1,0 +1,156 @@
+"""Figures for the pipeline and the embedded model (issue: streaming chat completions).
+
+    make bench    # PYTHONPATH=functions/streamgate .venv/bin/python bench/bench_pipeline.py
+
+1. The embedded model through the dev server, read like a user does (requests, `data:` lines),
+   prompt "Explain streaming APIs", default settings: time to first token p50/p95, tokens per
+   second, characters and chunks per answer.
+2. The pipeline's own cost with an instant provider: added time to first byte over calling the
+   provider directly, and microseconds per chunk for validation + chunk building + SSE encoding.
+
+Prints medians measured in this one run; machines here are shared, so compare ratios, not runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+
+from streamgate.config import load_settings
+from streamgate.devserver import serve
+from streamgate.handler import App
+from streamgate.providers import Delta, Finish, TextDelta, Usage
+from streamgate.validation import ChatRequest
+
+PROMPT = "Explain streaming APIs"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def bench_model(requests_n: int) -> None:
+    from streamgate.providers import local
+
+    settings = load_settings({}, provider="local")
+    app = App(settings, local.create(settings))
+    server = serve("127.0.0.1", 0, app)
+    url = f"http://127.0.0.1:{server.server_port}/v1/chat/completions"
+    ttft, rates, chars, chunks, tokens = [], [], [], [], []
+    try:
+        for _ in range(requests_n):
+            start = time.perf_counter()
+            first = None
+            text, n = [], 0
+            usage: dict[str, Any] = {}
+            body = {"prompt": PROMPT, "stream": True, "stream_options": {"include_usage": True}}
+            with requests.post(url, json=body, stream=True, timeout=300) as r:
+                for line in r.iter_lines():
+                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    for choice in chunk["choices"]:
+                        piece = choice["delta"].get("content")
+                        if piece:
+                            first = first or time.perf_counter()
+                            text.append(piece)
+                            n += 1
+            end = time.perf_counter()
+            assert first is not None, "no content"
+            ttft.append((first - start) * 1000)
+            rates.append((usage["completion_tokens"] - 1) / (end - first))
+            chars.append(len("".join(text)))
+            chunks.append(n)
+            tokens.append(usage["completion_tokens"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    print(f"embedded model, {requests_n} requests, prompt {PROMPT!r}, default settings")
+    print(f"  time to first token   p50 {pct(ttft, .5):7.1f} ms   p95 {pct(ttft, .95):7.1f} ms")
+    print(f"  tokens per second     median {statistics.median(rates):6.1f}"
+          f"   min {min(rates):6.1f}")
+    print(f"  characters per answer median {statistics.median(chars):6.0f}   min {min(chars)}")
+    print(f"  chunks per answer     median {statistics.median(chunks):6.0f}   min {min(chunks)}")
+    print(f"  tokens per answer     median {statistics.median(tokens):6.0f}")
+
+
+class InstantProvider:
+    name = "instant"
+    capabilities: frozenset[str] = frozenset()
+
+    def __init__(self, n: int) -> None:
+        self.deltas: list[Delta] = [TextDelta("token ") for _ in range(n)]
+        self.deltas += [Finish("stop"), Usage(10, n)]
+
+    def default_model(self) -> str:
+        return "instant"
+
+    def models(self) -> list[str]:
+        return ["instant"]
+
+    def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
+        yield from self.deltas
+
+
+def bench_pipeline(rounds: int, chunks_n: int) -> None:
+    body = json.dumps({"model": "instant", "messages": [
+        {"role": "system", "content": "You are concise."},
+        {"role": "user", "content": PROMPT}], "stream": True,
+        "stream_options": {"include_usage": True}, "max_tokens": 256, "temperature": 0.5})
+    event = {"version": "2.0", "rawPath": "/v1/chat/completions", "headers": {},
+             "requestContext": {"http": {"method": "POST"}}, "body": body}
+    settings = load_settings({}, provider="local")
+    provider = InstantProvider(1)
+    app = App(settings, provider)
+    request = ChatRequest(model="instant", messages=())
+    direct, piped = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter_ns()
+        next(provider.stream(request, "instant"))
+        t1 = time.perf_counter_ns()
+        next(app.handle(event).body)
+        t2 = time.perf_counter_ns()
+        direct.append(t1 - t0)
+        piped.append(t2 - t1)
+    added_ms = (statistics.median(piped) - statistics.median(direct)) / 1e6
+    print(f"pipeline, instant provider, {rounds} rounds")
+    print(f"  added time to first byte    median {added_ms:.3f} ms")
+
+    many = InstantProvider(chunks_n)
+    app = App(settings, many)
+    per_chunk = []
+    for _ in range(7):
+        t0 = time.perf_counter_ns()
+        for _ in many.stream(request, "instant"):
+            pass
+        t1 = time.perf_counter_ns()
+        for _ in app.handle(event).body:
+            pass
+        t2 = time.perf_counter_ns()
+        per_chunk.append(((t2 - t1) - (t1 - t0)) / chunks_n / 1000)
+    print(f"  per chunk (build + encode)  median {statistics.median(per_chunk):.2f} us"
+          f" over {chunks_n} chunks")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=10)
+    parser.add_argument("--skip-model", action="store_true")
+    args = parser.parse_args()
+    bench_pipeline(rounds=2000, chunks_n=20_000)
+    if not args.skip_model:
+        bench_model(args.requests)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Fixtures shared by the tiers: dev servers on ephemeral loopback ports, the embedded model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from streamgate.config import load_settings
+from streamgate.devserver import serve
+from streamgate.handler import App
+from streamgate.providers import Provider
+
+
+@contextmanager
+def running_dev_server(app: App, *, max_streams: int = 32) -> Iterator[str]:
+    """The dev server on 127.0.0.1:<ephemeral>; yields its base URL and always shuts it down."""
+    server = serve("127.0.0.1", 0, app, max_streams=max_streams)
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="session")
+def local_provider() -> Iterator[Provider]:
+    """The real embedded model, loaded once for the whole run."""
+    from streamgate.providers import local
+
+    provider = local.create(load_settings({}, provider="local"))
+    yield provider
+    provider.close()
+
+
+@pytest.fixture(scope="session")
+def model_server(local_provider: Provider) -> Iterator[str]:
+    """The dev server with the real embedded model, as `make dev` runs it."""
+    app = App(load_settings({}, provider="local"), local_provider)
+    with running_dev_server(app) as url:
+        yield url

@@ -1,0 +1,168 @@
+"""The dev server over real sockets, with a scripted provider: incremental delivery,
+concurrency, disconnects and request-body handling."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import requests
+
+from streamgate.devserver import build_event
+from streamgate.providers import Delta, Finish, TextDelta, Usage
+from streamgate.validation import ChatRequest
+from tests.conftest import running_dev_server
+from tests.helpers import ScriptedProvider, make_app, sse_json
+
+CHAT = "/v1/chat/completions"
+
+
+def test_events_arrive_while_the_model_is_still_generating() -> None:
+    # GIVEN a provider that pauses before its last word
+    gate = threading.Event()
+
+    class Gated(ScriptedProvider):
+        def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
+            yield TextDelta("first")
+            assert gate.wait(10), "the client never saw the first event"
+            yield TextDelta(" second")
+            yield Finish("stop")
+
+    with running_dev_server(make_app(Gated())) as url, requests.post(
+        url + CHAT, json={"prompt": "hi", "stream": True}, stream=True, timeout=10
+    ) as response:
+        lines = response.iter_lines()
+        # WHEN the client reads the first event
+        first = next(line for line in lines if line.startswith(b"data: "))
+        # THEN it arrived before the provider was allowed to continue
+        assert b'"content":"first"' in first
+        gate.set()
+        rest = [line for line in lines if line.startswith(b"data: ")]
+    assert rest[-1] == b"data: [DONE]"
+
+
+def test_twenty_concurrent_streams_are_served_at_once() -> None:
+    # GIVEN a provider whose streams only proceed once 20 of them are open together
+    barrier = threading.Barrier(20, timeout=20)
+
+    class Together(ScriptedProvider):
+        def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
+            yield TextDelta("waiting")
+            barrier.wait()
+            yield TextDelta(" done")
+            yield Finish("stop")
+
+    results: list[str] = []
+
+    def client(url: str) -> None:
+        r = requests.post(url + CHAT, json={"prompt": "hi", "stream": True}, timeout=30)
+        results.append("".join(c["choices"][0]["delta"].get("content", "")
+                               for c in sse_json(r.content)))
+
+    with running_dev_server(make_app(Together())) as url:
+        threads = [threading.Thread(target=client, args=(url,)) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(40)
+    # THEN every one of them completed (the barrier would have broken otherwise)
+    assert results == ["waiting done"] * 20
+    assert not barrier.broken
+
+
+def test_a_client_that_disconnects_stops_generation_and_frees_its_slot() -> None:
+    # GIVEN a server with a single slot and a provider that would talk for a long time
+    provider = ScriptedProvider([TextDelta("x"), *[s for _ in range(200)
+                                                   for s in (0.05, TextDelta("y"))],
+                                 Finish("stop"), Usage(1, 1)])
+    with running_dev_server(make_app(provider), max_streams=1) as url:
+        port = int(url.rsplit(":", 1)[1])
+        body = json.dumps({"prompt": "hi", "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            assert b"200 OK" in sock.recv(4096)
+        # WHEN the client has gone, THEN the provider is closed long before it would finish
+        assert provider.closed.wait(10)
+        assert not provider.finished.is_set()
+        # AND the slot is free again for the next client
+        provider.script = [TextDelta("ok"), Finish("stop")]
+        deadline = time.monotonic() + 10
+        while True:
+            r = requests.post(url + CHAT, json={"prompt": "hi"}, timeout=10)
+            if r.status_code != 429 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert r.status_code == 200
+
+
+def test_over_the_concurrency_limit_is_a_429_with_retry_after() -> None:
+    release = threading.Event()
+
+    class Holding(ScriptedProvider):
+        def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
+            yield TextDelta("x")
+            release.wait(10)
+            yield Finish("stop")
+
+    with running_dev_server(make_app(Holding()), max_streams=1) as url:
+        with requests.post(url + CHAT, json={"prompt": "hi", "stream": True}, stream=True,
+                           timeout=10) as held:
+            assert held.status_code == 200
+            second = requests.post(url + CHAT, json={"prompt": "hi"}, timeout=10)
+            release.set()
+        assert second.status_code == 429
+        assert second.headers["retry-after"] == "1"
+        assert second.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_huge_upload_is_a_413_the_client_can_read() -> None:
+    with running_dev_server(make_app(max_body_bytes=1000)) as url:
+        r = requests.post(url + CHAT, data=b"{" + b" " * 5_000_000 + b"}",
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413
+    assert r.json()["error"]["message"] == "Request body exceeds maximum size of 1000 bytes"
+
+
+def test_chunked_upload_is_accepted() -> None:
+    def gen() -> Iterator[bytes]:
+        yield b'{"prompt": '
+        yield b'"hi"}'
+
+    with running_dev_server(make_app()) as url:
+        r = requests.post(url + CHAT, data=gen(), headers={"content-type": "application/json"},
+                          timeout=10)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
+def test_invalid_utf8_body_is_a_400_invalid_json() -> None:
+    with running_dev_server(make_app()) as url:
+        r = requests.post(url + CHAT, data=b'{"prompt": "\xff"}',
+                          headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["message"] == "Invalid JSON body"
+
+
+def test_unknown_path_and_method_get_openai_error_bodies() -> None:
+    with running_dev_server(make_app()) as url:
+        missing = requests.get(url + "/nope", timeout=10)
+        wrong = requests.delete(url + CHAT, timeout=10)
+        health = requests.get(url + "/health", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert health.status_code == 200
+
+
+def test_event_uses_base64_for_binary_bodies_like_function_urls() -> None:
+    text = build_event("POST", "/v1/chat/completions?x=1", {"content-type": "application/json"},
+                       b'{"a": 1}')
+    assert (text["body"], text["isBase64Encoded"], text["rawQueryString"]) == (
+        '{"a": 1}', False, "x=1")
+    binary = build_event("POST", "/", {"content-type": "application/octet-stream"}, b"\x00\xff")
+    assert binary["isBase64Encoded"] is True
+    assert base64.b64decode(binary["body"]) == b"\x00\xff"
+    assert "body" not in build_event("GET", "/v1/models", {}, b"")

@@ -1,0 +1,126 @@
+"""The dev server with the real embedded model, read as our users read it: requests and the
+official OpenAI SDK."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import requests
+
+pytestmark = pytest.mark.model
+
+MODEL = "gemma-3-270m"
+
+
+def _client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused-locally", max_retries=0)
+
+
+def test_requests_reads_a_real_stream_line_by_line(model_server: str) -> None:
+    # GIVEN the short form our first users send
+    with requests.post(f"{model_server}/v1/chat/completions",
+                       json={"prompt": "Explain streaming APIs", "stream": True,
+                             "max_tokens": 24},
+                       stream=True, timeout=60) as response:
+        # WHEN they read lines starting with "data: "
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/event-stream"
+        assert response.headers["transfer-encoding"] == "chunked"
+        data = [line[6:] for line in response.iter_lines(decode_unicode=True)
+                if line.startswith("data: ")]
+    # THEN they get real model text in several chunks, a finish reason and [DONE]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert len(chunks) >= 6 and text.strip()
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_openai_sdk_streams_with_usage(model_server: str) -> None:
+    stream = _client(model_server).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is an API?"}],
+        stream=True, stream_options={"include_usage": True}, max_tokens=20,
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert 0 < chunks[-1].usage.completion_tokens <= 20
+    assert chunks[-1].usage.prompt_tokens > 5
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] in ("stop", "length") and set(finishes[:-1]) == {None}
+
+
+def test_openai_sdk_non_streaming_completion(model_server: str) -> None:
+    completion = _client(model_server).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=12,
+    )
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.choices[0].message.content
+    assert completion.usage is not None and 0 < completion.usage.completion_tokens <= 12
+
+
+def test_max_tokens_ends_with_finish_reason_length(model_server: str) -> None:
+    completion = _client(model_server).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Explain streaming APIs"}],
+        max_tokens=5, temperature=0,
+    )
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage is not None and completion.usage.completion_tokens == 5
+
+
+def test_stop_sequence_and_seed_are_honoured(model_server: str) -> None:
+    client = _client(model_server)
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Explain streaming APIs"}],
+           "max_tokens": 40, "temperature": 0.9, "seed": 1234}
+    first = client.chat.completions.create(**ask).choices[0].message.content or ""
+    again = client.chat.completions.create(**ask).choices[0].message.content or ""
+    assert first == again, "the same seed must give the same text"
+    words = first.split()
+    assert len(words) > 6
+    stop = words[len(words) // 2]
+    cut = client.chat.completions.create(**ask, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == first[: first.index(stop)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exception", "status"),
+    [
+        ({"messages": []}, openai.BadRequestError, 400),
+        ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-nope"},
+         openai.NotFoundError, 404),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, openai.BadRequestError, 400),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3},
+         openai.BadRequestError, 400),
+    ],
+    ids=["empty-messages", "unknown-model", "n-2", "temperature"],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_errors_raise_the_matching_sdk_exception(
+    model_server: str, kwargs: dict[str, object], exception: type[Exception], status: int,
+    stream: bool,
+) -> None:
+    ask: dict[str, object] = {"model": MODEL, **kwargs}
+    with pytest.raises(exception) as info:
+        _client(model_server).chat.completions.create(stream=stream, **ask)  # type: ignore[call-overload]
+    assert getattr(info.value, "status_code", None) == status
+    body = getattr(info.value, "body", None)
+    assert isinstance(body, dict) and body["message"]
+
+
+def test_stream_reader_without_accept_json_sees_the_error_as_an_event(model_server: str) -> None:
+    response = requests.post(f"{model_server}/v1/chat/completions",
+                             json={"prompt": "  ", "stream": True}, timeout=30)
+    assert response.status_code == 400
+    assert response.text == ('data: {"error":{"message":"Prompt cannot be empty",'
+                             '"type":"invalid_request_error","param":"prompt","code":null}}\n\n')
+
+
+def test_models_list_names_the_embedded_model(model_server: str) -> None:
+    models = _client(model_server).models.list()
+    assert [m.id for m in models.data] == [MODEL]
