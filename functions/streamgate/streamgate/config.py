@@ -91,3 +91,44 @@ def load_settings(
     if settings.default_max_tokens > settings.max_tokens_cap:
         raise ConfigError("STREAMGATE_DEFAULT_MAX_TOKENS must not exceed STREAMGATE_MAX_TOKENS_CAP")
     return settings
+
+
+@dataclass(frozen=True, slots=True)
+class LambdaEnvironment:
+    """What the Lambda execution environment tells the runtime loop through its variables
+    (https://docs.aws.amazon.com/lambda/latest/dg/configuration-envvars.html#configuration-envvars-runtime).
+    """
+
+    runtime_api: str
+    function_name: str = ""
+    function_version: str = "$LATEST"
+    memory_limit_in_mb: int = 0
+    log_group_name: str = ""
+    log_stream_name: str = ""
+    # `sam local` sets AWS_SAM_LOCAL=true in its containers; it cannot read a streamed response.
+    sam_local: bool = False
+
+
+def load_lambda_environment(environ: Mapping[str, str] | None = None) -> LambdaEnvironment:
+    env = os.environ if environ is None else environ
+    runtime_api = env.get("AWS_LAMBDA_RUNTIME_API", "")
+    if not runtime_api:
+        raise ConfigError("AWS_LAMBDA_RUNTIME_API is not set: this runs inside Lambda only")
+    memory = env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "0")
+    return LambdaEnvironment(
+        runtime_api=runtime_api,
+        function_name=env.get("AWS_LAMBDA_FUNCTION_NAME", ""),
+        function_version=env.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+        memory_limit_in_mb=int(memory) if memory.isdigit() else 0,
+        log_group_name=env.get("AWS_LAMBDA_LOG_GROUP_NAME", ""),
+        log_stream_name=env.get("AWS_LAMBDA_LOG_STREAM_NAME", ""),
+        sam_local=env.get("AWS_SAM_LOCAL", "").lower() == "true",
+    )
+
+
+def set_trace_id(trace_id: str | None) -> None:
+    """Expose this invocation's X-Ray trace header as the SDKs expect (`_X_AMZN_TRACE_ID`)."""
+    if trace_id:
+        os.environ["_X_AMZN_TRACE_ID"] = trace_id
+    else:
+        os.environ.pop("_X_AMZN_TRACE_ID", None)

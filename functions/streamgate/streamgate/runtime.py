@@ -1,0 +1,175 @@
+"""The Lambda runtime loop: next → context → handler → streamed response → next.
+
+The Python managed runtime cannot stream responses, so ``bootstrap`` (started through
+``AWS_LAMBDA_EXEC_WRAPPER``) runs this loop instead of the managed one. Only the driver lives
+here: the day AWS ships Python streaming, ``App.handle`` stays as it is.
+
+Failure policy (https://docs.aws.amazon.com/lambda/latest/dg/runtimes-custom.html):
+
+- init fails (bad configuration, provider cannot be built) → ``/runtime/init/error``, exit 1;
+- the handler itself raises → ``/invocation/{id}/error`` (no response byte was sent);
+- the stream fails after its first byte → the handler has already written one SSE error event;
+  the chunked body then ends with the ``Lambda-Runtime-Function-Error-*`` trailers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from streamgate.config import (
+    LambdaEnvironment,
+    load_lambda_environment,
+    load_settings,
+    set_trace_id,
+)
+from streamgate.errors import ConfigError, StreamgateError
+from streamgate.handler import App, Response
+from streamgate.runtime_api import Invocation, RuntimeAPIClient, RuntimeAPIError
+
+logger = logging.getLogger(__name__)
+
+_ERROR_NAME = re.compile(r"[^a-zA-Z]")
+
+
+class LambdaContext:
+    """The context object handlers expect (the fields Powertools' ``inject_lambda_context``
+    reads), built from the ``next`` headers and the environment."""
+
+    def __init__(self, invocation: Invocation, env: LambdaEnvironment) -> None:
+        self.aws_request_id = invocation.request_id
+        self.invoked_function_arn = invocation.invoked_function_arn
+        self.function_name = env.function_name
+        self.function_version = env.function_version
+        self.memory_limit_in_mb = env.memory_limit_in_mb
+        self.log_group_name = env.log_group_name
+        self.log_stream_name = env.log_stream_name
+        self.client_context = _json_or_none(invocation.client_context)
+        self.identity = _json_or_none(invocation.cognito_identity)
+        self._deadline_ms = invocation.deadline_ms
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, self._deadline_ms - int(time.time() * 1000))
+
+
+def error_type(exc: BaseException, prefix: str = "Function") -> str:
+    """``Function.<Name>`` matching ``(Runtime|Function)\\.[A-Z][a-zA-Z]+``."""
+    name = _ERROR_NAME.sub("", type(exc).__name__) or "Error"
+    return f"{prefix}.{name[0].upper()}{name[1:]}"
+
+
+def _safe_message(exc: BaseException) -> str:
+    if isinstance(exc, StreamgateError):
+        return exc.message
+    return f"{type(exc).__name__} (details in the function's log)"
+
+
+def run(
+    app: App | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    max_invocations: int | None = None,
+) -> int:
+    """Serve invocations until ``max_invocations`` (a test seam) or the Runtime API says stop."""
+    try:
+        env = load_lambda_environment(environ)
+    except ConfigError as e:
+        print(f"streamgate: {e.message}", file=sys.stderr)
+        return 1
+    client = RuntimeAPIClient(env.runtime_api)
+    try:
+        if app is None:
+            try:
+                app = App(load_settings(environ))
+                _ = app.provider  # build the provider now: its failure is an init error
+            except Exception as e:
+                logger.exception("init failed")
+                client.post_init_error(error_type(e, "Runtime"), _safe_message(e))
+                return 1
+        served = 0
+        while max_invocations is None or served < max_invocations:
+            try:
+                invocation = client.next_invocation()
+            except RuntimeAPIError as e:
+                logger.info("runtime loop ends: %s", e)
+                return 0
+            served += 1
+            _invoke(client, app, env, invocation)
+        return 0
+    finally:
+        client.close()
+
+
+def _invoke(
+    client: RuntimeAPIClient, app: App, env: LambdaEnvironment, invocation: Invocation
+) -> None:
+    set_trace_id(invocation.trace_id)
+    context = LambdaContext(invocation, env)
+    try:
+        event = json.loads(invocation.event)
+        response = app.handle(event, context)
+    except Exception as e:
+        logger.exception("handler failed before the first byte")
+        client.post_error(invocation.request_id, error_type(e), _safe_message(e))
+        return
+    try:
+        if env.sam_local:
+            client.post_response(invocation.request_id, proxy_response(response))
+        else:
+            client.stream_response(
+                invocation.request_id, prelude(response), response.body,
+                lambda: _stream_failure(response),
+            )
+    except (OSError, RuntimeAPIError):
+        logger.exception("could not deliver the response to the Runtime API")
+    finally:
+        response.close()
+
+
+def prelude(response: Response) -> dict[str, Any]:
+    """The HTTP integration prelude a Function URL (or a streaming REST API) turns into the
+    status line and headers."""
+    return {"statusCode": response.status, "headers": response.headers, "cookies": []}
+
+
+def proxy_response(response: Response) -> bytes:
+    """The whole response as API Gateway proxy JSON, what `sam local start-api` can parse."""
+    body = b"".join(response.body).decode("utf-8")
+    return json.dumps({
+        "statusCode": response.status,
+        "headers": response.headers,
+        "body": body,
+        "isBase64Encoded": False,
+    }).encode()
+
+
+def _stream_failure(response: Response) -> tuple[str, str] | None:
+    """Trailers only for a stream that failed after its 200 was committed."""
+    err = response.outcome.error
+    if err is None or response.status != 200:
+        return None
+    return error_type(err), err.message
+
+
+def _json_or_none(raw: str | None) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s %(message)s")
+    return run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""A fake Lambda Runtime API: a real HTTP server on 127.0.0.1:0 that hands out queued events,
+answers 410 when they run out (so the loop ends, as in aws-lambda-go's invoke_loop_test.go),
+and records what the runtime sent: headers, each chunk with its arrival time, and trailers."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Posted:
+    path: str
+    headers: dict[str, str]
+    body: bytes = b""
+    chunks: list[tuple[float, bytes]] = field(default_factory=list)
+    trailers: dict[str, str] = field(default_factory=dict)
+
+
+class FakeRuntimeAPI:
+    def __init__(self, events: list[dict[str, Any]] | None = None, *,
+                 deadline_in_ms: int = 60_000) -> None:
+        self.events = list(events or [])
+        self.deadline_in_ms = deadline_in_ms
+        self.posted: list[Posted] = []
+        self.chunk_arrived = threading.Condition()
+        self._counter = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+                if not self.path.endswith("/runtime/invocation/next") or not fake.events:
+                    self._answer(410, b'{"errorMessage":"no more invocations"}')
+                    return
+                fake._counter += 1
+                body = json.dumps(fake.events.pop(0)).encode()
+                self.send_response(200)
+                self.send_header("Lambda-Runtime-Aws-Request-Id", f"req-{fake._counter}")
+                self.send_header("Lambda-Runtime-Deadline-Ms",
+                                 str(int(time.time() * 1000) + fake.deadline_in_ms))
+                self.send_header("Lambda-Runtime-Invoked-Function-Arn",
+                                 "arn:aws:lambda:us-east-1:123456789012:function:streamgate")
+                self.send_header("Lambda-Runtime-Trace-Id",
+                                 f"Root=1-5759e988-bd862e3fe1be46a99427{fake._counter:04d};Sampled=1")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:  # noqa: N802
+                posted = Posted(self.path, {k.lower(): v for k, v in self.headers.items()})
+                fake.posted.append(posted)
+                if posted.headers.get("transfer-encoding", "").lower() == "chunked":
+                    self._read_chunked(posted)
+                else:
+                    posted.body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                self._answer(202, b'{"status":"OK"}')
+
+            def _read_chunked(self, posted: Posted) -> None:
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                    if size == 0:
+                        break
+                    data = self.rfile.read(size)
+                    assert self.rfile.read(2) == b"\r\n"
+                    with fake.chunk_arrived:
+                        posted.chunks.append((time.monotonic(), data))
+                        fake.chunk_arrived.notify_all()
+                while (line := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+                    name, _, value = line.decode().partition(":")
+                    posted.trailers[name.strip()] = value.strip()
+
+            def _answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.address = f"127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for_chunks(self, n: int, timeout: float = 10) -> bool:
+        """True once the current response has delivered ``n`` chunks."""
+        with self.chunk_arrived:
+            return self.chunk_arrived.wait_for(
+                lambda: bool(self.posted) and len(self.posted[-1].chunks) >= n, timeout)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> FakeRuntimeAPI:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
