@@ -35,6 +35,18 @@ class Settings:
     local_context_tokens: int = 4_096
     # How long a request waits for the embedded model while another request holds it.
     local_queue_timeout_s: float = 120.0
+    # Amazon Bedrock.
+    bedrock_region: str = ""  # empty: the SDK's own resolution (AWS_REGION on Lambda)
+    # Models requests may name (ids or inference profiles); empty: only the default model.
+    bedrock_models: tuple[str, ...] = ()
+    bedrock_connect_timeout_s: float = 5.0
+    # Longest silence allowed while waiting for the first event and between events.
+    bedrock_read_timeout_s: float = 60.0
+    # Attempts for the call itself, retried only before any byte reaches the client.
+    bedrock_max_attempts: int = 3
+    bedrock_guardrail_id: str = ""
+    bedrock_guardrail_version: str = ""
+    bedrock_guardrail_stream_mode: str = "async"
 
 
 _ENV: dict[str, tuple[str, type]] = {
@@ -49,7 +61,21 @@ _ENV: dict[str, tuple[str, type]] = {
     "local_threads": ("STREAMGATE_LOCAL_THREADS", int),
     "local_context_tokens": ("STREAMGATE_LOCAL_CONTEXT_TOKENS", int),
     "local_queue_timeout_s": ("STREAMGATE_LOCAL_QUEUE_TIMEOUT_S", float),
+    "bedrock_region": ("STREAMGATE_BEDROCK_REGION", str),
+    "bedrock_models": ("STREAMGATE_BEDROCK_MODELS", tuple),
+    "bedrock_connect_timeout_s": ("STREAMGATE_BEDROCK_CONNECT_TIMEOUT_S", float),
+    "bedrock_read_timeout_s": ("STREAMGATE_BEDROCK_READ_TIMEOUT_S", float),
+    "bedrock_max_attempts": ("STREAMGATE_BEDROCK_MAX_ATTEMPTS", int),
+    "bedrock_guardrail_id": ("STREAMGATE_BEDROCK_GUARDRAIL_ID", str),
+    "bedrock_guardrail_version": ("STREAMGATE_BEDROCK_GUARDRAIL_VERSION", str),
+    "bedrock_guardrail_stream_mode": ("STREAMGATE_BEDROCK_GUARDRAIL_STREAM_MODE", str),
 }
+
+
+def _parse(kind: type, raw: str) -> object:
+    if kind is tuple:  # a comma-separated list
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+    return kind(raw)
 
 
 def load_settings(
@@ -74,7 +100,7 @@ def load_settings(
         if raw is None or raw == "":
             continue
         try:
-            value = kind(raw)
+            value = _parse(kind, raw)
         except ValueError as e:
             raise ConfigError(f"{name} must be {kind.__name__}, got {raw!r}") from e
         if isinstance(value, (int, float)) and value < 0:
@@ -88,6 +114,8 @@ def load_settings(
         raise ConfigError(
             f"STREAMGATE_PROVIDER must be one of {', '.join(PROVIDERS)}, got {settings.provider!r}"
         )
+    if settings.bedrock_guardrail_stream_mode not in ("sync", "async"):
+        raise ConfigError("STREAMGATE_BEDROCK_GUARDRAIL_STREAM_MODE must be sync or async")
     if settings.default_max_tokens > settings.max_tokens_cap:
         raise ConfigError("STREAMGATE_DEFAULT_MAX_TOKENS must not exceed STREAMGATE_MAX_TOKENS_CAP")
     return settings

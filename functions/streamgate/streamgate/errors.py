@@ -8,6 +8,7 @@ Hierarchy::
 
     StreamgateError                  status, type, code, param; never carries secrets or paths
     ├── ConfigError                  bad server configuration (an init failure on Lambda)
+    ├── PermissionDeniedError        403 the backend refused us access
     ├── RequestError                 400 invalid_request_error
     │   ├── NotFoundError            404 (unknown path, model_not_found)
     │   ├── MethodNotAllowedError    405
@@ -75,6 +76,12 @@ class ConfigError(StreamgateError):
 class RequestError(StreamgateError):
     status = 400
     type = "invalid_request_error"
+
+
+class PermissionDeniedError(StreamgateError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
 
 
 class NotFoundError(RequestError):

@@ -67,6 +67,7 @@ class Provider(Protocol):
 # name -> module that defines ``create(settings) -> Provider``.
 REGISTRY: dict[str, str] = {
     "local": "streamgate.providers.local",
+    "bedrock": "streamgate.providers.bedrock",
 }
 
 

@@ -1,0 +1,143 @@
+"""A fake Amazon Bedrock Runtime endpoint speaking the real wire formats, so botocore's own
+serializer and event-stream parser run: ``application/vnd.amazon.eventstream`` frames (prelude,
+headers, CRC32s) for ConverseStream, and AWS JSON error responses (``x-amzn-ErrorType``).
+
+Reach it with ``boto3.client("bedrock-runtime", endpoint_url=fake.url)`` or through
+``AWS_ENDPOINT_URL_BEDROCK_RUNTIME``. It replays a script and records each request's JSON.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote
+
+
+def _header(name: str, value: str) -> bytes:
+    raw_name, raw_value = name.encode(), value.encode()
+    # type 7 = string, with a 2-byte length
+    return struct.pack("!B", len(raw_name)) + raw_name + b"\x07" + struct.pack(
+        "!H", len(raw_value)) + raw_value
+
+
+def frame(headers: dict[str, str], payload: bytes) -> bytes:
+    """One event-stream message: prelude (lengths + CRC), headers, payload, message CRC."""
+    head = b"".join(_header(k, v) for k, v in headers.items())
+    total = 12 + len(head) + len(payload) + 4
+    prelude = struct.pack("!II", total, len(head))
+    prelude += struct.pack("!I", binascii.crc32(prelude) & 0xFFFFFFFF)
+    message = prelude + head + payload
+    return message + struct.pack("!I", binascii.crc32(message) & 0xFFFFFFFF)
+
+
+def event(event_type: str, body: dict[str, Any]) -> bytes:
+    return frame({":event-type": event_type, ":content-type": "application/json",
+                  ":message-type": "event"}, json.dumps(body).encode())
+
+
+def stream_exception(exception_type: str, message: str) -> bytes:
+    return frame({":exception-type": exception_type, ":content-type": "application/json",
+                  ":message-type": "exception"}, json.dumps({"message": message}).encode())
+
+
+def text_events(*pieces: str, stop: str = "end_turn", usage: tuple[int, int] = (10, 3),
+                ) -> list[bytes | float]:
+    """The events Bedrock sends for a plain text answer."""
+    return [
+        event("messageStart", {"role": "assistant"}),
+        *[event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": p}})
+          for p in pieces],
+        event("contentBlockStop", {"contentBlockIndex": 0}),
+        event("messageStop", {"stopReason": stop}),
+        event("metadata", {"usage": {"inputTokens": usage[0], "outputTokens": usage[1],
+                                     "totalTokens": usage[0] + usage[1]},
+                           "metrics": {"latencyMs": 100}}),
+    ]
+
+
+@dataclass
+class Reply:
+    """One scripted answer: an HTTP error, or a 200 with frames (floats are pauses)."""
+
+    status: int = 200
+    error_type: str = ""
+    message: str = ""
+    frames: list[bytes | float] = field(default_factory=list)
+
+
+class FakeBedrock:
+    def __init__(self, replies: list[Reply] | None = None) -> None:
+        self.replies = list(replies or [])
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self._clients: list[Any] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                parts = self.path.split("/")  # /model/{modelId}/converse-stream
+                fake.requests.append((unquote(parts[2]), json.loads(body or b"{}")))
+                reply = fake.replies.pop(0) if fake.replies else Reply(
+                    500, "InternalServerException", "script exhausted")
+                if reply.status != 200:
+                    payload = json.dumps({"message": reply.message}).encode()
+                    self.send_response(reply.status)
+                    self.send_header("x-amzn-ErrorType", reply.error_type)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/vnd.amazon.eventstream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                try:
+                    for item in reply.frames:
+                        if isinstance(item, float):
+                            time.sleep(item)
+                            continue
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(item), item))
+                        self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
+                except (ConnectionError, TimeoutError):
+                    self.close_connection = True
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def client(self, **config: Any) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.client(
+            "bedrock-runtime", endpoint_url=self.url, region_name="us-east-1",
+            aws_access_key_id="testing", aws_secret_access_key="testing",
+            config=Config(retries={"mode": "standard", "total_max_attempts": 1}, **config))
+        self._clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> FakeBedrock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
