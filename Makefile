@@ -14,7 +14,7 @@ SAM_VENV := .venv-sam
 SAM := $(SAM_VENV)/bin/sam
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: dev test lint bench build validate clean
+.PHONY: dev test lint bench bench-lambda build validate clean
 
 $(VENV)/.installed: requirements-dev.txt requirements-model.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,7 +47,10 @@ build: $(SAM_VENV)/.installed ## sam build (arm64 / cp313 wheels), then the zip'
 	  && echo "zip: $$(du -k ../streamgate.zip | cut -f1) KiB ($$(unzip -l ../streamgate.zip | tail -1 | awk '{print $$2}') files)"
 
 bench: $(VENV)/.installed ## Pipeline and embedded-model figures (see README)
-	$(PY) bench/bench_pipeline.py
+	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) bench/bench_pipeline.py
+
+bench-lambda: $(VENV)/.installed ## Cold start vs FastAPI+uvicorn, peak RSS, zip size
+	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) bench/bench_coldstart.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .aws-sam

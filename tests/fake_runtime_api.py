@@ -27,6 +27,11 @@ class FakeRuntimeAPI:
         self.events = list(events or [])
         self.deadline_in_ms = deadline_in_ms
         self.posted: list[Posted] = []
+        # Arrival time (perf_counter) of each GET next, for cold-start measurements.
+        self.next_times: list[float] = []
+        # Cleared to keep the loop waiting in its last GET next (to read its RSS, say).
+        self.hold_when_empty = threading.Event()
+        self.hold_when_empty.set()
         self.chunk_arrived = threading.Condition()
         self._counter = 0
         fake = self
@@ -35,6 +40,9 @@ class FakeRuntimeAPI:
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+                fake.next_times.append(time.perf_counter())
+                if not fake.events:
+                    fake.hold_when_empty.wait(30)
                 if not self.path.endswith("/runtime/invocation/next") or not fake.events:
                     self._answer(410, b'{"errorMessage":"no more invocations"}')
                     return

@@ -36,7 +36,8 @@ class Settings:
     # How long a request waits for the embedded model while another request holds it.
     local_queue_timeout_s: float = 120.0
     # Amazon Bedrock.
-    bedrock_region: str = ""  # empty: the SDK's own resolution (AWS_REGION on Lambda)
+    # STREAMGATE_BEDROCK_REGION, else the function's own region (AWS_REGION on Lambda).
+    bedrock_region: str = ""
     # Models requests may name (ids or inference profiles); empty: only the default model.
     bedrock_models: tuple[str, ...] = ()
     bedrock_connect_timeout_s: float = 5.0
@@ -106,6 +107,8 @@ def load_settings(
         if isinstance(value, (int, float)) and value < 0:
             raise ConfigError(f"{name} must not be negative, got {raw!r}")
         values[field] = value
+    if "bedrock_region" not in values:
+        values["bedrock_region"] = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or ""
     unknown = set(overrides) - set(_ENV)
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
