@@ -8,6 +8,8 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import pytest
+
 from streamgate.errors import UpstreamError
 from streamgate.handler import App, LambdaContext, Response
 from streamgate.providers import Delta, Finish, TextDelta, Usage
@@ -189,3 +191,34 @@ def test_sam_local_mode_posts_a_buffered_proxy_response() -> None:
     assert doc["headers"]["content-type"] == "text/event-stream"
     assert doc["body"].endswith("data: [DONE]\n\n")
     assert sse_json(doc["body"].encode())[0]["choices"][0]["delta"]["content"] == "Hello"
+
+
+def test_context_is_accepted_by_powertools_inject_lambda_context(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN a handler decorated as Powertools users do, run by our loop's context object
+    from aws_lambda_powertools import Logger
+
+    logger = Logger(service="streamgate-test")
+    seen: dict[str, Any] = {}
+
+    class Logged(App):
+        def handle(self, event: Mapping[str, Any],
+                   context: LambdaContext | None = None) -> Response:
+            @logger.inject_lambda_context
+            def decorated(event: Mapping[str, Any], context: Any) -> Response:
+                logger.info("inside")
+                return super(Logged, self).handle(event, context)
+
+            return decorated(event, context)  # type: ignore[no-any-return]
+
+    # WHEN an invocation runs
+    _serve(Logged(make_app().settings, ScriptedProvider()), [chat_event({"prompt": "x"})])
+    # THEN Powertools logged the context's fields
+    record = json.loads([line for line in capsys.readouterr().out.splitlines()
+                         if '"inside"' in line][0])
+    seen.update(record)
+    assert seen["function_request_id"] == "req-1"
+    assert seen["function_name"] == "streamgate"
+    assert seen["function_memory_size"] == 1024
+    assert seen["function_arn"].endswith(":function:streamgate")
