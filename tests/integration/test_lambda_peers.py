@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import socket
 import stat
 import subprocess
@@ -47,7 +48,8 @@ def _rie_binary() -> str:
     out = subprocess.run(
         [_sam_python(), "-c", "import samcli, os; print(os.path.dirname(samcli.__file__))"],
         capture_output=True, text=True, check=True)
-    path = Path(out.stdout.strip()) / "local" / "rapid" / "aws-lambda-rie-x86_64"
+    arch = "arm64" if platform.machine() in ("aarch64", "arm64") else "x86_64"
+    path = Path(out.stdout.strip()) / "local" / "rapid" / f"aws-lambda-rie-{arch}"
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return str(path)
 
