@@ -174,6 +174,25 @@ class App:
         )
 
 
+def _observe(
+    first: Delta | None, deltas: Iterator[Delta], outcome: Outcome, deadline: float | None
+) -> Iterator[TextDelta | Finish]:
+    """The provider's deltas with the checks both response kinds share: the deadline before
+    each one, finish reason and usage recorded in ``outcome``, and a finish reason required."""
+    delta = first
+    while delta is not None:
+        _check(deadline)
+        if isinstance(delta, Usage):
+            outcome.usage = delta
+        else:
+            if isinstance(delta, Finish):
+                outcome.finish_reason = delta.reason
+            yield delta
+        delta = next(deltas, None)
+    if outcome.finish_reason is None:
+        raise UpstreamError("The model stream ended without a finish reason")
+
+
 def _stream(
     first: Delta | None,
     deltas: Iterator[Delta],
@@ -183,22 +202,15 @@ def _stream(
 ) -> Iterator[bytes]:
     """SSE events for one completion; failures end it with one in-band error event."""
     try:
-        delta = first
-        while delta is not None:
-            _check(deadline)
-            if isinstance(delta, TextDelta):
-                if delta.text:
-                    outcome.chunks += 1
-                    yield sse.data_event(builder.text(delta.text))
-            elif isinstance(delta, Finish):
-                outcome.finish_reason = delta.reason
-                outcome.chunks += 1
-                yield sse.data_event(builder.finish(delta.reason))
-            elif isinstance(delta, Usage):
-                outcome.usage = delta
-            delta = next(deltas, None)
-        if outcome.finish_reason is None:
-            raise UpstreamError("The model stream ended without a finish reason")
+        for delta in _observe(first, deltas, outcome, deadline):
+            if isinstance(delta, Finish):
+                chunk = builder.finish(delta.reason)
+            elif delta.text:
+                chunk = builder.text(delta.text)
+            else:
+                continue
+            outcome.chunks += 1
+            yield sse.data_event(chunk)
         if builder.include_usage and outcome.usage is not None:
             yield sse.data_event(builder.usage(outcome.usage))
         yield sse.DONE
@@ -220,20 +232,10 @@ def _complete(
     deadline: float | None,
 ) -> bytes:
     """The whole ``chat.completion`` document; any failure is a real status."""
-    parts: list[str] = []
-    delta = first
-    while delta is not None:
-        _check(deadline)
-        if isinstance(delta, TextDelta):
-            parts.append(delta.text)
-        elif isinstance(delta, Finish):
-            outcome.finish_reason = delta.reason
-        elif isinstance(delta, Usage):
-            outcome.usage = delta
-        delta = next(deltas, None)
-    if outcome.finish_reason is None:
-        raise UpstreamError("The model stream ended without a finish reason")
-    doc = builder.completion("".join(parts), outcome.finish_reason, outcome.usage)
+    text = "".join(d.text for d in _observe(first, deltas, outcome, deadline)
+                   if isinstance(d, TextDelta))
+    assert outcome.finish_reason is not None  # _observe guarantees it
+    doc = builder.completion(text, outcome.finish_reason, outcome.usage)
     return sse.dumps(doc).encode("utf-8")
 
 
