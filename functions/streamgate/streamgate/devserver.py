@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"streamgate: {e.message}", file=sys.stderr)
         return 2
     server = DevServer((args.host, args.port), app, max_streams=args.max_streams)
-    model = app.settings.default_model or provider.default_model()
+    model = app.default_model()
     print(
         f"Streamgate dev server on http://{args.host}:{server.server_port}/v1/chat/completions "
         f"(provider {provider.name}, model {model})",

@@ -103,6 +103,10 @@ class App:
                     self._provider = _create_provider(self.settings)
         return self._provider
 
+    def default_model(self) -> str:
+        """The model used when a request names none: configuration, else the provider's."""
+        return self.settings.default_model or self.provider.default_model()
+
     def handle(self, event: Mapping[str, Any], context: LambdaContext | None = None) -> Response:
         """Run one request through the pipeline; see the module docstring for the contract."""
         wants_sse = False
@@ -142,7 +146,7 @@ class App:
 
     def _resolve_model(self, chat: ChatRequest) -> str:
         provider = self.provider
-        model = chat.model or self.settings.default_model or provider.default_model()
+        model = chat.model or self.default_model()
         if model not in provider.models():
             raise NotFoundError(
                 f"The model `{model}` does not exist or you do not have access to it.",
