@@ -51,14 +51,49 @@ def text_events(*pieces: str, stop: str = "end_turn", usage: tuple[int, int] = (
     """The events Bedrock sends for a plain text answer."""
     return [
         event("messageStart", {"role": "assistant"}),
-        *[event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": p}})
-          for p in pieces],
-        event("contentBlockStop", {"contentBlockIndex": 0}),
-        event("messageStop", {"stopReason": stop}),
-        event("metadata", {"usage": {"inputTokens": usage[0], "outputTokens": usage[1],
-                                     "totalTokens": usage[0] + usage[1]},
-                           "metrics": {"latencyMs": 100}}),
+        *text_block(0, *pieces),
+        *finish_events(stop, usage),
     ]
+
+
+def text_block(index: int, *pieces: str) -> list[bytes | float]:
+    return [*[event("contentBlockDelta", {"contentBlockIndex": index, "delta": {"text": p}})
+              for p in pieces],
+            event("contentBlockStop", {"contentBlockIndex": index})]
+
+
+def reasoning_block(index: int, *pieces: str) -> list[bytes | float]:
+    """Reasoning text, then the signature Bedrock ends a reasoning block with."""
+    return [*[event("contentBlockDelta", {"contentBlockIndex": index,
+                                          "delta": {"reasoningContent": {"text": p}}})
+              for p in pieces],
+            event("contentBlockDelta", {"contentBlockIndex": index,
+                                        "delta": {"reasoningContent": {"signature": "c2ln"}}}),
+            event("contentBlockStop", {"contentBlockIndex": index})]
+
+
+def tool_block(index: int, tool_use_id: str, name: str, *pieces: str) -> list[bytes | float]:
+    """A tool-use block: its start (id, name), then the JSON input in pieces."""
+    return [event("contentBlockStart", {"contentBlockIndex": index, "start": {
+                "toolUse": {"toolUseId": tool_use_id, "name": name}}}),
+            *[event("contentBlockDelta", {"contentBlockIndex": index,
+                                          "delta": {"toolUse": {"input": p}}}) for p in pieces],
+            event("contentBlockStop", {"contentBlockIndex": index})]
+
+
+def finish_events(stop: str = "end_turn", usage: tuple[int, int] = (10, 3), *,
+                  cache: tuple[int, int] = (0, 0)) -> list[bytes | float]:
+    """messageStop and metadata; ``cache`` is (read, write) input tokens."""
+    counts = {"inputTokens": usage[0], "outputTokens": usage[1],
+              "totalTokens": usage[0] + usage[1] + sum(cache)}
+    if any(cache):
+        counts |= {"cacheReadInputTokens": cache[0], "cacheWriteInputTokens": cache[1]}
+    return [event("messageStop", {"stopReason": stop}),
+            event("metadata", {"usage": counts, "metrics": {"latencyMs": 100}})]
+
+
+def start_event() -> bytes:
+    return event("messageStart", {"role": "assistant"})
 
 
 @dataclass
@@ -75,6 +110,8 @@ class FakeBedrock:
     def __init__(self, replies: list[Reply] | None = None) -> None:
         self.replies = list(replies or [])
         self.requests: list[tuple[str, dict[str, Any]]] = []
+        # Set when a client hung up while a reply was still being written.
+        self.aborted = threading.Event()
         self._clients: list[Any] = []
         fake = self
 
@@ -109,6 +146,7 @@ class FakeBedrock:
                         self.wfile.flush()
                     self.wfile.write(b"0\r\n\r\n")
                 except (ConnectionError, TimeoutError):
+                    fake.aborted.set()
                     self.close_connection = True
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
@@ -117,7 +155,8 @@ class FakeBedrock:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
 
     def client(self, **config: Any) -> Any:
         import boto3

@@ -96,7 +96,8 @@ class FakeRuntimeAPI:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.address = f"127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
 
     def wait_for_chunks(self, n: int, timeout: float = 10) -> bool:
         """True once the current response has delivered ``n`` chunks."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -10,10 +11,16 @@ import pytest
 from streamgate.config import load_settings
 from streamgate.errors import StreamgateError
 from streamgate.validation import (
+    CAP_IMAGES,
     CAP_PENALTIES,
     CAP_SEED,
+    CAP_SEQUENTIAL_TOOLS,
+    CAP_TOOLS,
     ChatRequest,
+    Image,
     Message,
+    Tool,
+    ToolCall,
     check_supported,
     decode_body,
     parse_request,
@@ -21,6 +28,18 @@ from streamgate.validation import (
 
 SETTINGS = load_settings({})
 USER = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "get_weather"}}
+PNG = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
+
+
+def _image(url: str, **extra: Any) -> list[dict[str, Any]]:
+    part = {"type": "image_url", "image_url": {"url": url, **extra}}
+    return [{"role": "user", "content": [part]}]
+
+
+def _call(arguments: Any = "{}", **extra: Any) -> dict[str, Any]:
+    return {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": arguments}, **extra}
 
 
 def _error(fn: Any, *args: Any) -> StreamgateError:
@@ -77,16 +96,76 @@ def test_body_limit_is_configurable() -> None:
         ({"messages": [{"content": "hi"}]}, "'messages[0].role' must be a string",
          "messages[0].role"),
         ({"messages": [{"role": "robot", "content": "hi"}]},
-         "'messages[0].role' must be one of assistant, developer, system, user; got 'robot'",
-         "messages[0].role"),
+         "'messages[0].role' must be one of assistant, developer, system, tool, user; "
+         "got 'robot'", "messages[0].role"),
         ({"messages": [{"role": "user", "content": 7}]},
+         "'messages[0].content' must be a string or an array of text and image parts",
+         "messages[0].content"),
+        ({"messages": [{"role": "system", "content": None}]},
          "'messages[0].content' must be a string or an array of text parts",
          "messages[0].content"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-         "Content parts of type 'image_url' are not supported by this model",
+        ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+         "Content parts of type 'input_audio' are not supported here",
          "messages[0].content[0].type"),
-        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "a"}]},
-         "Tool calls are not supported by this model", "messages[0]"),
+        ({"messages": _image("https://example.com/cat.png")},
+         "Only data: URLs (data:image/png;base64,...) are accepted for images; "
+         "this service does not fetch remote URLs", "messages[0].content[0].image_url.url"),
+        ({"messages": _image("data:image/tiff;base64,AAAA")},
+         "Image type 'image/tiff' is not supported; use PNG, JPEG, GIF or WebP",
+         "messages[0].content[0].image_url.url"),
+        ({"messages": _image("data:image/png,rawbytes")},
+         "Image data URLs must be base64-encoded (data:<type>;base64,...)",
+         "messages[0].content[0].image_url.url"),
+        ({"messages": _image("data:image/png;base64,not base64!")},
+         "Image data URL is not valid base64", "messages[0].content[0].image_url.url"),
+        ({"messages": _image(PNG, detail="high")},
+         "'messages[0].content[0].image_url.detail' 'high' is not supported; use 'auto'",
+         "messages[0].content[0].image_url.detail"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+         "'messages[0].content[0].image_url.url' must be a string",
+         "messages[0].content[0].image_url.url"),
+        ({"messages": [{"role": "assistant", "content": _image(PNG)[0]["content"]}]},
+         "Content parts of type 'image_url' are not supported outside user messages",
+         "messages[0].content[0].type"),
+        ({"messages": [{"role": "tool", "content": "x"}]},
+         "'messages[0].tool_call_id' must be a non-empty string", "messages[0].tool_call_id"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": [_call()]}]},
+         "Only assistant messages may carry 'tool_calls'", "messages[0].tool_calls"),
+        ({"messages": [{"role": "assistant", "content": None, "tool_calls": {"id": 1}}]},
+         "'messages[0].tool_calls' must be an array", "messages[0].tool_calls"),
+        ({"messages": [{"role": "assistant", "tool_calls": [_call(id="")]}]},
+         "'messages[0].tool_calls[0].id' must be a non-empty string",
+         "messages[0].tool_calls[0].id"),
+        ({"messages": [{"role": "assistant", "tool_calls": [_call("{oops")]}]},
+         "'messages[0].tool_calls[0].function.arguments' is not valid JSON",
+         "messages[0].tool_calls[0].function.arguments"),
+        ({"messages": [{"role": "assistant", "tool_calls": [_call("[1]")]}]},
+         "'messages[0].tool_calls[0].function.arguments' must be a JSON object",
+         "messages[0].tool_calls[0].function.arguments"),
+        ({"messages": [{"role": "assistant", "tool_calls": [_call({"a": 1})]}]},
+         "'messages[0].tool_calls[0].function.arguments' must be a string of JSON",
+         "messages[0].tool_calls[0].function.arguments"),
+        ({"messages": USER, "tools": TOOL}, "'tools' must be an array", "tools"),
+        ({"messages": USER, "tools": [{"type": "web_search"}]},
+         '\'tools[0]\' must be {"type": "function", "function": {...}}', "tools[0]"),
+        ({"messages": USER, "tools": [{"type": "function", "function": {"name": ""}}]},
+         "'tools[0].function.name' must be a non-empty string", "tools[0].function.name"),
+        ({"messages": USER, "tools": [TOOL, TOOL]},
+         "Tool name 'get_weather' appears twice", "tools[1].function.name"),
+        ({"messages": USER, "tools": [TOOL] * 129}, "'tools' accepts at most 128 tools", "tools"),
+        ({"messages": USER, "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": "{}"}}]},
+         "'tools[0].function.parameters' must be an object", "tools[0].function.parameters"),
+        ({"messages": USER, "tool_choice": "auto"},
+         "'tool_choice' is only allowed when 'tools' are given", "tool_choice"),
+        ({"messages": USER, "tools": [TOOL], "tool_choice": "any"},
+         "'tool_choice' must be 'none', 'auto', 'required' or "
+         '{"type": "function", "function": {"name": ...}}', "tool_choice"),
+        ({"messages": USER, "tools": [TOOL],
+          "tool_choice": {"type": "function", "function": {"name": "other"}}},
+         "'tool_choice' names 'other', which is not in 'tools'", "tool_choice"),
+        ({"messages": USER, "tools": [TOOL], "parallel_tool_calls": "no"},
+         "'parallel_tool_calls' must be a boolean", "parallel_tool_calls"),
         ({"messages": USER, "model": 3}, "'model' must be a string", "model"),
         ({"messages": USER, "model": " "}, "'model' must not be empty", "model"),
         ({"messages": USER, "stream": "true"}, "'stream' must be a boolean", "stream"),
@@ -119,10 +198,8 @@ def test_body_limit_is_configurable() -> None:
          "logprobs"),
         ({"messages": USER, "top_logprobs": 2}, "'top_logprobs' is not supported by this model",
          "top_logprobs"),
-        ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
-         "'tools' is not supported by this model", "tools"),
-        ({"messages": USER, "tool_choice": "auto"}, "'tool_choice' is not supported by this model",
-         "tool_choice"),
+        ({"messages": USER, "functions": [{"name": "f"}]},
+         "'functions' is not supported by this model", "functions"),
         ({"messages": USER, "logit_bias": {"50256": -100}},
          "'logit_bias' is not supported by this model", "logit_bias"),
         ({"messages": USER, "response_format": {"type": "json_object"}},
@@ -202,6 +279,63 @@ def test_provider_without_a_capability_rejects_its_parameter(
     err = _error(check_supported, request, frozenset())
     assert (err.status, err.param) == (400, field)
     check_supported(request, frozenset({capability}))
+
+
+def test_tools_images_and_tool_history_are_parsed_into_the_request() -> None:
+    request = parse_request({
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                         {"type": "image_url", "image_url": {"url": PNG}}]},
+            {"role": "assistant", "content": None, "tool_calls": [_call('{"city": "Oslo"}')]},
+            {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "4C"}]},
+        ],
+        "tools": [{"type": "function", "function": {
+            "name": "get_weather", "description": "Weather now",
+            "parameters": {"type": "object"}, "strict": True}}],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "parallel_tool_calls": True,
+    }, SETTINGS)
+    image = Image("png", b"\x89PNG\r\n\x1a\nfake")
+    assert request.messages == (
+        Message("user", "What is this?", parts=("What is this?", image)),
+        Message("assistant", "",
+                tool_calls=(ToolCall("call_1", "get_weather", '{"city": "Oslo"}'),)),
+        Message("tool", "4C", tool_call_id="call_1"),
+    )
+    assert request.tools == (Tool("get_weather", "Weather now", {"type": "object"}, True),)
+    assert (request.tool_choice, request.tool_choice_name) == ("function", "get_weather")
+    assert request.parallel_tool_calls is True
+
+
+@pytest.mark.parametrize(
+    ("data", "param", "capability"),
+    [({"messages": USER, "tools": [TOOL]}, "tools", CAP_TOOLS),
+     ({"messages": [*USER, {"role": "assistant", "tool_calls": [_call()]}]}, "messages[1]",
+      CAP_TOOLS),
+     ({"messages": [{"role": "tool", "tool_call_id": "c", "content": "x"}]}, "messages[0]",
+      CAP_TOOLS),
+     ({"messages": _image(PNG)}, "messages[0].content", CAP_IMAGES)],
+)
+def test_tools_and_images_need_a_provider_that_declares_them(
+    data: dict[str, Any], param: str, capability: str
+) -> None:
+    request = parse_request(data, SETTINGS)
+    assert _error(check_supported, request, frozenset()).param == param
+    check_supported(request, frozenset({capability}))
+
+
+def test_sequential_tool_calls_are_refused_unless_the_provider_can_enforce_them() -> None:
+    request = parse_request({"messages": USER, "tools": [TOOL], "parallel_tool_calls": False},
+                            SETTINGS)
+    err = _error(check_supported, request, frozenset({CAP_TOOLS}))
+    assert (err.param, err.message) == (
+        "parallel_tool_calls", "'parallel_tool_calls: false' cannot be enforced by this model")
+    check_supported(request, frozenset({CAP_TOOLS, CAP_SEQUENTIAL_TOOLS}))
+
+
+def test_tool_choice_none_without_tools_is_accepted_everywhere() -> None:
+    check_supported(parse_request({"messages": USER, "tool_choice": "none"}, SETTINGS),
+                    frozenset())
 
 
 def test_error_body_is_openai_shaped() -> None:

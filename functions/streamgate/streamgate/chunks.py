@@ -3,7 +3,9 @@
 https://platform.openai.com/docs/api-reference/chat-streaming/streaming — ``id`` and ``created``
 are the same on every chunk; the first delta carries ``"role": "assistant"``; the last choice
 chunk carries ``finish_reason``; with ``stream_options.include_usage`` every chunk has
-``"usage": null`` and one extra chunk with ``"choices": []`` carries the usage.
+``"usage": null`` and one extra chunk with ``"choices": []`` carries the usage. Tool calls
+stream as ``delta.tool_calls[]`` fragments keyed by ``index``; reasoning as
+``delta.reasoning_content`` (the field vLLM, DeepSeek and most gateways use).
 """
 
 from __future__ import annotations
@@ -12,19 +14,32 @@ import os
 import time
 from typing import Any
 
-from streamgate.providers import FinishReason, Usage
+from streamgate.providers import FinishReason, ToolCallDelta, Usage
 
 
 def new_completion_id() -> str:
     return "chatcmpl-" + os.urandom(12).hex()
 
 
-def usage_object(usage: Usage) -> dict[str, int]:
-    return {
+def usage_object(usage: Usage) -> dict[str, Any]:
+    doc: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
     }
+    if usage.cached_tokens is not None or usage.cache_write_tokens is not None:
+        # cached_tokens is OpenAI's field; cache_write_tokens has no OpenAI twin, so it is
+        # named for what it counts (prompt tokens written to the cache, billed differently).
+        doc["prompt_tokens_details"] = {
+            "cached_tokens": usage.cached_tokens or 0,
+            "cache_write_tokens": usage.cache_write_tokens or 0,
+        }
+    return doc
+
+
+def tool_call_object(index: int, call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    return {"index": index, "id": call_id, "type": "function",
+            "function": {"name": name, "arguments": arguments}}
 
 
 class ChunkBuilder:
@@ -69,6 +84,17 @@ class ChunkBuilder:
     def text(self, text: str) -> dict[str, Any]:
         return self._delta({"content": text}, None)
 
+    def reasoning(self, text: str) -> dict[str, Any]:
+        return self._delta({"reasoning_content": text}, None)
+
+    def tool_call(self, delta: ToolCallDelta) -> dict[str, Any]:
+        """One fragment: id/type/name on a call's first, argument pieces after."""
+        if delta.id is not None:
+            call = tool_call_object(delta.index, delta.id, delta.name or "", delta.arguments)
+        else:
+            call = {"index": delta.index, "function": {"arguments": delta.arguments}}
+        return self._delta({"tool_calls": [call]}, None)
+
     def finish(self, reason: FinishReason) -> dict[str, Any]:
         # A finish with no content before it still needs the role on the first delta.
         return self._delta({} if self._role_sent else {"content": ""}, reason)
@@ -79,9 +105,26 @@ class ChunkBuilder:
         return chunk
 
     def completion(
-        self, text: str, finish_reason: FinishReason, usage: Usage | None
+        self,
+        text: str,
+        finish_reason: FinishReason,
+        usage: Usage | None,
+        *,
+        reasoning: str = "",
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """The non-streaming ``chat.completion`` object for the same id/created/model."""
+        message: dict[str, Any] = {
+            "role": "assistant",
+            # OpenAI sends null content when the answer is only tool calls.
+            "content": text if text or not tool_calls else None,
+            "refusal": None,
+        }
+        if tool_calls:
+            message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"}
+                                     for c in tool_calls]
+        if reasoning:
+            message["reasoning_content"] = reasoning
         body: dict[str, Any] = {
             "id": self.completion_id,
             "object": "chat.completion",
@@ -90,7 +133,7 @@ class ChunkBuilder:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "message": message,
                     "logprobs": None,
                     "finish_reason": finish_reason,
                 }

@@ -41,10 +41,14 @@ class Settings:
     # Models requests may name (ids or inference profiles); empty: only the default model.
     bedrock_models: tuple[str, ...] = ()
     bedrock_connect_timeout_s: float = 5.0
-    # Longest silence allowed while waiting for the first event and between events.
-    bedrock_read_timeout_s: float = 60.0
-    # Attempts for the call itself, retried only before any byte reaches the client.
+    # Longest wait from the call to the first content (text, reasoning or a tool call).
+    bedrock_first_token_timeout_s: float = 60.0
+    # Longest silence between events once content flows.
+    bedrock_idle_timeout_s: float = 30.0
+    # Attempts for the call, retried (throttling, unavailable, 5xx) only before the first
+    # content, with full-jitter exponential backoff from this base, capped at 8x the base.
     bedrock_max_attempts: int = 3
+    bedrock_backoff_s: float = 0.5
     bedrock_guardrail_id: str = ""
     bedrock_guardrail_version: str = ""
     bedrock_guardrail_stream_mode: str = "async"
@@ -65,8 +69,10 @@ _ENV: dict[str, tuple[str, type]] = {
     "bedrock_region": ("STREAMGATE_BEDROCK_REGION", str),
     "bedrock_models": ("STREAMGATE_BEDROCK_MODELS", tuple),
     "bedrock_connect_timeout_s": ("STREAMGATE_BEDROCK_CONNECT_TIMEOUT_S", float),
-    "bedrock_read_timeout_s": ("STREAMGATE_BEDROCK_READ_TIMEOUT_S", float),
+    "bedrock_first_token_timeout_s": ("STREAMGATE_BEDROCK_FIRST_TOKEN_TIMEOUT_S", float),
+    "bedrock_idle_timeout_s": ("STREAMGATE_BEDROCK_IDLE_TIMEOUT_S", float),
     "bedrock_max_attempts": ("STREAMGATE_BEDROCK_MAX_ATTEMPTS", int),
+    "bedrock_backoff_s": ("STREAMGATE_BEDROCK_BACKOFF_S", float),
     "bedrock_guardrail_id": ("STREAMGATE_BEDROCK_GUARDRAIL_ID", str),
     "bedrock_guardrail_version": ("STREAMGATE_BEDROCK_GUARDRAIL_VERSION", str),
     "bedrock_guardrail_stream_mode": ("STREAMGATE_BEDROCK_GUARDRAIL_STREAM_MODE", str),
@@ -119,6 +125,8 @@ def load_settings(
         )
     if settings.bedrock_guardrail_stream_mode not in ("sync", "async"):
         raise ConfigError("STREAMGATE_BEDROCK_GUARDRAIL_STREAM_MODE must be sync or async")
+    if settings.bedrock_max_attempts < 1:
+        raise ConfigError("STREAMGATE_BEDROCK_MAX_ATTEMPTS must be at least 1")
     if settings.default_max_tokens > settings.max_tokens_cap:
         raise ConfigError("STREAMGATE_DEFAULT_MAX_TOKENS must not exceed STREAMGATE_MAX_TOKENS_CAP")
     return settings

@@ -190,7 +190,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
 def serve(host: str, port: int, app: App, *, max_streams: int = 32) -> DevServer:
     """A started server in a background thread; ``shutdown()`` stops it."""
     server = DevServer((host, port), app, max_streams=max_streams)
-    threading.Thread(target=server.serve_forever, name="devserver", daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="devserver",
+                     daemon=True).start()
     return server
 
 

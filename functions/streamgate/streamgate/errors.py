@@ -40,6 +40,7 @@ class StreamgateError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after: float | None = None,
+        transient: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -47,6 +48,8 @@ class StreamgateError(Exception):
         if code is not None:
             self.code = code
         self.retry_after = retry_after
+        # A provider may retry a transient failure, but only before anything reached the client.
+        self.transient = transient
 
     def body(self) -> dict[str, Any]:
         """The OpenAI error object, ``{"error": {...}}``."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from streamgate import sse
-from streamgate.chunks import ChunkBuilder
+from streamgate.chunks import ChunkBuilder, tool_call_object
 from streamgate.config import Settings, load_settings
 from streamgate.errors import (
     DeadlineExceededError,
@@ -30,7 +30,16 @@ from streamgate.errors import (
     from_exception,
 )
 from streamgate.events import HttpRequest, parse_event
-from streamgate.providers import Delta, Finish, FinishReason, Provider, TextDelta, Usage
+from streamgate.providers import (
+    Delta,
+    Finish,
+    FinishReason,
+    Provider,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
 from streamgate.providers import create_provider as _create_provider
 from streamgate.validation import ChatRequest, check_supported, decode_body, parse_request
 
@@ -180,7 +189,7 @@ class App:
 
 def _observe(
     first: Delta | None, deltas: Iterator[Delta], outcome: Outcome, deadline: float | None
-) -> Iterator[TextDelta | Finish]:
+) -> Iterator[TextDelta | ReasoningDelta | ToolCallDelta | Finish]:
     """The provider's deltas with the checks both response kinds share: the deadline before
     each one, finish reason and usage recorded in ``outcome``, and a finish reason required."""
     delta = first
@@ -209,10 +218,14 @@ def _stream(
         for delta in _observe(first, deltas, outcome, deadline):
             if isinstance(delta, Finish):
                 chunk = builder.finish(delta.reason)
-            elif delta.text:
-                chunk = builder.text(delta.text)
-            else:
+            elif isinstance(delta, ToolCallDelta):
+                chunk = builder.tool_call(delta)
+            elif not delta.text:
                 continue
+            elif isinstance(delta, ReasoningDelta):
+                chunk = builder.reasoning(delta.text)
+            else:
+                chunk = builder.text(delta.text)
             outcome.chunks += 1
             yield sse.data_event(chunk)
         if builder.include_usage and outcome.usage is not None:
@@ -235,11 +248,27 @@ def _complete(
     outcome: Outcome,
     deadline: float | None,
 ) -> bytes:
-    """The whole ``chat.completion`` document; any failure is a real status."""
-    text = "".join(d.text for d in _observe(first, deltas, outcome, deadline)
-                   if isinstance(d, TextDelta))
+    """The whole ``chat.completion`` document, the same deltas joined; any failure is a real
+    status."""
+    text: list[str] = []
+    reasoning: list[str] = []
+    calls: dict[int, dict[str, Any]] = {}
+    for delta in _observe(first, deltas, outcome, deadline):
+        if isinstance(delta, TextDelta):
+            text.append(delta.text)
+        elif isinstance(delta, ReasoningDelta):
+            reasoning.append(delta.text)
+        elif isinstance(delta, ToolCallDelta):
+            call = calls.get(delta.index)
+            if call is None:
+                calls[delta.index] = tool_call_object(
+                    delta.index, delta.id or "", delta.name or "", delta.arguments)
+            else:
+                call["function"]["arguments"] += delta.arguments
     assert outcome.finish_reason is not None  # _observe guarantees it
-    doc = builder.completion(text, outcome.finish_reason, outcome.usage)
+    doc = builder.completion(
+        "".join(text), outcome.finish_reason, outcome.usage,
+        reasoning="".join(reasoning), tool_calls=[calls[i] for i in sorted(calls)])
     return sse.dumps(doc).encode("utf-8")
 
 

@@ -9,6 +9,8 @@ dropped silently. Provider-specific support (penalties, seed, ...) is checked by
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from collections.abc import Mapping
@@ -18,17 +20,53 @@ from typing import Any
 from streamgate.config import Settings
 from streamgate.errors import PayloadTooLargeError, RequestError
 
-ROLES = frozenset({"system", "developer", "user", "assistant"})
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 # Capabilities a provider may declare; each gates the request fields named here.
 CAP_PENALTIES = "penalties"  # frequency_penalty, presence_penalty
 CAP_SEED = "seed"
+CAP_TOOLS = "tools"  # tools, tool_choice, assistant tool_calls, tool messages
+CAP_IMAGES = "images"  # image_url content parts (data: URLs)
+CAP_SEQUENTIAL_TOOLS = "sequential_tools"  # parallel_tool_calls: false
+
+MAX_TOOLS = 128  # OpenAI's limit
+# data:image/<type>;base64,<payload> -> the format name providers use.
+IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg",
+               "image/gif": "gif", "image/webp": "webp"}
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    format: str  # png, jpeg, gif or webp
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A tool call from an earlier assistant turn; ``arguments`` is JSON object text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    name: str
+    description: str | None = None
+    parameters: Mapping[str, Any] | None = None  # JSON Schema of the arguments
+    strict: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Message:
     role: str
-    content: str
+    content: str  # the text parts, joined
+    # The content parts in order, kept only when they include an image.
+    parts: tuple[str | Image, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None  # role "tool": the call this message answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +83,11 @@ class ChatRequest:
     user: str | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    tools: tuple[Tool, ...] = ()
+    # "none", "auto", "required", or "function" (then tool_choice_name names the tool).
+    tool_choice: str | None = None
+    tool_choice_name: str | None = None
+    parallel_tool_calls: bool | None = None
 
 
 def decode_body(body: bytes | None, settings: Settings) -> dict[str, Any]:
@@ -100,6 +143,8 @@ def parse_request(data: Mapping[str, Any], settings: Settings) -> ChatRequest:
     max_tokens = _max_tokens(data, settings)
     temperature = _number(data, "temperature", 0.0, 2.0)
     top_p = _number(data, "top_p", 0.0, 1.0)
+    tools = _tools(data.get("tools"))
+    tool_choice, tool_choice_name = _tool_choice(data.get("tool_choice"), tools)
     return ChatRequest(
         model=_model(data),
         messages=parsed,
@@ -113,6 +158,10 @@ def parse_request(data: Mapping[str, Any], settings: Settings) -> ChatRequest:
         user=_optional(data, "user", str),
         frequency_penalty=_number(data, "frequency_penalty", -2.0, 2.0),
         presence_penalty=_number(data, "presence_penalty", -2.0, 2.0),
+        tools=tools,
+        tool_choice=tool_choice,
+        tool_choice_name=tool_choice_name,
+        parallel_tool_calls=_optional(data, "parallel_tool_calls", bool),
     )
 
 
@@ -124,6 +173,22 @@ def check_supported(request: ChatRequest, capabilities: frozenset[str]) -> None:
                 raise RequestError(f"'{name}' is not supported by this model", param=name)
     if CAP_SEED not in capabilities and request.seed is not None:
         raise RequestError("'seed' is not supported by this model", param="seed")
+    if CAP_TOOLS not in capabilities:
+        if request.tools:
+            raise RequestError("'tools' is not supported by this model", param="tools")
+        for i, m in enumerate(request.messages):
+            if m.tool_calls or m.role == "tool":
+                raise RequestError("Tool calls are not supported by this model",
+                                   param=f"messages[{i}]")
+    if (CAP_SEQUENTIAL_TOOLS not in capabilities and request.tools
+            and request.parallel_tool_calls is False):
+        raise RequestError("'parallel_tool_calls: false' cannot be enforced by this model",
+                           param="parallel_tool_calls")
+    if CAP_IMAGES not in capabilities:
+        for i, m in enumerate(request.messages):
+            if any(isinstance(p, Image) for p in m.parts):
+                raise RequestError("Image inputs are not supported by this model",
+                                   param=f"messages[{i}].content")
 
 
 def _prompt(prompt: object, settings: Settings) -> str:
@@ -151,38 +216,178 @@ def _messages(messages: object) -> tuple[Message, ...]:
         role = message.get("role")
         if not isinstance(role, str):
             raise RequestError(f"'{where}.role' must be a string", param=f"{where}.role")
-        if role == "tool" or message.get("tool_calls"):
-            raise RequestError("Tool calls are not supported by this model", param=where)
         if role not in ROLES:
             raise RequestError(
                 f"'{where}.role' must be one of {', '.join(sorted(ROLES))}; got {role!r}",
                 param=f"{where}.role",
             )
-        out.append(Message(role, _content(message.get("content"), where)))
+        out.append(_message(role, message, where))
     return tuple(out)
 
 
-def _content(content: object, where: str) -> str:
+def _message(role: str, message: Mapping[str, Any], where: str) -> Message:
+    content = message.get("content")
+    tool_calls: tuple[ToolCall, ...] = ()
+    if message.get("tool_calls") is not None:
+        if role != "assistant":
+            raise RequestError("Only assistant messages may carry 'tool_calls'",
+                               param=f"{where}.tool_calls")
+        tool_calls = _tool_calls(message["tool_calls"], f"{where}.tool_calls")
+        if content is None:  # OpenAI sends null content next to tool calls
+            return Message(role, "", tool_calls=tool_calls)
+    tool_call_id = None
+    if role == "tool":
+        tool_call_id = message.get("tool_call_id")
+        if not isinstance(tool_call_id, str) or not tool_call_id:
+            raise RequestError(f"'{where}.tool_call_id' must be a non-empty string",
+                               param=f"{where}.tool_call_id")
+    text, parts = _content(content, where, images=role == "user")
+    return Message(role, text, parts, tool_calls, tool_call_id)
+
+
+def _content(content: object, where: str, *, images: bool) -> tuple[str, tuple[str | Image, ...]]:
+    """The joined text, and the ordered parts if any of them is an image."""
     if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            at = f"{where}.content[{j}]"
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise RequestError(f"'{at}' must be an object with a 'type'", param=at)
-            if part["type"] != "text":
-                raise RequestError(
-                    f"Content parts of type {part['type']!r} are not supported by this model",
-                    param=f"{at}.type",
-                )
+        return content, ()
+    if not isinstance(content, list):
+        kinds = "text and image parts" if images else "text parts"
+        raise RequestError(f"'{where}.content' must be a string or an array of {kinds}",
+                           param=f"{where}.content")
+    parts: list[str | Image] = []
+    for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise RequestError(f"'{at}' must be an object with a 'type'", param=at)
+        if part["type"] == "text":
             if not isinstance(part.get("text"), str):
                 raise RequestError(f"'{at}.text' must be a string", param=f"{at}.text")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise RequestError(
-        f"'{where}.content' must be a string or an array of text parts", param=f"{where}.content"
-    )
+            parts.append(part["text"])
+        elif part["type"] == "image_url" and images:
+            parts.append(_image(part.get("image_url"), f"{at}.image_url"))
+        else:
+            scope = "outside user messages" if part["type"] == "image_url" else "here"
+            raise RequestError(
+                f"Content parts of type {part['type']!r} are not supported {scope}",
+                param=f"{at}.type",
+            )
+    text = "".join(p for p in parts if isinstance(p, str))
+    return text, (tuple(parts) if any(isinstance(p, Image) for p in parts) else ())
+
+
+def _image(image_url: object, at: str) -> Image:
+    """An ``image_url`` part: data URLs only; this service never fetches a remote URL."""
+    if not isinstance(image_url, dict) or not isinstance(image_url.get("url"), str):
+        raise RequestError(f"'{at}.url' must be a string", param=f"{at}.url")
+    url = image_url["url"]
+    detail = image_url.get("detail")
+    if detail not in (None, "auto"):
+        raise RequestError(f"'{at}.detail' {detail!r} is not supported; use 'auto'",
+                           param=f"{at}.detail")
+    if not url.startswith("data:"):
+        raise RequestError(
+            "Only data: URLs (data:image/png;base64,...) are accepted for images; "
+            "this service does not fetch remote URLs", param=f"{at}.url")
+    header, sep, payload = url[5:].partition(",")
+    media_type, _, encoding = header.partition(";")
+    if not sep or encoding != "base64":
+        raise RequestError("Image data URLs must be base64-encoded (data:<type>;base64,...)",
+                           param=f"{at}.url")
+    image_format = IMAGE_TYPES.get(media_type.lower())
+    if image_format is None:
+        raise RequestError(
+            f"Image type {media_type!r} is not supported; use PNG, JPEG, GIF or WebP",
+            param=f"{at}.url")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError("Image data URL is not valid base64", param=f"{at}.url") from e
+    if not data:
+        raise RequestError("Image data URL is empty", param=f"{at}.url")
+    return Image(image_format, data)
+
+
+def _tool_calls(value: object, where: str) -> tuple[ToolCall, ...]:
+    if not isinstance(value, list):
+        raise RequestError(f"'{where}' must be an array", param=where)
+    calls = []
+    for j, call in enumerate(value):
+        at = f"{where}[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(call, dict) or call.get("type", "function") != "function" or (
+                not isinstance(function, dict)):
+            raise RequestError(f"'{at}' must be a function tool call", param=at)
+        if not isinstance(call.get("id"), str) or not call["id"]:
+            raise RequestError(f"'{at}.id' must be a non-empty string", param=f"{at}.id")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise RequestError(f"'{at}.function.name' must be a non-empty string",
+                               param=f"{at}.function.name")
+        arguments = function.get("arguments")
+        if not isinstance(arguments, str):
+            raise RequestError(f"'{at}.function.arguments' must be a string of JSON",
+                               param=f"{at}.function.arguments")
+        try:
+            parsed = json.loads(arguments or "{}")
+        except ValueError as e:
+            raise RequestError(f"'{at}.function.arguments' is not valid JSON",
+                               param=f"{at}.function.arguments") from e
+        if not isinstance(parsed, dict):
+            raise RequestError(f"'{at}.function.arguments' must be a JSON object",
+                               param=f"{at}.function.arguments")
+        calls.append(ToolCall(call["id"], name, arguments or "{}"))
+    return tuple(calls)
+
+
+def _tools(value: object) -> tuple[Tool, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise RequestError("'tools' must be an array", param="tools")
+    if len(value) > MAX_TOOLS:
+        raise RequestError(f"'tools' accepts at most {MAX_TOOLS} tools", param="tools")
+    tools: list[Tool] = []
+    for i, tool in enumerate(value):
+        at = f"tools[{i}]"
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or (
+                not isinstance(function, dict)):
+            raise RequestError(f"'{at}' must be {{\"type\": \"function\", \"function\": {{...}}}}",
+                               param=at)
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise RequestError(f"'{at}.function.name' must be a non-empty string",
+                               param=f"{at}.function.name")
+        if any(t.name == name for t in tools):
+            raise RequestError(f"Tool name {name!r} appears twice", param=f"{at}.function.name")
+        tools.append(Tool(
+            name,
+            _optional(function, "description", str, name=f"{at}.function.description"),
+            _optional(function, "parameters", dict, name=f"{at}.function.parameters"),
+            _optional(function, "strict", bool, name=f"{at}.function.strict"),
+        ))
+    return tuple(tools)
+
+
+def _tool_choice(value: object, tools: tuple[Tool, ...]) -> tuple[str | None, str | None]:
+    if value is None:
+        return None, None
+    if value in TOOL_CHOICES:
+        choice, name = str(value), None
+    elif (isinstance(value, dict) and value.get("type") == "function"
+          and isinstance(value.get("function"), dict)
+          and isinstance(value["function"].get("name"), str)):
+        choice, name = "function", value["function"]["name"]
+        if tools and all(t.name != name for t in tools):
+            raise RequestError(f"'tool_choice' names {name!r}, which is not in 'tools'",
+                               param="tool_choice")
+    else:
+        raise RequestError(
+            "'tool_choice' must be 'none', 'auto', 'required' or "
+            '{"type": "function", "function": {"name": ...}}', param="tool_choice")
+    if choice != "none" and not tools:
+        raise RequestError("'tool_choice' is only allowed when 'tools' are given",
+                           param="tool_choice")
+    return choice, name
 
 
 # Fields whose only honest value here is "off": anything else changes the output in a way no
@@ -190,8 +395,6 @@ def _content(content: object, where: str) -> str:
 _OFF_VALUES: dict[str, tuple[object, ...]] = {
     "logprobs": (None, False),
     "top_logprobs": (None,),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
     "logit_bias": (None, {}),

@@ -31,6 +31,24 @@ class TextDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    """A piece of the model's reasoning, sent as ``reasoning_content``, never as ``content``."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A fragment of tool call ``index`` (dense, 0-based per response): the first fragment of
+    each call carries ``id`` and ``name``, later ones only pieces of the JSON ``arguments``."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Finish:
     reason: FinishReason
 
@@ -39,13 +57,16 @@ class Finish:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    # Prompt tokens read from / written to the provider's prompt cache, when it reports them.
+    cached_tokens: int | None = None
+    cache_write_tokens: int | None = None
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
 
-Delta = TextDelta | Finish | Usage
+Delta = TextDelta | ReasoningDelta | ToolCallDelta | Finish | Usage
 
 
 class Provider(Protocol):
@@ -60,7 +81,8 @@ class Provider(Protocol):
     def models(self) -> list[str]: ...
 
     def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
-        """Text pieces for ``request`` on ``model``, then one Finish, then Usage if known."""
+        """Content pieces (text, reasoning, tool-call fragments) for ``request`` on ``model``,
+        then one Finish, then Usage if known."""
         ...
 
 

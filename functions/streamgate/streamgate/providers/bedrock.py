@@ -4,12 +4,26 @@ Request and stream mapping per ../shared/DESIGN.md ("Bedrock ConverseStream mapp
 https://docs.aws.amazon.com/bedrock/latest/APIReference/API_runtime_ConverseStream.html.
 The boto3 client is built on first use (importing boto3 costs ~150 ms of cold start) and
 reused for the life of the container; tests inject their own.
+
+Each attempt reads the response on a helper thread, so the two waits the caller configures are
+exact: the first content must arrive within ``bedrock_first_token_timeout_s`` of the call, and
+later events within ``bedrock_idle_timeout_s`` of each other. Transient failures (throttling,
+unavailable, 5xx, unreachable) are retried with backoff while nothing has been yielded yet,
+which is also before the handler commits the HTTP status.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+import queue
+import random
+import re
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -23,11 +37,20 @@ from streamgate.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from streamgate.providers import Delta, Finish, FinishReason, TextDelta, Usage
+from streamgate.providers import (
+    Delta,
+    Finish,
+    FinishReason,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
+from streamgate.validation import CAP_IMAGES, CAP_TOOLS, Image
 
 if TYPE_CHECKING:
     from streamgate.config import Settings
-    from streamgate.validation import ChatRequest
+    from streamgate.validation import ChatRequest, Message, Tool
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +81,22 @@ _ERRORS: dict[str, type[StreamgateError]] = {
     "InternalServerException": UpstreamError,
     "ServiceUnavailableException": UpstreamUnavailableError,
 }
+# Worth another attempt if nothing has reached the client yet.
+_TRANSIENT = frozenset({
+    "ThrottlingException", "ServiceQuotaExceededException", "ModelNotReadyException",
+    "InternalServerException", "ServiceUnavailableException",
+})
 _RETRY_AFTER_S = 2.0
+
+# What Converse accepts (botocore's service model: ToolName, ToolUseId).
+_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_TOOL_ID = re.compile(r"[a-zA-Z0-9_.:-]{1,64}")
+_EMPTY_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
 
 
 class BedrockProvider:
     name = "bedrock"
-    capabilities: frozenset[str] = frozenset()
+    capabilities: frozenset[str] = frozenset({CAP_TOOLS, CAP_IMAGES})
 
     def __init__(self, settings: Settings, client: Any = None) -> None:
         self._settings = settings
@@ -86,18 +119,215 @@ class BedrockProvider:
 
     def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
         kwargs = converse_request(request, model, self._settings)
-        events = None
+        names = {tool_name(n): n for n in _tool_names(request)}
+        attempts = self._settings.bedrock_max_attempts
+        for attempt in range(1, attempts + 1):
+            started = False
+            try:
+                for delta in self._attempt(kwargs, names):
+                    started = True
+                    yield delta
+                return
+            except StreamgateError as e:
+                if started or not e.transient or attempt == attempts:
+                    raise
+                delay = _backoff(attempt, self._settings.bedrock_backoff_s)
+                logger.warning("Bedrock attempt %d of %d failed (%s); retrying in %.2f s",
+                               attempt, attempts, e.code, delay)
+                time.sleep(delay)
+
+    def _attempt(self, kwargs: dict[str, Any], names: dict[str, str]) -> Iterator[Delta]:
+        s = self._settings
+        pump = _EventPump(self.client, kwargs)
+        first_by = time.monotonic() + s.bedrock_first_token_timeout_s
+        started = False
+        blocks = _Blocks(names)
         try:
-            events = self.client.converse_stream(**kwargs)["stream"]
-            for event in events:
-                yield from _deltas(event)
+            while True:
+                wait = s.bedrock_idle_timeout_s if started else first_by - time.monotonic()
+                try:
+                    event = pump.get(wait)
+                except queue.Empty:
+                    if started:
+                        raise UpstreamTimeoutError(
+                            f"Amazon Bedrock sent nothing for {s.bedrock_idle_timeout_s:g} s"
+                        ) from None
+                    raise UpstreamTimeoutError(
+                        "Amazon Bedrock sent no output within "
+                        f"{s.bedrock_first_token_timeout_s:g} s") from None
+                if event is None:
+                    return
+                for delta in blocks.deltas(event):
+                    started = True
+                    yield delta
         except StreamgateError:
             raise
         except Exception as e:
             raise map_error(e) from e
         finally:
+            pump.close()  # client gone, timed out or failed: free the connection now
+
+
+class _EventPump:
+    """Calls ConverseStream and reads its events on a daemon thread, handing them over a
+    queue so the consumer's waits have exact timeouts.
+
+    Only the reader thread touches the response object: closing it from the consumer would
+    wait on the lock of a read blocked in ``recv``. ``close()`` instead shuts the socket down,
+    which wakes that read at once; the reader then closes the response itself.
+    """
+
+    _END = object()
+
+    def __init__(self, client: Any, kwargs: dict[str, Any]) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._events: Any = None
+        self._closed = False
+        self._drained = False  # the consumer has taken the end or the reader's error
+        threading.Thread(target=self._run, args=(client, kwargs), name="bedrock-stream",
+                         daemon=True).start()
+
+    def _run(self, client: Any, kwargs: dict[str, Any]) -> None:
+        events = None
+        try:
+            events = client.converse_stream(**kwargs)["stream"]
+            with self._lock:
+                self._events = events
+            for event in events:
+                if self._closed:
+                    return
+                self._queue.put(event)
+            self._queue.put(self._END)
+        except BaseException as e:  # handed to the consumer, who maps it
+            if not self._closed:
+                self._queue.put(e)
+        finally:
             if events is not None:
-                events.close()  # client gone or stream failed: free the connection now
+                events.close()
+
+    def get(self, timeout: float) -> dict[str, Any] | None:
+        """The next event, None at the end; raises the reader's error or ``queue.Empty``."""
+        item = self._queue.get(timeout=max(timeout, 0.0))
+        if item is self._END:
+            self._drained = True
+            return None
+        if isinstance(item, BaseException):
+            self._drained = True
+            raise item
+        event: dict[str, Any] = item
+        return event
+
+    def close(self) -> None:
+        """Stop reading. A read still in progress (client gone, timed out) is woken up."""
+        with self._lock:
+            self._closed, events = True, self._events
+        if events is not None and not self._drained:
+            _wake(events)
+
+
+def _wake(events: Any) -> None:
+    """Shut down the socket under a botocore event stream (urllib3 1.26 and 2.x both expose
+    ``HTTPResponse.connection``). urllib3 discards a shut-down socket instead of reusing it."""
+    response = getattr(events, "_raw_stream", None)
+    sock = getattr(getattr(response, "connection", None), "sock", None)
+    if sock is None:
+        logger.debug("no socket to shut down; the reader ends at its read timeout")
+        return
+    with contextlib.suppress(OSError):  # already closed
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Blocks:
+    """Bedrock stream events → deltas. Tool-use blocks get dense 0-based indexes in the order
+    they start, whatever their ``contentBlockIndex`` (text and reasoning blocks take those too)."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        self._names = names  # Bedrock tool name -> the name the client declared
+        self._tools: dict[int, int] = {}  # contentBlockIndex -> tool call index
+        self._with_input: set[int] = set()
+
+    def deltas(self, event: dict[str, Any]) -> Iterator[Delta]:
+        if "contentBlockStart" in event:
+            start = event["contentBlockStart"]
+            tool = start.get("start", {}).get("toolUse")
+            if tool:
+                new = self._tools[start.get("contentBlockIndex", -1)] = len(self._tools)
+                name = str(tool.get("name", ""))
+                yield ToolCallDelta(new, id=str(tool.get("toolUseId", "")),
+                                    name=self._names.get(name, name))
+        elif "contentBlockDelta" in event:
+            block = event["contentBlockDelta"]
+            delta = block.get("delta", {})
+            if delta.get("text"):
+                yield TextDelta(delta["text"])
+            elif "toolUse" in delta:
+                index = self._tools.get(block.get("contentBlockIndex", -1))
+                if index is None:
+                    raise UpstreamError("Amazon Bedrock sent tool input for a call it never began")
+                piece = str(delta["toolUse"].get("input", ""))
+                if piece:
+                    self._with_input.add(index)
+                    yield ToolCallDelta(index, piece)
+            elif "reasoningContent" in delta:
+                # Signatures and redacted reasoning have no OpenAI field and are not content.
+                text = delta["reasoningContent"].get("text")
+                if text:
+                    yield ReasoningDelta(text)
+        elif "contentBlockStop" in event:
+            ended = self._tools.get(event["contentBlockStop"].get("contentBlockIndex", -1))
+            if ended is not None and ended not in self._with_input:
+                yield ToolCallDelta(ended, "{}")  # a call without arguments is still JSON
+        elif "messageStop" in event:
+            reason = event["messageStop"].get("stopReason", "")
+            if reason not in STOP_REASONS:
+                raise UpstreamError(f"The model stopped abnormally ({reason or 'no reason'})")
+            yield Finish(STOP_REASONS[reason])
+        elif "metadata" in event:
+            usage = event["metadata"].get("usage")
+            if usage:
+                output = int(usage.get("outputTokens", 0))
+                read = int(usage.get("cacheReadInputTokens", 0))
+                write = int(usage.get("cacheWriteInputTokens", 0))
+                total = int(usage.get("totalTokens",
+                                      output + int(usage.get("inputTokens", 0)) + read + write))
+                yield Usage(prompt_tokens=total - output, completion_tokens=output,
+                            cached_tokens=read, cache_write_tokens=write)
+        else:
+            for key, value in event.items():  # in-stream exceptions arrive as events too
+                if key.endswith("Exception"):
+                    raise _error(key[0].upper() + key[1:], str(value.get("message", "")))
+
+
+def _backoff(attempt: int, base: float) -> float:
+    """Full-jitter exponential backoff, capped at 8x the base."""
+    return random.uniform(0, min(base * 8, base * 2 ** (attempt - 1)))
+
+
+def tool_name(name: str) -> str:
+    """A name Converse accepts. Valid names pass unchanged; others get their invalid
+    characters replaced and a hash suffix, so the mapping is stable and collision-free."""
+    return _sanitise(name, _TOOL_NAME, r"[^a-zA-Z0-9_-]")
+
+
+def tool_use_id(call_id: str) -> str:
+    """An id Converse accepts (OpenAI ids are unrestricted); stable, like :func:`tool_name`,
+    so a tool result finds its call."""
+    return _sanitise(call_id, _TOOL_ID, r"[^a-zA-Z0-9_.:-]")
+
+
+def _sanitise(value: str, valid: re.Pattern[str], invalid: str) -> str:
+    if valid.fullmatch(value):
+        return value
+    digest = hashlib.sha256(value.encode("utf-8")).hexdigest()[:8]
+    return re.sub(invalid, "_", value)[:55] + "_" + digest
+
+
+def _tool_names(request: ChatRequest) -> list[str]:
+    """Declared tool names, then names only the history uses, in a stable order."""
+    declared = [t.name for t in request.tools]
+    used = {c.name for m in request.messages for c in m.tool_calls}
+    return declared + sorted(used - set(declared))
 
 
 def converse_request(request: ChatRequest, model: str, settings: Settings) -> dict[str, Any]:
@@ -111,11 +341,13 @@ def converse_request(request: ChatRequest, model: str, settings: Settings) -> di
     for m in request.messages:
         if m.role in ("system", "developer"):
             continue
-        block = {"text": m.content}
-        if messages and messages[-1]["role"] == m.role:
-            messages[-1]["content"].append(block)  # Converse needs alternating roles
+        role, blocks = _blocks(m)
+        if not blocks:
+            continue  # Converse rejects empty content; an empty turn says nothing anyway
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"].extend(blocks)  # Converse needs alternating roles
         else:
-            messages.append({"role": m.role, "content": [block]})
+            messages.append({"role": role, "content": blocks})
     if not messages:
         raise RequestError("At least one user message is required", param="messages")
     inference: dict[str, Any] = {}
@@ -132,6 +364,9 @@ def converse_request(request: ChatRequest, model: str, settings: Settings) -> di
         kwargs["system"] = system
     if inference:
         kwargs["inferenceConfig"] = inference
+    tool_config = _tool_config(request)
+    if tool_config:
+        kwargs["toolConfig"] = tool_config
     if request.user:
         kwargs["requestMetadata"] = {"user": request.user[:256]}
     if settings.bedrock_guardrail_id:
@@ -143,26 +378,53 @@ def converse_request(request: ChatRequest, model: str, settings: Settings) -> di
     return kwargs
 
 
-def _deltas(event: dict[str, Any]) -> Iterator[Delta]:
-    if "contentBlockDelta" in event:
-        text = event["contentBlockDelta"].get("delta", {}).get("text")
-        if text:
-            yield TextDelta(text)
-    elif "messageStop" in event:
-        reason = event["messageStop"].get("stopReason", "")
-        if reason not in STOP_REASONS:
-            raise UpstreamError(f"The model stopped abnormally ({reason or 'no reason'})")
-        yield Finish(STOP_REASONS[reason])
-    elif "metadata" in event:
-        usage = event["metadata"].get("usage")
-        if usage:
-            output = int(usage.get("outputTokens", 0))
-            total = int(usage.get("totalTokens", output + usage.get("inputTokens", 0)))
-            yield Usage(prompt_tokens=total - output, completion_tokens=output)
-    else:
-        for key, value in event.items():  # in-stream exceptions arrive as events too
-            if key.endswith("Exception"):
-                raise _error(key[0].upper() + key[1:], str(value.get("message", "")))
+def _blocks(m: Message) -> tuple[str, list[dict[str, Any]]]:
+    """One message's Converse role and content blocks (tool results are user content)."""
+    if m.role == "tool":
+        return "user", [{"toolResult": {"toolUseId": tool_use_id(m.tool_call_id or ""),
+                                        "content": [{"text": m.content}]}}]
+    blocks: list[dict[str, Any]] = []
+    for part in m.parts or (m.content,):
+        if isinstance(part, Image):
+            blocks.append({"image": {"format": part.format, "source": {"bytes": part.data}}})
+        elif part:
+            blocks.append({"text": part})
+    for call in m.tool_calls:
+        blocks.append({"toolUse": {"toolUseId": tool_use_id(call.id), "name": tool_name(call.name),
+                                   "input": json.loads(call.arguments)}})
+    return m.role, blocks
+
+
+def _tool_config(request: ChatRequest) -> dict[str, Any] | None:
+    """``toolConfig``: the declared tools, plus any the history used (Converse rejects tool
+    blocks without it). ``tool_choice: "none"`` has no Converse twin: the tools are left out,
+    unless the history needs them."""
+    history = any(m.tool_calls or m.role == "tool" for m in request.messages)
+    if not history and (not request.tools or request.tool_choice == "none"):
+        return None
+    declared = {t.name: t for t in request.tools}
+    specs = [_tool_spec(declared.get(name), name) for name in _tool_names(request)]
+    if not specs:
+        return None  # tool results with no call anywhere: Converse explains the problem
+    config: dict[str, Any] = {"tools": specs}
+    if request.tool_choice == "auto":
+        config["toolChoice"] = {"auto": {}}
+    elif request.tool_choice == "required":
+        config["toolChoice"] = {"any": {}}
+    elif request.tool_choice == "function" and request.tool_choice_name:
+        config["toolChoice"] = {"tool": {"name": tool_name(request.tool_choice_name)}}
+    return config
+
+
+def _tool_spec(tool: Tool | None, name: str) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": tool_name(name)}
+    if tool is not None and tool.description:
+        spec["description"] = tool.description
+    schema = tool.parameters if tool is not None and tool.parameters else _EMPTY_SCHEMA
+    spec["inputSchema"] = {"json": dict(schema)}
+    if tool is not None and tool.strict is not None:
+        spec["strict"] = tool.strict
+    return {"toolSpec": spec}
 
 
 def map_error(exc: Exception) -> StreamgateError:
@@ -181,10 +443,12 @@ def map_error(exc: Exception) -> StreamgateError:
     from urllib3.exceptions import ProtocolError
     from urllib3.exceptions import ReadTimeoutError as StreamReadTimeout
 
-    if isinstance(exc, (ReadTimeoutError, ConnectTimeoutError, StreamReadTimeout)):
+    if isinstance(exc, ConnectTimeoutError):
+        return UpstreamTimeoutError("Could not connect to Amazon Bedrock in time", transient=True)
+    if isinstance(exc, (ReadTimeoutError, StreamReadTimeout)):
         return UpstreamTimeoutError("Amazon Bedrock did not answer in time")
     if isinstance(exc, EndpointConnectionError):
-        return UpstreamError("Could not reach Amazon Bedrock")
+        return UpstreamError("Could not reach Amazon Bedrock", transient=True)
     if isinstance(exc, ProtocolError):
         return UpstreamError("The connection to Amazon Bedrock broke mid-stream")
     logger.exception("unexpected Bedrock failure")
@@ -194,15 +458,14 @@ def map_error(exc: Exception) -> StreamgateError:
 def _error(code: str, message: str) -> StreamgateError:
     cls = _ERRORS.get(code, UpstreamError)
     text = f"Amazon Bedrock: {message}" if message else f"Amazon Bedrock: {code}"
+    transient = code in _TRANSIENT
     if cls is RequestError and _is_context_overflow(message):
         return RequestError(text, param="messages", code="context_length_exceeded")
-    if cls is RateLimitError:
-        return RateLimitError(text, retry_after=_RETRY_AFTER_S)
-    if cls is UpstreamUnavailableError:
-        return UpstreamUnavailableError(text, retry_after=_RETRY_AFTER_S)
+    if cls in (RateLimitError, UpstreamUnavailableError):
+        return cls(text, retry_after=_RETRY_AFTER_S, transient=transient)
     if cls is NotFoundError:
         return NotFoundError(text, param="model", code="model_not_found")
-    return cls(text)
+    return cls(text, transient=transient)
 
 
 def _is_context_overflow(message: str) -> bool:
@@ -216,8 +479,12 @@ def _build_client(settings: Settings) -> Any:
 
     config = Config(
         connect_timeout=settings.bedrock_connect_timeout_s,
-        read_timeout=settings.bedrock_read_timeout_s,
-        retries={"mode": "standard", "total_max_attempts": settings.bedrock_max_attempts},
+        # Only a backstop for the reader thread: the provider enforces the exact waits.
+        read_timeout=max(settings.bedrock_first_token_timeout_s,
+                         settings.bedrock_idle_timeout_s) + 5,
+        # One attempt per call: the provider retries itself, because it can also retry
+        # errors that arrive as the stream's first event, which botocore cannot.
+        retries={"mode": "standard", "total_max_attempts": 1},
     )
     return boto3.client("bedrock-runtime", region_name=settings.bedrock_region or None,
                         config=config)
