@@ -3,7 +3,9 @@ through AWS_ENDPOINT_URL_BEDROCK_RUNTIME, read by the official openai SDK."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -11,9 +13,24 @@ import pytest
 from streamgate.handler import App
 from streamgate.providers.bedrock import BedrockProvider
 from tests.conftest import running_dev_server
-from tests.fake_bedrock import FakeBedrock, Reply, text_events
+from tests.fake_bedrock import (
+    FakeBedrock,
+    Reply,
+    finish_events,
+    start_event,
+    text_block,
+    text_events,
+    tool_block,
+)
 
 MODEL = "us.amazon.nova-lite-v1:0"
+WEATHER: Any = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object",
+                                          "properties": {"city": {"type": "string"}}}}}
+TOOL_ANSWER = [start_event(), *text_block(0, "Checking both."),
+               *tool_block(1, "tooluse_a", "get_weather", '{"city"', ': "Oslo"}'),
+               *tool_block(2, "tooluse_b", "get_weather", '{"city": "Bergen"}'),
+               *finish_events("tool_use", usage=(40, 20))]
 
 
 @pytest.fixture
@@ -66,3 +83,44 @@ def test_throttling_raises_rate_limit_error_with_retry_hint(
         _client(url).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True)
     assert info.value.response.headers["retry-after"] == "2"
+
+
+def test_sdk_accumulates_streamed_tool_calls(bedrock_server: tuple[FakeBedrock, str]) -> None:
+    fake, url = bedrock_server
+    fake.replies.append(Reply(frames=TOOL_ANSWER))
+    # The SDK's own stream helper merges tool-call fragments by index, as agents do.
+    with _client(url).chat.completions.stream(
+            model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo and Bergen?"}],
+            tools=[WEATHER], stream_options={"include_usage": True}) as stream:
+        final = stream.get_final_completion()
+    message = final.choices[0].message
+    assert message.content == "Checking both."
+    assert message.tool_calls is not None
+    assert [(c.id, c.function.name, json.loads(c.function.arguments))  # type: ignore[union-attr]
+            for c in message.tool_calls] == [
+        ("tooluse_a", "get_weather", {"city": "Oslo"}),
+        ("tooluse_b", "get_weather", {"city": "Bergen"})]
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert final.usage is not None and final.usage.total_tokens == 60
+
+
+def test_sdk_tool_round_trip_non_streaming(bedrock_server: tuple[FakeBedrock, str]) -> None:
+    fake, url = bedrock_server
+    fake.replies.append(Reply(frames=TOOL_ANSWER))
+    fake.replies.append(Reply(frames=text_events("Oslo 4C, Bergen 7C.")))
+    client = _client(url)
+    messages: list[Any] = [{"role": "user", "content": "Weather in Oslo and Bergen?"}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER])
+    calls = first.choices[0].message.tool_calls
+    assert first.choices[0].finish_reason == "tool_calls" and calls is not None
+    # Send the SDK's own message back with one result per call, as an agent loop does.
+    messages.append(first.choices[0].message.model_dump(exclude_none=True))
+    messages += [{"role": "tool", "tool_call_id": c.id, "content": f"result {i}"}
+                 for i, c in enumerate(calls)]
+    second = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER])
+    assert second.choices[0].message.content == "Oslo 4C, Bergen 7C."
+    sent = fake.requests[1][1]["messages"]
+    assert [b["toolUse"]["toolUseId"] for b in sent[1]["content"] if "toolUse" in b] == [
+        "tooluse_a", "tooluse_b"]
+    assert [b["toolResult"]["toolUseId"] for b in sent[2]["content"]] == [
+        "tooluse_a", "tooluse_b"]

@@ -170,6 +170,72 @@ def test_template_passes_sam_validate_lint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# The IAM action that authorises each Bedrock Runtime operation
+# (https://docs.aws.amazon.com/service-authorization/latest/reference/list_amazonbedrock.html).
+IAM_ACTIONS = {"ConverseStream": "bedrock:InvokeModelWithResponseStream"}
+
+
+def _template() -> dict[str, Any]:
+    """template.yaml as SAM CLI itself parses it (CloudFormation tags included)."""
+    out = subprocess.run(
+        [_sam_python(), "-c", "import json, sys; from samcli.yamlhelper import yaml_parse; "
+         "print(json.dumps(yaml_parse(open(sys.argv[1]).read())))", str(ROOT / "template.yaml")],
+        capture_output=True, text=True, check=True, timeout=60)
+    doc: dict[str, Any] = json.loads(out.stdout)
+    return doc
+
+
+def _granted(statements: list[Any], guardrail: bool) -> dict[str, Any]:
+    """Action -> Resource of the template's policy, with HasGuardrail true or false."""
+    granted: dict[str, Any] = {}
+    for statement in statements:
+        if "Fn::If" in statement:
+            condition, if_true, if_false = statement["Fn::If"]
+            assert condition == "HasGuardrail"
+            statement = if_true if guardrail else if_false
+            if statement == {"Ref": "AWS::NoValue"}:
+                continue
+        assert statement["Effect"] == "Allow"
+        granted[statement["Action"]] = statement["Resource"]
+    return granted
+
+
+@pytest.mark.parametrize("guardrail", [False, True], ids=["no-guardrail", "guardrail"])
+def test_iam_grants_exactly_what_the_bedrock_provider_calls(guardrail: bool) -> None:
+    from streamgate.config import load_settings
+    from streamgate.handler import App
+    from streamgate.providers.bedrock import BedrockProvider
+    from tests.fake_bedrock import FakeBedrock, Reply, text_events
+
+    # GIVEN the provider configured as the template configures it, against the fake Bedrock
+    settings = load_settings({}, provider="bedrock",
+                             bedrock_guardrail_id="abc123" if guardrail else "")
+    with FakeBedrock([Reply(frames=text_events("ok"))]) as fake:
+        client = fake.client()
+        operations: list[str] = []
+        client.meta.events.register("before-call.bedrock-runtime.*",
+                                    lambda model, **_: operations.append(model.name))
+        # WHEN it answers a request
+        response = App(settings, BedrockProvider(settings, client)).handle(
+            chat_event({"prompt": "hi"}))
+        assert response.status == 200
+        sent = fake.requests[0][1]
+    needed = {IAM_ACTIONS[op] for op in operations}
+    if "guardrailConfig" in sent:
+        needed.add("bedrock:ApplyGuardrail")
+
+    # THEN the template grants those actions and no others, each on a narrow resource
+    function = _template()["Resources"]["StreamgateFunction"]["Properties"]
+    granted = _granted(function["Policies"][0]["Statement"], guardrail)
+    assert set(granted) == needed
+    assert granted["bedrock:InvokeModelWithResponseStream"] == {"Ref": "BedrockResourceArns"}
+    if guardrail:
+        assert granted["bedrock:ApplyGuardrail"]["Fn::Sub"].endswith(":guardrail/${GuardrailId}")
+    env = function["Environment"]["Variables"]
+    assert env["STREAMGATE_BEDROCK_GUARDRAIL_ID"] == {"Ref": "GuardrailId"}
+    assert env["STREAMGATE_BEDROCK_MODELS"] == {"Ref": "BedrockModels"}
+
+
 def test_sam_build_packs_only_what_runs_in_lambda(tmp_path: Path) -> None:
     result = _sam("build", "--build-dir", str(tmp_path / "build"))
     assert result.returncode == 0, result.stdout + result.stderr
