@@ -126,8 +126,9 @@ def test_every_stop_reason_maps_to_an_openai_finish_reason(stop_reason: str, fin
     assert doc["choices"][0]["finish_reason"] == finish
 
 
-def test_malformed_stop_reason_is_an_upstream_error_not_a_leaked_value() -> None:
-    with FakeBedrock([Reply(frames=text_events("x", stop="malformed_model_output"))]) as fake:
+@pytest.mark.parametrize("stop_reason", ["malformed_model_output", "malformed_tool_use"])
+def test_malformed_stop_reason_is_an_upstream_error_not_a_leaked_value(stop_reason: str) -> None:
+    with FakeBedrock([Reply(frames=text_events("x", stop=stop_reason))]) as fake:
         raw = body_bytes(_app(fake).handle(chat_event({"prompt": "hi", "stream": True})))
     assert sse_json(raw)[-1]["error"]["type"] == "upstream_error"
     assert b"[DONE]" not in raw and b'"finish_reason":"malformed' not in raw
@@ -137,12 +138,14 @@ def test_malformed_stop_reason_is_an_upstream_error_not_a_leaked_value() -> None
     ("status", "error_type", "message", "ours", "code"),
     [
         (403, "AccessDeniedException", "no access", 403, "permission_denied"),
+        (403, "UnrecognizedClientException", "bad token", 403, "permission_denied"),
         (404, "ResourceNotFoundException", "no model", 404, "model_not_found"),
         (400, "ValidationException", "bad field", 400, None),
         (400, "ValidationException", "Input is too long for requested model.", 400,
          "context_length_exceeded"),
         (429, "ThrottlingException", "Too many requests", 429, "rate_limit_exceeded"),
         (429, "ModelNotReadyException", "warming up", 429, "rate_limit_exceeded"),
+        (400, "ServiceQuotaExceededException", "quota", 429, "rate_limit_exceeded"),
         (408, "ModelTimeoutException", "slow", 504, "upstream_timeout"),
         (424, "ModelErrorException", "boom", 502, "upstream_error"),
         (503, "ServiceUnavailableException", "down", 503, "upstream_unavailable"),
@@ -175,7 +178,8 @@ def test_throttling_inside_the_first_events_is_still_a_real_429() -> None:
     ("exception", "code"),
     [("throttlingException", "rate_limit_exceeded"),
      ("modelStreamErrorException", "upstream_error"),
-     ("validationException", None), ("internalServerException", "upstream_error")],
+     ("validationException", None), ("internalServerException", "upstream_error"),
+     ("serviceUnavailableException", "upstream_unavailable")],
 )
 def test_errors_inside_the_stream_are_one_error_event_without_done(
     exception: str, code: str | None

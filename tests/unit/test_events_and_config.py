@@ -64,6 +64,8 @@ def test_settings_precedence_argument_env_default() -> None:
         ({"STREAMGATE_MAX_BODY_BYTES": "lots"}, "STREAMGATE_MAX_BODY_BYTES must be int"),
         ({"STREAMGATE_MAX_PROMPT_CHARS": "-1"}, "must not be negative"),
         ({"STREAMGATE_DEFAULT_MAX_TOKENS": "9000"}, "must not exceed"),
+        ({"STREAMGATE_BEDROCK_MAX_ATTEMPTS": "0"}, "MAX_ATTEMPTS must be at least 1"),
+        ({"STREAMGATE_BEDROCK_IDLE_TIMEOUT_S": "soon"}, "IDLE_TIMEOUT_S must be float"),
     ],
 )
 def test_bad_configuration_is_a_clear_config_error(env: dict[str, str], message: str) -> None:
