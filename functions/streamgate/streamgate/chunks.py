@@ -27,13 +27,14 @@ def usage_object(usage: Usage) -> dict[str, Any]:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
     }
-    if usage.cached_tokens is not None or usage.cache_write_tokens is not None:
-        # cached_tokens is OpenAI's field; cache_write_tokens has no OpenAI twin, so it is
-        # named for what it counts (prompt tokens written to the cache, billed differently).
-        doc["prompt_tokens_details"] = {
-            "cached_tokens": usage.cached_tokens or 0,
-            "cache_write_tokens": usage.cache_write_tokens or 0,
-        }
+    # cached_tokens is OpenAI's field; cache_write_tokens has no OpenAI twin, so it is named
+    # for what it counts (prompt tokens written to the cache, billed differently). Only what
+    # the provider reported appears.
+    details = {name: value for name, value in (("cached_tokens", usage.cached_tokens),
+                                               ("cache_write_tokens", usage.cache_write_tokens))
+               if value is not None}
+    if details:
+        doc["prompt_tokens_details"] = details
     return doc
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from streamgate.errors import ConfigError
 
@@ -52,6 +52,20 @@ class Settings:
     bedrock_guardrail_id: str = ""
     bedrock_guardrail_version: str = ""
     bedrock_guardrail_stream_mode: str = "async"
+    # OpenAI-compatible upstream (vLLM, Ollama, llama.cpp server, OpenAI, ...).
+    upstream_base_url: str = ""  # e.g. http://127.0.0.1:8000/v1
+    # Models clients may name: "name" or "public=upstream"; empty: the upstream's /models.
+    upstream_models: tuple[str, ...] = ()
+    # The API key: from Secrets Manager, from SSM Parameter Store, or given directly (local use).
+    upstream_api_key_secret: str = ""
+    upstream_api_key_parameter: str = ""
+    upstream_api_key: str = field(default="", repr=False)
+    upstream_api_key_ttl_s: float = 300.0  # how long a fetched key (and /models) is reused
+    upstream_connect_timeout_s: float = 5.0
+    upstream_first_token_timeout_s: float = 60.0
+    upstream_idle_timeout_s: float = 30.0
+    upstream_max_attempts: int = 3
+    upstream_backoff_s: float = 0.5
 
 
 _ENV: dict[str, tuple[str, type]] = {
@@ -76,6 +90,17 @@ _ENV: dict[str, tuple[str, type]] = {
     "bedrock_guardrail_id": ("STREAMGATE_BEDROCK_GUARDRAIL_ID", str),
     "bedrock_guardrail_version": ("STREAMGATE_BEDROCK_GUARDRAIL_VERSION", str),
     "bedrock_guardrail_stream_mode": ("STREAMGATE_BEDROCK_GUARDRAIL_STREAM_MODE", str),
+    "upstream_base_url": ("STREAMGATE_UPSTREAM_BASE_URL", str),
+    "upstream_models": ("STREAMGATE_UPSTREAM_MODELS", tuple),
+    "upstream_api_key_secret": ("STREAMGATE_UPSTREAM_API_KEY_SECRET", str),
+    "upstream_api_key_parameter": ("STREAMGATE_UPSTREAM_API_KEY_PARAMETER", str),
+    "upstream_api_key": ("STREAMGATE_UPSTREAM_API_KEY", str),
+    "upstream_api_key_ttl_s": ("STREAMGATE_UPSTREAM_API_KEY_TTL_S", float),
+    "upstream_connect_timeout_s": ("STREAMGATE_UPSTREAM_CONNECT_TIMEOUT_S", float),
+    "upstream_first_token_timeout_s": ("STREAMGATE_UPSTREAM_FIRST_TOKEN_TIMEOUT_S", float),
+    "upstream_idle_timeout_s": ("STREAMGATE_UPSTREAM_IDLE_TIMEOUT_S", float),
+    "upstream_max_attempts": ("STREAMGATE_UPSTREAM_MAX_ATTEMPTS", int),
+    "upstream_backoff_s": ("STREAMGATE_UPSTREAM_BACKOFF_S", float),
 }
 
 
@@ -99,9 +124,9 @@ def load_settings(
     env = os.environ if environ is None else environ
     fallback = defaults or {}
     values: dict[str, object] = {}
-    for field, (name, kind) in _ENV.items():
-        if field in overrides:
-            values[field] = overrides[field]
+    for key, (name, kind) in _ENV.items():
+        if key in overrides:
+            values[key] = overrides[key]
             continue
         raw = env.get(name, fallback.get(name))
         if raw is None or raw == "":
@@ -112,7 +137,7 @@ def load_settings(
             raise ConfigError(f"{name} must be {kind.__name__}, got {raw!r}") from e
         if isinstance(value, (int, float)) and value < 0:
             raise ConfigError(f"{name} must not be negative, got {raw!r}")
-        values[field] = value
+        values[key] = value
     if "bedrock_region" not in values:
         values["bedrock_region"] = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or ""
     unknown = set(overrides) - set(_ENV)
@@ -125,8 +150,9 @@ def load_settings(
         )
     if settings.bedrock_guardrail_stream_mode not in ("sync", "async"):
         raise ConfigError("STREAMGATE_BEDROCK_GUARDRAIL_STREAM_MODE must be sync or async")
-    if settings.bedrock_max_attempts < 1:
-        raise ConfigError("STREAMGATE_BEDROCK_MAX_ATTEMPTS must be at least 1")
+    if settings.bedrock_max_attempts < 1 or settings.upstream_max_attempts < 1:
+        raise ConfigError("STREAMGATE_BEDROCK_MAX_ATTEMPTS and STREAMGATE_UPSTREAM_MAX_ATTEMPTS "
+                          "must be at least 1")
     if settings.default_max_tokens > settings.max_tokens_cap:
         raise ConfigError("STREAMGATE_DEFAULT_MAX_TOKENS must not exceed STREAMGATE_MAX_TOKENS_CAP")
     return settings

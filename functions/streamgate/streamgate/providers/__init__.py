@@ -12,11 +12,14 @@ the Lambda zip never imports the embedded model's library.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from streamgate.errors import ConfigError
+from streamgate.errors import ConfigError, StreamgateError
 
 if TYPE_CHECKING:
     from streamgate.config import Settings
@@ -86,11 +89,45 @@ class Provider(Protocol):
         ...
 
 
+logger = logging.getLogger(__name__)
+
 # name -> module that defines ``create(settings) -> Provider``.
 REGISTRY: dict[str, str] = {
     "local": "streamgate.providers.local",
     "bedrock": "streamgate.providers.bedrock",
+    "openai": "streamgate.providers.openai",
 }
+
+
+def with_retries(
+    attempt: Callable[[], Iterator[Delta]],
+    *,
+    attempts: int,
+    backoff_s: float,
+    upstream: str,
+    honour_retry_after: bool = False,
+) -> Iterator[Delta]:
+    """The deltas of ``attempt()``, calling it again after a transient failure, but only while
+    nothing has been yielded (so before the handler commits the HTTP status). Waits use
+    full-jitter exponential backoff capped at 8x ``backoff_s``; with ``honour_retry_after`` an
+    upstream's Retry-After is waited out too (its errors are only transient when it is short).
+    """
+    for n in range(1, attempts + 1):
+        started = False
+        try:
+            for delta in attempt():
+                started = True
+                yield delta
+            return
+        except StreamgateError as e:
+            if started or not e.transient or n == attempts:
+                raise
+            delay = random.uniform(0, min(backoff_s * 8, backoff_s * 2 ** (n - 1)))
+            if honour_retry_after and e.retry_after:
+                delay = max(delay, e.retry_after)
+            logger.warning("%s attempt %d of %d failed (%s); retrying in %.2f s",
+                           upstream, n, attempts, e.code, delay)
+            time.sleep(delay)
 
 
 def create_provider(settings: Settings) -> Provider:

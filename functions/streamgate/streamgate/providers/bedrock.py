@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import queue
-import random
 import re
 import socket
 import threading
@@ -45,6 +44,7 @@ from streamgate.providers import (
     TextDelta,
     ToolCallDelta,
     Usage,
+    with_retries,
 )
 from streamgate.validation import CAP_IMAGES, CAP_TOOLS, Image
 
@@ -120,21 +120,9 @@ class BedrockProvider:
     def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
         kwargs = converse_request(request, model, self._settings)
         names = {tool_name(n): n for n in _tool_names(request)}
-        attempts = self._settings.bedrock_max_attempts
-        for attempt in range(1, attempts + 1):
-            started = False
-            try:
-                for delta in self._attempt(kwargs, names):
-                    started = True
-                    yield delta
-                return
-            except StreamgateError as e:
-                if started or not e.transient or attempt == attempts:
-                    raise
-                delay = _backoff(attempt, self._settings.bedrock_backoff_s)
-                logger.warning("Bedrock attempt %d of %d failed (%s); retrying in %.2f s",
-                               attempt, attempts, e.code, delay)
-                time.sleep(delay)
+        return with_retries(lambda: self._attempt(kwargs, names),
+                            attempts=self._settings.bedrock_max_attempts,
+                            backoff_s=self._settings.bedrock_backoff_s, upstream="Bedrock")
 
     def _attempt(self, kwargs: dict[str, Any], names: dict[str, str]) -> Iterator[Delta]:
         s = self._settings
@@ -297,11 +285,6 @@ class _Blocks:
             for key, value in event.items():  # in-stream exceptions arrive as events too
                 if key.endswith("Exception"):
                     raise _error(key[0].upper() + key[1:], str(value.get("message", "")))
-
-
-def _backoff(attempt: int, base: float) -> float:
-    """Full-jitter exponential backoff, capped at 8x the base."""
-    return random.uniform(0, min(base * 8, base * 2 ** (attempt - 1)))
 
 
 def tool_name(name: str) -> str:

@@ -1,0 +1,324 @@
+"""The OpenAI-compatible upstream provider against a scripted upstream: relay fidelity, the
+request it forwards, and every error row (status before the first byte, event after it)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from streamgate.config import load_settings
+from streamgate.credentials import ApiKey
+from streamgate.handler import App
+from streamgate.providers.openai import OpenAIProvider, Upstream
+from tests.fake_openai import FakeUpstream, Reply, chunk, error_reply, sse, text_stream
+from tests.helpers import body_bytes, chat_event, sse_json
+
+JSON = {"accept": "application/json"}
+USER = [{"role": "user", "content": "hi"}]
+_providers: list[OpenAIProvider] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_providers() -> Iterator[None]:
+    yield
+    while _providers:
+        _providers.pop().close()  # pooled keep-alive connections
+
+
+def _app(fake: FakeUpstream | str, *, key: str = "sk-test-key", **settings: Any) -> App:
+    url = fake if isinstance(fake, str) else fake.url
+    s = load_settings({}, provider="openai", upstream_base_url=url,
+                      **{"upstream_backoff_s": 0.01, **settings})
+    provider = OpenAIProvider(s, ApiKey(None, 60, value=key),
+                              Upstream(url, s.upstream_connect_timeout_s))
+    _providers.append(provider)
+    return App(s, provider)
+
+
+def _stream(app: App, body: dict[str, Any]) -> tuple[int, bytes]:
+    response = app.handle(chat_event({**body, "stream": True}))
+    return response.status, body_bytes(response)
+
+
+def _deltas(raw: bytes) -> list[dict[str, Any]]:
+    return [c["choices"][0]["delta"] for c in sse_json(raw) if c.get("choices")]
+
+
+def test_text_stream_is_re_emitted_as_our_chunks() -> None:
+    with FakeUpstream([Reply(body=[text_stream("Hel", "lo")])]) as fake:
+        status, raw = _stream(_app(fake, upstream_models=("fast=upstream-model",)),
+                              {"model": "fast", "messages": USER,
+                               "stream_options": {"include_usage": True}})
+    chunks = sse_json(raw)
+    assert status == 200 and raw.endswith(b"data: [DONE]\n\n")
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]} != {"chatcmpl-upstream"}
+    assert {c["model"] for c in chunks} == {"fast"}  # our name, not the upstream's
+    assert _deltas(raw) == [{"role": "assistant", "content": "Hel"}, {"content": "lo"}, {}]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 3,
+                                   "total_tokens": 10}
+    assert fake.chat_requests()[0]["model"] == "upstream-model"
+
+
+def test_only_contract_parameters_are_forwarded() -> None:
+    with FakeUpstream([Reply(body=[text_stream("ok")])]) as fake:
+        _app(fake).handle(chat_event({
+            "model": "upstream-model",
+            "messages": [{"role": "system", "content": "Be brief."}, *USER],
+            "max_completion_tokens": 20, "temperature": 0.2, "top_p": 0.9, "stop": "END",
+            "seed": 3, "user": "u-1", "frequency_penalty": 0.1, "presence_penalty": 0.2,
+            "tools": [{"type": "function", "function": {"name": "f", "strict": True}}],
+            "tool_choice": "required", "parallel_tool_calls": False,
+            "metadata": {"not": "forwarded"}, "store": True}))
+        path, headers, sent = fake.requests[-1]
+    assert path == "/v1/chat/completions"
+    assert headers["authorization"] == "Bearer sk-test-key"
+    assert sent == {
+        "model": "upstream-model",
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "hi"}],
+        "stream": True, "stream_options": {"include_usage": True},
+        "max_tokens": 20, "temperature": 0.2, "top_p": 0.9, "stop": ["END"], "seed": 3,
+        "user": "u-1", "frequency_penalty": 0.1, "presence_penalty": 0.2,
+        "parallel_tool_calls": False,
+        "tools": [{"type": "function", "function": {"name": "f", "strict": True}}],
+        "tool_choice": "required",
+    }
+
+
+def test_tool_history_and_images_are_forwarded_in_openai_form() -> None:
+    history = [
+        {"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0K"}}]},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "look", "arguments": '{"x": 1}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "a cat"},
+    ]
+    with FakeUpstream([Reply(body=[text_stream("A cat.")])]) as fake:
+        _app(fake).handle(chat_event({"model": "upstream-model", "messages": history,
+                                      "tools": [{"type": "function",
+                                                 "function": {"name": "look"}}],
+                                      "tool_choice": {"type": "function",
+                                                      "function": {"name": "look"}}}))
+    sent = fake.chat_requests()[0]
+    assert sent["messages"] == history
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "look"}}
+
+
+def test_tool_calls_keep_their_index_and_name_arrives_once() -> None:
+    def fragment(index: int, arguments: str) -> dict[str, Any]:
+        # like some servers, repeat id and name on every fragment
+        return {"index": index, "id": f"call_{index}", "type": "function",
+                "function": {"name": "get_weather", "arguments": arguments}}
+    body = sse(chunk(role="assistant", tool_calls=[fragment(0, "")]),
+               chunk(tool_calls=[fragment(0, '{"city":')]),
+               chunk(tool_calls=[fragment(0, ' "Oslo"}')]),
+               chunk(tool_calls=[fragment(1, '{"city": "Rome"}')]),
+               chunk(finish="tool_calls"))
+    with FakeUpstream([Reply(body=[body])]) as fake:
+        status, raw = _stream(_app(fake), {"model": "upstream-model", "messages": USER})
+    assert _deltas(raw) == [
+        {"role": "assistant", "tool_calls": [{"index": 0, "id": "call_0", "type": "function",
+                                              "function": {"name": "get_weather",
+                                                           "arguments": ""}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": ' "Oslo"}'}}]},
+        {"tool_calls": [{"index": 1, "id": "call_1", "type": "function",
+                         "function": {"name": "get_weather",
+                                      "arguments": '{"city": "Rome"}'}}]},
+        {},
+    ]
+    assert sse_json(raw)[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_non_streaming_request_aggregates_reasoning_text_and_usage() -> None:
+    body = sse(chunk(reasoning="Think."), chunk("An"), chunk("swer."), chunk(finish="length"),
+               chunk(choices=False, usage={"prompt_tokens": 4, "completion_tokens": 2,
+                                           "total_tokens": 6,
+                                           "prompt_tokens_details": {"cached_tokens": 3}}))
+    with FakeUpstream([Reply(body=[body])]) as fake:
+        doc = json.loads(body_bytes(_app(fake).handle(chat_event(
+            {"model": "upstream-model", "messages": USER}))))
+    assert doc["choices"][0]["message"] == {"role": "assistant", "content": "Answer.",
+                                            "refusal": None, "reasoning_content": "Think."}
+    assert doc["choices"][0]["finish_reason"] == "length"
+    assert doc["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6,
+                            "prompt_tokens_details": {"cached_tokens": 3}}
+
+
+def test_missing_usage_is_never_invented() -> None:
+    with FakeUpstream([Reply(body=[text_stream("x", usage=None)]),
+                       Reply(body=[text_stream("x", usage=None)])]) as fake:
+        app = _app(fake)
+        _, raw = _stream(app, {"model": "upstream-model", "messages": USER,
+                               "stream_options": {"include_usage": True}})
+        doc = json.loads(body_bytes(app.handle(chat_event(
+            {"model": "upstream-model", "messages": USER}))))
+    assert all("usage" not in c or c["usage"] is None for c in sse_json(raw))
+    assert "usage" not in doc
+
+
+@pytest.mark.parametrize("eol", ["\r", "\r\n", "\n"], ids=["cr", "crlf", "lf"])
+def test_any_spec_line_ending_and_multi_line_data_are_decoded(eol: str) -> None:
+    # One JSON object split over two data: lines (joined with LF, still valid JSON), a
+    # comment line, and pieces cut at arbitrary byte boundaries.
+    split = json.dumps(chunk("Hello")).replace(', "choices"', f'{eol}data: , "choices"', 1)
+    raw_body = (f": keep-alive{eol}" + f"data: {split}{eol}{eol}").encode() + sse(
+        chunk(" world"), chunk(finish="stop"), eol=eol)
+    pieces: list[bytes | float] = [raw_body[i:i + 7] for i in range(0, len(raw_body), 7)]
+    with FakeUpstream([Reply(body=pieces)]) as fake:
+        status, raw = _stream(_app(fake), {"model": "upstream-model", "messages": USER})
+    assert status == 200 and raw.endswith(b"data: [DONE]\n\n")
+    assert "".join(d.get("content", "") for d in _deltas(raw)) == "Hello world"
+
+
+@pytest.mark.parametrize(
+    ("reply", "status", "code", "message"),
+    [(error_reply(429, "Rate limit reached", headers={"retry-after": "30"}), 429,
+      "rate_limit_exceeded", "Upstream: Rate limit reached"),
+     (error_reply(500, "boom"), 502, "upstream_error", "Upstream: boom"),
+     (error_reply(502, "bad gateway"), 502, "upstream_error", "Upstream: bad gateway"),
+     (error_reply(503, "loading"), 503, "upstream_unavailable", "Upstream: loading"),
+     (error_reply(401, "Incorrect API key provided: sk-tes***key"), 502,
+      "upstream_auth_failed", "The upstream rejected the gateway's credentials (HTTP 401)"),
+     (error_reply(400, "This model's maximum context length is 4096 tokens",
+                  code="context_length_exceeded", param="messages"), 400,
+      "context_length_exceeded", "Upstream: This model's maximum context length is 4096 tokens"),
+     (error_reply(404, "model 'x' not found"), 404, "model_not_found",
+      "Upstream: model 'x' not found"),
+     (Reply(422, [b'{"detail": "field required"}'], {"content-type": "application/json"}),
+      400, None, "Upstream: field required")],
+    ids=["429", "500", "502", "503", "401", "400", "404", "422-fastapi"],
+)
+def test_upstream_http_errors_keep_their_status_class(
+    reply: Reply, status: int, code: str | None, message: str
+) -> None:
+    with FakeUpstream([reply]) as fake:
+        response = _app(fake, upstream_max_attempts=1).handle(chat_event(
+            {"model": "upstream-model", "messages": USER, "stream": True}, headers=JSON))
+        body = json.loads(body_bytes(response))
+    assert response.status == status
+    assert (body["error"]["code"], body["error"]["message"]) == (code, message)
+    assert "sk-" not in json.dumps(body)
+    if status == 429:
+        assert response.headers["retry-after"] == "30"
+
+
+def test_transient_failures_are_retried_before_the_first_byte() -> None:
+    replies = [error_reply(500, "boom"), error_reply(429, "slow", headers={"retry-after": "0"}),
+               Reply(body=[text_stream("fine")])]
+    with FakeUpstream(replies) as fake:
+        status, raw = _stream(_app(fake), {"model": "upstream-model", "messages": USER})
+    assert status == 200 and _deltas(raw)[0]["content"] == "fine"
+    assert len(fake.chat_requests()) == 3
+
+
+def test_a_long_retry_after_is_passed_to_the_client_instead_of_waited_out() -> None:
+    with FakeUpstream([error_reply(429, "slow", headers={"retry-after": "60"}),
+                       Reply(body=[text_stream("x")])]) as fake:
+        response = _app(fake).handle(chat_event({"model": "upstream-model", "messages": USER}))
+    assert (response.status, response.headers["retry-after"]) == (429, "60")
+    assert len(fake.chat_requests()) == 1
+
+
+def test_unreachable_upstream_is_a_502_after_retries() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    s_url = f"http://127.0.0.1:{port}/v1"
+    response = _app(s_url, upstream_models=("m",)).handle(
+        chat_event({"model": "m", "messages": USER}))
+    body = json.loads(body_bytes(response))
+    assert response.status == 502
+    assert body["error"]["message"] == f"Could not reach the upstream at 127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [([sse(chunk("partial"), done=False)], "The upstream stream ended before [DONE]"),
+     ([sse(chunk("partial"), "not json {", chunk(finish="stop"))],
+      "The upstream sent an event that is not valid JSON"),
+     ([sse(chunk("partial"), '{"error": {"message": "CUDA out of memory"}}')],
+      "Upstream: CUDA out of memory"),
+     ([sse(chunk("partial"), chunk(finish="eos"))],
+      "The upstream stopped with an unknown reason ('eos')"),
+     ([sse(chunk("partial"), done=False), b'data: {"id": "chatcm'],
+      "The connection to the upstream broke mid-stream")],
+    ids=["no-done", "garbage", "error-event", "unknown-finish", "cut"],
+)
+def test_failures_after_the_first_byte_are_one_error_event(
+    body: list[bytes | float], message: str
+) -> None:
+    cut = "broke" in message
+    with FakeUpstream([Reply(body=body, cut=cut)]) as fake:
+        status, raw = _stream(_app(fake), {"model": "upstream-model", "messages": USER})
+    assert status == 200
+    assert _deltas(raw)[0]["content"] == "partial"
+    assert sse_json(raw)[-1]["error"]["message"] == message
+    assert b"data: [DONE]" not in raw
+    assert len(fake.chat_requests()) == 1
+
+
+def test_garbage_before_any_content_is_a_real_502() -> None:
+    with FakeUpstream([Reply(body=[b"data: <html>\n\n"])]) as fake:
+        response = _app(fake, upstream_max_attempts=1).handle(chat_event(
+            {"model": "upstream-model", "messages": USER, "stream": True}, headers=JSON))
+    assert response.status == 502
+
+
+def test_slow_first_token_is_a_504_and_a_stall_is_an_error_event() -> None:
+    slow = Reply(body=[b": waiting\n\n", 1.5, text_stream("late")])
+    stall = Reply(body=[sse(chunk("early"), done=False), 1.5, text_stream("late")])
+    with FakeUpstream([slow, stall]) as fake:
+        app = _app(fake, upstream_first_token_timeout_s=0.3, upstream_idle_timeout_s=0.3)
+        started = time.monotonic()
+        response = app.handle(chat_event({"model": "upstream-model", "messages": USER,
+                                          "stream": True}, headers=JSON))
+        assert response.status == 504
+        assert json.loads(body_bytes(response))["error"]["message"] == (
+            "The upstream sent no output within 0.3 s")
+        status, raw = _stream(app, {"model": "upstream-model", "messages": USER})
+        assert time.monotonic() - started < 2.5
+    assert status == 200
+    assert sse_json(raw)[-1]["error"] == {"message": "The upstream sent nothing for 0.3 s",
+                                          "type": "upstream_error", "param": None,
+                                          "code": "upstream_timeout"}
+
+
+def test_client_disconnect_closes_the_upstream_connection() -> None:
+    body: list[bytes | float] = [sse(chunk("a"), done=False)]
+    body += [0.05, sse(chunk("more"), done=False)] * 100
+    with FakeUpstream([Reply(body=body)]) as fake:
+        response = _app(fake).handle(chat_event(
+            {"model": "upstream-model", "messages": USER, "stream": True}))
+        next(response.body)
+        response.close()
+        assert fake.aborted.wait(3.0)
+
+
+def test_connections_are_reused_across_requests() -> None:
+    with FakeUpstream([Reply(body=[text_stream("a")]), Reply(body=[text_stream("b")])]) as fake:
+        app = _app(fake)
+        for _ in range(2):
+            assert app.handle(chat_event({"model": "upstream-model", "messages": USER})
+                              ).status == 200
+    assert len(fake.connections) == 1
+
+
+def test_models_come_from_the_upstream_when_not_configured() -> None:
+    with FakeUpstream(models=("llama3.2:3b", "qwen3:8b")) as fake:
+        app = _app(fake)
+        listed = json.loads(body_bytes(app.handle(chat_event(None, method="GET",
+                                                             path="/v1/models"))))
+        unknown = app.handle(chat_event({"model": "gpt-9", "messages": USER}))
+    assert [m["id"] for m in listed["data"]] == ["llama3.2:3b", "qwen3:8b"]
+    assert unknown.status == 404
+    assert fake.chat_requests() == []
+    assert fake.requests[0][1]["authorization"] == "Bearer sk-test-key"
