@@ -66,6 +66,19 @@ class Reply:
     cut: bool = False
 
 
+def completion_reply(content: str | None, *, finish: str = "stop",
+                     usage: dict[str, Any] | None = None, **message: Any) -> Reply:
+    """A non-streaming chat.completion answer."""
+    doc: dict[str, Any] = {
+        "id": "chatcmpl-upstream", "object": "chat.completion", "created": 1,
+        "model": "upstream-model",
+        "choices": [{"index": 0, "finish_reason": finish,
+                     "message": {"role": "assistant", "content": content, **message}}]}
+    if usage is not None:
+        doc["usage"] = usage
+    return Reply(200, [json.dumps(doc).encode()], {"content-type": "application/json"})
+
+
 def error_reply(status: int, message: str, *, code: str | None = None, param: str | None = None,
                 headers: dict[str, str] | None = None) -> Reply:
     body = json.dumps({"error": {"message": message, "type": "invalid_request_error",

@@ -16,7 +16,7 @@ from streamgate.errors import ConfigError
 from streamgate.handler import App
 from streamgate.providers import openai as openai_provider
 from streamgate.runtime import run
-from tests.fake_openai import FakeUpstream, Reply, text_stream
+from tests.fake_openai import FakeUpstream, Reply, completion_reply
 from tests.fake_runtime_api import FakeRuntimeAPI
 from tests.helpers import body_bytes, chat_event
 
@@ -135,7 +135,7 @@ def test_the_key_reaches_the_upstream_and_never_the_logs(
 
 
 def test_the_key_can_be_given_directly_for_local_use() -> None:
-    with FakeUpstream([Reply(body=[text_stream("ok")])]) as fake:
+    with FakeUpstream([completion_reply("ok")]) as fake:
         settings = load_settings({"STREAMGATE_UPSTREAM_API_KEY": "sk-local"}, provider="openai",
                                  upstream_base_url=fake.url, upstream_models=("m",))
         provider = openai_provider.create(settings)

@@ -15,7 +15,15 @@ from streamgate.config import load_settings
 from streamgate.credentials import ApiKey
 from streamgate.handler import App
 from streamgate.providers.openai import OpenAIProvider, Upstream
-from tests.fake_openai import FakeUpstream, Reply, chunk, error_reply, sse, text_stream
+from tests.fake_openai import (
+    FakeUpstream,
+    Reply,
+    chunk,
+    completion_reply,
+    error_reply,
+    sse,
+    text_stream,
+)
 from tests.helpers import body_bytes, chat_event, sse_json
 
 JSON = {"accept": "application/json"}
@@ -68,7 +76,7 @@ def test_text_stream_is_re_emitted_as_our_chunks() -> None:
 def test_only_contract_parameters_are_forwarded() -> None:
     with FakeUpstream([Reply(body=[text_stream("ok")])]) as fake:
         _app(fake).handle(chat_event({
-            "model": "upstream-model",
+            "model": "upstream-model", "stream": True,
             "messages": [{"role": "system", "content": "Be brief."}, *USER],
             "max_completion_tokens": 20, "temperature": 0.2, "top_p": 0.9, "stop": "END",
             "seed": 3, "user": "u-1", "frequency_penalty": 0.1, "presence_penalty": 0.2,
@@ -101,7 +109,7 @@ def test_tool_history_and_images_are_forwarded_in_openai_form() -> None:
             "function": {"name": "look", "arguments": '{"x": 1}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "a cat"},
     ]
-    with FakeUpstream([Reply(body=[text_stream("A cat.")])]) as fake:
+    with FakeUpstream([completion_reply("A cat.")]) as fake:
         _app(fake).handle(chat_event({"model": "upstream-model", "messages": history,
                                       "tools": [{"type": "function",
                                                  "function": {"name": "look"}}],
@@ -138,16 +146,24 @@ def test_tool_calls_keep_their_index_and_name_arrives_once() -> None:
     assert sse_json(raw)[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-def test_non_streaming_request_aggregates_reasoning_text_and_usage() -> None:
-    body = sse(chunk(reasoning="Think."), chunk("An"), chunk("swer."), chunk(finish="length"),
-               chunk(choices=False, usage={"prompt_tokens": 4, "completion_tokens": 2,
-                                           "total_tokens": 6,
-                                           "prompt_tokens_details": {"cached_tokens": 3}}))
-    with FakeUpstream([Reply(body=[body])]) as fake:
+def test_non_streaming_request_is_relayed_as_one_completion() -> None:
+    reply = completion_reply(
+        "Answer.", finish="length", reasoning_content="Think.",
+        tool_calls=[{"id": "call_9", "type": "function",
+                     "function": {"name": "f", "arguments": '{"a": 1}'}}],
+        usage={"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6,
+               "prompt_tokens_details": {"cached_tokens": 3}})
+    with FakeUpstream([reply]) as fake:
         doc = json.loads(body_bytes(_app(fake).handle(chat_event(
             {"model": "upstream-model", "messages": USER}))))
-    assert doc["choices"][0]["message"] == {"role": "assistant", "content": "Answer.",
-                                            "refusal": None, "reasoning_content": "Think."}
+    assert fake.chat_requests()[0]["stream"] is False
+    assert "stream_options" not in fake.chat_requests()[0]
+    assert doc["id"] != "chatcmpl-upstream"
+    assert doc["choices"][0]["message"] == {
+        "role": "assistant", "content": "Answer.", "refusal": None,
+        "reasoning_content": "Think.",
+        "tool_calls": [{"id": "call_9", "type": "function",
+                        "function": {"name": "f", "arguments": '{"a": 1}'}}]}
     assert doc["choices"][0]["finish_reason"] == "length"
     assert doc["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6,
                             "prompt_tokens_details": {"cached_tokens": 3}}
@@ -155,7 +171,7 @@ def test_non_streaming_request_aggregates_reasoning_text_and_usage() -> None:
 
 def test_missing_usage_is_never_invented() -> None:
     with FakeUpstream([Reply(body=[text_stream("x", usage=None)]),
-                       Reply(body=[text_stream("x", usage=None)])]) as fake:
+                       completion_reply("x")]) as fake:
         app = _app(fake)
         _, raw = _stream(app, {"model": "upstream-model", "messages": USER,
                                "stream_options": {"include_usage": True}})
@@ -222,7 +238,7 @@ def test_transient_failures_are_retried_before_the_first_byte() -> None:
 
 def test_a_long_retry_after_is_passed_to_the_client_instead_of_waited_out() -> None:
     with FakeUpstream([error_reply(429, "slow", headers={"retry-after": "60"}),
-                       Reply(body=[text_stream("x")])]) as fake:
+                       completion_reply("x")]) as fake:
         response = _app(fake).handle(chat_event({"model": "upstream-model", "messages": USER}))
     assert (response.status, response.headers["retry-after"]) == (429, "60")
     assert len(fake.chat_requests()) == 1
@@ -304,11 +320,13 @@ def test_client_disconnect_closes_the_upstream_connection() -> None:
 
 
 def test_connections_are_reused_across_requests() -> None:
-    with FakeUpstream([Reply(body=[text_stream("a")]), Reply(body=[text_stream("b")])]) as fake:
+    with FakeUpstream([completion_reply("a"), Reply(body=[text_stream("b")])]) as fake:
         app = _app(fake)
-        for _ in range(2):
-            assert app.handle(chat_event({"model": "upstream-model", "messages": USER})
-                              ).status == 200
+        for stream in (False, True):
+            response = app.handle(chat_event({"model": "upstream-model", "messages": USER,
+                                              "stream": stream}))
+            assert response.status == 200
+            body_bytes(response)
     assert len(fake.connections) == 1
 
 

@@ -1,10 +1,12 @@
 """Any OpenAI-compatible upstream (vLLM, Ollama, llama.cpp server, LM Studio, OpenAI).
 
 The request is rebuilt from the validated :class:`ChatRequest`, so only parameters of the chat
-completions contract reach the upstream, always as a stream (``stream_options.include_usage``
-set, so usage is reported when the upstream knows it; a missing usage is never invented). The
-response is read incrementally with :class:`streamgate.sse.Decoder` and each upstream chunk
-becomes our deltas; the handler re-emits them with our own id, created and model name.
+completions contract reach the upstream. A streamed request is streamed upstream with
+``stream_options.include_usage`` (usage is relayed when the upstream reports it, never
+invented), read incrementally with :class:`streamgate.sse.Decoder`, and each upstream chunk
+becomes our deltas; the handler re-emits them with our own id, created and model name. A
+non-streaming request is sent as one too (servers such as llama.cpp's report usage only
+there), and its ``chat.completion`` goes through the same delta mapping.
 
 HTTP client: the standard library's ``http.client``. It streams, lets us set the socket timeout
 before every read (the first-token and idle timeouts are exact that way, on one thread), keeps
@@ -75,6 +77,7 @@ FINISH_REASONS: dict[str, FinishReason] = {
 _READ_SIZE = 65536
 _ERROR_BODY_LIMIT = 65536
 _MODELS_BODY_LIMIT = 1 << 20
+_COMPLETION_BODY_LIMIT = 16 << 20
 
 
 class OpenAIProvider:
@@ -134,9 +137,31 @@ class OpenAIProvider:
         body = json.dumps(upstream_body(request, self._public.get(model, model)),
                           ensure_ascii=False).encode("utf-8")
         s = self._settings
-        return with_retries(lambda: self._attempt(body), attempts=s.upstream_max_attempts,
+        attempt = self._attempt if request.stream else self._attempt_whole
+        return with_retries(lambda: attempt(body), attempts=s.upstream_max_attempts,
                             backoff_s=s.upstream_backoff_s, upstream="Upstream",
                             honour_retry_after=True)
+
+    def _attempt_whole(self, body: bytes) -> Iterator[Delta]:
+        """A non-streaming exchange: the first-token timeout bounds the wait for the answer."""
+        s = self._settings
+        exchange = self._http.open("POST", "/chat/completions", body, self._headers(),
+                                   timeout=s.upstream_first_token_timeout_s)
+        try:
+            if exchange.status != 200:
+                raise self._status_error(exchange)
+            doc = _json(exchange.body(_COMPLETION_BODY_LIMIT, s.upstream_idle_timeout_s))
+            choices = doc.get("choices") if isinstance(doc, dict) else None
+            if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+                raise UpstreamError("The upstream's answer has no choices")
+            exchange.finish()
+        finally:
+            exchange.close()
+        # The message has the shape of a delta that carries everything at once.
+        whole = {"choices": [{"delta": choices[0].get("message"),
+                              "finish_reason": choices[0].get("finish_reason")}],
+                 "usage": doc.get("usage")}
+        yield from _Chunks().deltas(whole)
 
     def _headers(self) -> dict[str, str]:
         headers = {"content-type": "application/json", "accept": "text/event-stream",
@@ -347,9 +372,10 @@ def upstream_body(request: ChatRequest, model: str) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model,
         "messages": [_message(m) for m in request.messages],
-        "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream": request.stream,
     }
+    if request.stream:
+        body["stream_options"] = {"include_usage": True}
     optional: dict[str, Any] = {
         "max_tokens": request.max_tokens,
         "temperature": request.temperature,
