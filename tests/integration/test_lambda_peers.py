@@ -170,9 +170,11 @@ def test_template_passes_sam_validate_lint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# The IAM action that authorises each Bedrock Runtime operation
-# (https://docs.aws.amazon.com/service-authorization/latest/reference/list_amazonbedrock.html).
-IAM_ACTIONS = {"ConverseStream": "bedrock:InvokeModelWithResponseStream"}
+# The IAM action that authorises each AWS operation the providers call
+# (https://docs.aws.amazon.com/service-authorization/latest/reference/).
+IAM_ACTIONS = {"ConverseStream": "bedrock:InvokeModelWithResponseStream",
+               "GetSecretValue": "secretsmanager:GetSecretValue",
+               "GetParameter": "ssm:GetParameter"}
 
 
 def _template() -> dict[str, Any]:
@@ -185,55 +187,95 @@ def _template() -> dict[str, Any]:
     return doc
 
 
-def _granted(statements: list[Any], guardrail: bool) -> dict[str, Any]:
-    """Action -> Resource of the template's policy, with HasGuardrail true or false."""
+def _granted(policies: list[Any], conditions: set[str]) -> dict[str, Any]:
+    """Action -> Resource of the template's policies when exactly ``conditions`` hold."""
     granted: dict[str, Any] = {}
-    for statement in statements:
-        if "Fn::If" in statement:
-            condition, if_true, if_false = statement["Fn::If"]
-            assert condition == "HasGuardrail"
-            statement = if_true if guardrail else if_false
-            if statement == {"Ref": "AWS::NoValue"}:
-                continue
-        assert statement["Effect"] == "Allow"
-        granted[statement["Action"]] = statement["Resource"]
+    for policy in policies:
+        condition, if_true, if_false = policy["Fn::If"]
+        chosen = if_true if condition in conditions else if_false
+        if chosen == {"Ref": "AWS::NoValue"}:
+            continue
+        for statement in chosen["Statement"]:
+            assert statement["Effect"] == "Allow"
+            granted[statement["Action"]] = statement["Resource"]
     return granted
 
 
-@pytest.mark.parametrize("guardrail", [False, True], ids=["no-guardrail", "guardrail"])
-def test_iam_grants_exactly_what_the_bedrock_provider_calls(guardrail: bool) -> None:
+def _aws_operations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every AWS operation boto3 clients make from now on, under moto."""
+    import boto3
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    boto3.setup_default_session()
+    operations: list[str] = []
+    assert boto3.DEFAULT_SESSION is not None
+    boto3.DEFAULT_SESSION.events.register(
+        "before-call.*.*", lambda model, **_: operations.append(model.name))
+    return operations
+
+
+@pytest.mark.parametrize(
+    ("scenario", "conditions"),
+    [("bedrock", {"IsBedrock"}), ("bedrock-guardrail", {"IsBedrock", "HasGuardrail"}),
+     ("openai-secret", {"IsOpenAI", "HasKeySecret"}),
+     ("openai-parameter", {"IsOpenAI", "HasKeyParameter"})],
+)
+def test_iam_grants_exactly_what_the_provider_calls(
+    scenario: str, conditions: set[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3
+    from moto import mock_aws
+
     from streamgate.config import load_settings
     from streamgate.handler import App
+    from streamgate.providers import create_provider
     from streamgate.providers.bedrock import BedrockProvider
     from tests.fake_bedrock import FakeBedrock, Reply, text_events
+    from tests.fake_openai import FakeUpstream, completion_reply
 
-    # GIVEN the provider configured as the template configures it, against the fake Bedrock
-    settings = load_settings({}, provider="bedrock",
-                             bedrock_guardrail_id="abc123" if guardrail else "")
-    with FakeBedrock([Reply(frames=text_events("ok"))]) as fake:
-        client = fake.client()
-        operations: list[str] = []
-        client.meta.events.register("before-call.bedrock-runtime.*",
-                                    lambda model, **_: operations.append(model.name))
+    # GIVEN the provider configured as the template configures it, against fakes
+    needed: set[str] = set()
+    with mock_aws(), FakeBedrock([Reply(frames=text_events("ok"))]) as bedrock, \
+            FakeUpstream([completion_reply("ok")]) as upstream:
+        operations = _aws_operations(monkeypatch)
+        if scenario.startswith("bedrock"):
+            settings = load_settings({}, provider="bedrock", bedrock_guardrail_id=(
+                "abc123" if scenario == "bedrock-guardrail" else ""))
+            client = bedrock.client()
+            client.meta.events.register("before-call.*.*",
+                                        lambda model, **_: operations.append(model.name))
+            provider: Any = BedrockProvider(settings, client)
+        else:
+            boto3.client("secretsmanager").create_secret(Name="k", SecretString="sk-1")
+            boto3.client("ssm").put_parameter(Name="/k", Value="sk-1", Type="SecureString")
+            key = ({"upstream_api_key_secret": "k"} if scenario == "openai-secret"
+                   else {"upstream_api_key_parameter": "/k"})
+            settings = load_settings({}, provider="openai", upstream_base_url=upstream.url,
+                                     upstream_models=("m",), **key)
+            operations.clear()  # only what the provider itself calls
+            provider = create_provider(settings)
         # WHEN it answers a request
-        response = App(settings, BedrockProvider(settings, client)).handle(
-            chat_event({"prompt": "hi"}))
+        response = App(settings, provider).handle(chat_event({"model": "m", "prompt": "hi"}
+                                                             if "openai" in scenario
+                                                             else {"prompt": "hi"}))
         assert response.status == 200
-        sent = fake.requests[0][1]
-    needed = {IAM_ACTIONS[op] for op in operations}
-    if "guardrailConfig" in sent:
-        needed.add("bedrock:ApplyGuardrail")
+        if bedrock.requests and "guardrailConfig" in bedrock.requests[0][1]:
+            needed.add("bedrock:ApplyGuardrail")
+        if hasattr(provider, "close"):
+            provider.close()
+    needed |= {IAM_ACTIONS[op] for op in operations}
 
     # THEN the template grants those actions and no others, each on a narrow resource
     function = _template()["Resources"]["StreamgateFunction"]["Properties"]
-    granted = _granted(function["Policies"][0]["Statement"], guardrail)
+    granted = _granted(function["Policies"], conditions)
     assert set(granted) == needed
-    assert granted["bedrock:InvokeModelWithResponseStream"] == {"Ref": "BedrockResourceArns"}
-    if guardrail:
-        assert granted["bedrock:ApplyGuardrail"]["Fn::Sub"].endswith(":guardrail/${GuardrailId}")
+    assert "*" not in json.dumps(granted)
     env = function["Environment"]["Variables"]
     assert env["STREAMGATE_BEDROCK_GUARDRAIL_ID"] == {"Ref": "GuardrailId"}
-    assert env["STREAMGATE_BEDROCK_MODELS"] == {"Ref": "BedrockModels"}
+    assert env["STREAMGATE_UPSTREAM_API_KEY_SECRET"] == {"Ref": "UpstreamApiKeySecretArn"}
+    assert env["STREAMGATE_UPSTREAM_API_KEY_PARAMETER"] == {"Ref": "UpstreamApiKeyParameterName"}
 
 
 def test_sam_build_packs_only_what_runs_in_lambda(tmp_path: Path) -> None:
