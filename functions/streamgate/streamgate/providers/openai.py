@@ -118,18 +118,23 @@ class OpenAIProvider:
             return list(self._listed)
 
     def _list_models(self) -> list[str]:
+        doc = self._fetch_json("GET", "/models", None, _MODELS_BODY_LIMIT)
+        data = doc.get("data") if isinstance(doc, dict) else None
+        if not isinstance(data, list):
+            raise UpstreamError("The upstream's /models answer has no 'data' list")
+        return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
+
+    def _fetch_json(self, method: str, path: str, body: bytes | None, limit: int) -> Any:
+        """One whole JSON answer; the first-token timeout bounds the wait for it."""
         s = self._settings
-        exchange = self._http.open("GET", "/models", None, self._headers(),
+        exchange = self._http.open(method, path, body, self._headers(),
                                    timeout=s.upstream_first_token_timeout_s)
         try:
             if exchange.status != 200:
                 raise self._status_error(exchange)
-            doc = _json(exchange.body(_MODELS_BODY_LIMIT, s.upstream_idle_timeout_s))
-            data = doc.get("data") if isinstance(doc, dict) else None
-            if not isinstance(data, list):
-                raise UpstreamError("The upstream's /models answer has no 'data' list")
+            doc = _json(exchange.body(limit, s.upstream_idle_timeout_s))
             exchange.finish()
-            return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
+            return doc
         finally:
             exchange.close()
 
@@ -143,20 +148,11 @@ class OpenAIProvider:
                             honour_retry_after=True)
 
     def _attempt_whole(self, body: bytes) -> Iterator[Delta]:
-        """A non-streaming exchange: the first-token timeout bounds the wait for the answer."""
-        s = self._settings
-        exchange = self._http.open("POST", "/chat/completions", body, self._headers(),
-                                   timeout=s.upstream_first_token_timeout_s)
-        try:
-            if exchange.status != 200:
-                raise self._status_error(exchange)
-            doc = _json(exchange.body(_COMPLETION_BODY_LIMIT, s.upstream_idle_timeout_s))
-            choices = doc.get("choices") if isinstance(doc, dict) else None
-            if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-                raise UpstreamError("The upstream's answer has no choices")
-            exchange.finish()
-        finally:
-            exchange.close()
+        """A non-streaming exchange, mapped through the same chunk reader."""
+        doc = self._fetch_json("POST", "/chat/completions", body, _COMPLETION_BODY_LIMIT)
+        choices = doc.get("choices") if isinstance(doc, dict) else None
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise UpstreamError("The upstream's answer has no choices")
         # The message has the shape of a delta that carries everything at once.
         whole = {"choices": [{"delta": choices[0].get("message"),
                               "finish_reason": choices[0].get("finish_reason")}],
