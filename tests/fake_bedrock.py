@@ -12,11 +12,12 @@ import binascii
 import json
 import struct
 import threading
-import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import unquote
+
+from tests.fake_http import start_server, write_chunked
 
 
 def _header(name: str, value: str) -> bytes:
@@ -137,26 +138,14 @@ class FakeBedrock:
                 self.send_header("Content-Type", "application/vnd.amazon.eventstream")
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                try:
-                    for item in reply.frames:
-                        if isinstance(item, float):
-                            time.sleep(item)
-                            continue
-                        self.wfile.write(b"%x\r\n%s\r\n" % (len(item), item))
-                        self.wfile.flush()
-                    self.wfile.write(b"0\r\n\r\n")
-                except (ConnectionError, TimeoutError):
+                if not write_chunked(self, reply.frames):
                     fake.aborted.set()
-                    self.close_connection = True
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = start_server(Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
 
     def client(self, **config: Any) -> Any:
         import boto3

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.fake_http import start_server, write_chunked
 
 
 def chunk(content: str | None = None, *, finish: str | None = None, role: str | None = None,
@@ -128,30 +129,14 @@ class FakeUpstream:
                     self.send_header(name, value)
                 self.send_header("transfer-encoding", "chunked")
                 self.end_headers()
-                try:
-                    for item in reply.body:
-                        if isinstance(item, float):
-                            time.sleep(item)
-                            continue
-                        self.wfile.write(b"%x\r\n%s\r\n" % (len(item), item))
-                        self.wfile.flush()
-                    if reply.cut:
-                        self.close_connection = True
-                        return
-                    self.wfile.write(b"0\r\n\r\n")
-                    self.wfile.flush()
-                except (ConnectionError, TimeoutError):
+                if not write_chunked(self, reply.body, cut=reply.cut):
                     fake.aborted.set()
-                    self.close_connection = True
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = start_server(Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
 
     def chat_requests(self) -> list[Any]:
         return [body for path, _, body in self.requests if path == "/v1/chat/completions"]
