@@ -70,6 +70,7 @@ def test_missing_secret_is_a_lambda_init_error(aws: None) -> None:
     with FakeRuntimeAPI([chat_event({"prompt": "x"})]) as api:
         code = run(environ={
             "AWS_LAMBDA_RUNTIME_API": api.address, "STREAMGATE_PROVIDER": "openai",
+            "STREAMGATE_ALLOW_UNAUTHENTICATED": "true",
             "STREAMGATE_UPSTREAM_BASE_URL": "http://127.0.0.1:9/v1",
             "STREAMGATE_UPSTREAM_API_KEY_SECRET": "streamgate/missing"})
     assert code == 1

@@ -129,6 +129,28 @@ def test_init_failure_goes_to_init_error_and_exits_non_zero() -> None:
     assert "STREAMGATE_PROVIDER must be one of" in json.loads(posted.body)["errorMessage"]
 
 
+@pytest.mark.parametrize(
+    ("extra", "refused"),
+    [({}, True), ({"STREAMGATE_AUTH": "none"}, True),
+     ({"STREAMGATE_ALLOW_UNAUTHENTICATED": "true"}, False),
+     ({"AWS_SAM_LOCAL": "true"}, False)],
+)
+def test_lambda_refuses_to_serve_without_auth_unless_told_to(
+    extra: dict[str, str], refused: bool
+) -> None:
+    with FakeRuntimeAPI([chat_event({"prompt": "x"})]) as api:
+        code = run(environ=_env(api, STREAMGATE_PROVIDER="openai",
+                                STREAMGATE_UPSTREAM_BASE_URL="http://127.0.0.1:9/v1",
+                                STREAMGATE_UPSTREAM_MODELS="m", **extra), max_invocations=0)
+    assert code == (1 if refused else 0)
+    if refused:
+        (posted,) = api.posted
+        assert posted.path == "/2018-06-01/runtime/init/error"
+        assert "STREAMGATE_ALLOW_UNAUTHENTICATED=true" in json.loads(posted.body)["errorMessage"]
+    else:
+        assert api.posted == []
+
+
 def test_generation_stops_before_the_deadline_with_an_explicit_error() -> None:
     # GIVEN 1.5 s until the deadline, a 1 s margin and a provider that needs 3 s
     provider = ScriptedProvider([TextDelta("a"), *[s for _ in range(30)

@@ -63,7 +63,9 @@ def _free_port() -> int:
 
 def _start_rie(env_extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     api_port, rie_port = _free_port(), _free_port()
-    env = {**os.environ, "STREAMGATE_PROVIDER": "local", **env_extra}
+    env = {**os.environ, "STREAMGATE_PROVIDER": "local",
+           "STREAMGATE_ALLOW_UNAUTHENTICATED": "true",
+           **env_extra}
     process = subprocess.Popen(
         [_rie_binary(), "--runtime-interface-emulator-address", f"127.0.0.1:{rie_port}",
          "--runtime-api-address", f"127.0.0.1:{api_port}",

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from streamgate.errors import ConfigError
 
 PROVIDERS = ("bedrock", "openai", "local")
+# api_key: Bearer keys checked against the keys table; iam: the Function URL's AWS_IAM auth
+# (requests must carry a signed identity); none: anyone (local development).
+AUTH_MODES = ("api_key", "iam", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +23,14 @@ class Settings:
     """Everything the pipeline and the providers are configured with."""
 
     provider: str = "bedrock"
+    # "none" is the default so local tools and tests need no keys; on Lambda the runtime loop
+    # refuses it unless allow_unauthenticated says so (the template always sets the mode).
+    auth: str = "none"
+    allow_unauthenticated: bool = False
+    keys_table: str = ""  # DynamoDB table of keys, limits and usage (auth "api_key")
+    # How long a key looked up in the table is trusted per container: revoking a key takes
+    # effect within this time.
+    key_cache_ttl_s: float = 10.0
     # Model used when a request names none; empty means "the provider's default".
     default_model: str = ""
     max_body_bytes: int = 1_048_576
@@ -70,6 +81,10 @@ class Settings:
 
 _ENV: dict[str, tuple[str, type]] = {
     "provider": ("STREAMGATE_PROVIDER", str),
+    "auth": ("STREAMGATE_AUTH", str),
+    "allow_unauthenticated": ("STREAMGATE_ALLOW_UNAUTHENTICATED", bool),
+    "keys_table": ("STREAMGATE_KEYS_TABLE", str),
+    "key_cache_ttl_s": ("STREAMGATE_KEY_CACHE_TTL_S", float),
     "default_model": ("STREAMGATE_DEFAULT_MODEL", str),
     "max_body_bytes": ("STREAMGATE_MAX_BODY_BYTES", int),
     "max_prompt_chars": ("STREAMGATE_MAX_PROMPT_CHARS", int),
@@ -107,6 +122,11 @@ _ENV: dict[str, tuple[str, type]] = {
 def _parse(kind: type, raw: str) -> object:
     if kind is tuple:  # a comma-separated list
         return tuple(item.strip() for item in raw.split(",") if item.strip())
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(raw)
+        return lowered in ("true", "1", "yes")
     return kind(raw)
 
 
@@ -148,6 +168,11 @@ def load_settings(
         raise ConfigError(
             f"STREAMGATE_PROVIDER must be one of {', '.join(PROVIDERS)}, got {settings.provider!r}"
         )
+    if settings.auth not in AUTH_MODES:
+        raise ConfigError(
+            f"STREAMGATE_AUTH must be one of {', '.join(AUTH_MODES)}, got {settings.auth!r}")
+    if settings.auth == "api_key" and not settings.keys_table:
+        raise ConfigError("STREAMGATE_AUTH=api_key needs STREAMGATE_KEYS_TABLE (the keys table)")
     if settings.bedrock_guardrail_stream_mode not in ("sync", "async"):
         raise ConfigError("STREAMGATE_BEDROCK_GUARDRAIL_STREAM_MODE must be sync or async")
     if settings.bedrock_max_attempts < 1 or settings.upstream_max_attempts < 1:

@@ -8,7 +8,9 @@ Hierarchy::
 
     StreamgateError                  status, type, code, param; never carries secrets or paths
     ├── ConfigError                  bad server configuration (an init failure on Lambda)
+    ├── AuthenticationError          401 missing, unknown or revoked API key
     ├── PermissionDeniedError        403 the backend refused us access
+    │   └── ModelNotAllowedError     403 the caller's key may not use that model
     ├── RequestError                 400 invalid_request_error
     │   ├── NotFoundError            404 (unknown path, model_not_found)
     │   ├── MethodNotAllowedError    405
@@ -18,11 +20,13 @@ Hierarchy::
     │   ├── UpstreamUnavailableError 503
     │   └── UpstreamTimeoutError     504
     ├── DeadlineExceededError        504 generation stopped before the Lambda deadline
+    ├── ServiceUnavailableError      503 a dependency of ours (the keys table) is down
     └── InternalError                500 a bug; its message never leaks internals
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -63,10 +67,12 @@ class StreamgateError(Exception):
         }
 
     def headers(self) -> dict[str, str]:
-        """Extra response headers the status needs (``Retry-After`` for 429/503)."""
+        """Extra response headers the status needs (``Retry-After`` for 429/503; the OpenAI
+        SDKs also read the exact ``retry-after-ms``)."""
         if self.retry_after is None:
             return {}
-        return {"retry-after": str(max(1, round(self.retry_after)))}
+        return {"retry-after": str(max(1, math.ceil(self.retry_after))),
+                "retry-after-ms": str(max(0, math.ceil(self.retry_after * 1000)))}
 
 
 class ConfigError(StreamgateError):
@@ -81,10 +87,23 @@ class RequestError(StreamgateError):
     type = "invalid_request_error"
 
 
+class AuthenticationError(StreamgateError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"www-authenticate": 'Bearer realm="streamgate"'}
+
+
 class PermissionDeniedError(StreamgateError):
     status = 403
     type = "permission_error"
     code = "permission_denied"
+
+
+class ModelNotAllowedError(PermissionDeniedError):
+    code = "model_not_allowed"
 
 
 class NotFoundError(RequestError):
@@ -135,6 +154,12 @@ class DeadlineExceededError(StreamgateError):
     status = 504
     type = "timeout_error"
     code = "deadline_exceeded"
+
+
+class ServiceUnavailableError(StreamgateError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
 
 
 class InternalError(StreamgateError):

@@ -24,6 +24,9 @@ class HttpRequest:
     # Raw body bytes after base64 decoding; None when the event had no body.
     body: bytes | None = None
     request_id: str = ""
+    # The caller's IAM ARN when AWS_IAM auth signed the request (Function URL or REST API);
+    # "" when nothing authenticated it.
+    principal: str = ""
 
 
 def parse_event(event: Mapping[str, Any]) -> HttpRequest:
@@ -35,6 +38,8 @@ def parse_event(event: Mapping[str, Any]) -> HttpRequest:
         method = context["http"].get("method", "")
         path = event.get("rawPath") or context["http"].get("path") or "/"
         headers = _lower(event.get("headers"))
+        iam = (context.get("authorizer") or {}).get("iam") or {}
+        principal = iam.get("userArn") if isinstance(iam, Mapping) else None
     elif "httpMethod" in event:
         method = event.get("httpMethod") or ""
         path = event.get("path") or "/"
@@ -42,6 +47,8 @@ def parse_event(event: Mapping[str, Any]) -> HttpRequest:
         for name, values in (event.get("multiValueHeaders") or {}).items():
             if isinstance(values, list) and len(values) > 1:
                 headers[name.lower()] = ",".join(str(v) for v in values)
+        identity = context.get("identity") or {}
+        principal = identity.get("userArn") if isinstance(identity, Mapping) else None
     else:
         raise RequestError("Unsupported event: expected a Function URL or API Gateway event")
     return HttpRequest(
@@ -50,6 +57,7 @@ def parse_event(event: Mapping[str, Any]) -> HttpRequest:
         headers=headers,
         body=_body(event),
         request_id=str(context.get("requestId") or ""),
+        principal=str(principal or ""),
     )
 
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Protocol
 
 from streamgate import sse
+from streamgate.auth import Admission, Caller, Gate
 from streamgate.chunks import ChunkBuilder, tool_call_object
 from streamgate.config import Settings, load_settings
 from streamgate.errors import (
@@ -75,6 +77,10 @@ class Outcome:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     chunks: int = 0
+    # What the provider produced (content deltas and their characters), to charge a stream
+    # that ended without usage.
+    deltas: int = 0
+    produced_chars: int = 0
 
 
 @dataclass(slots=True)
@@ -84,20 +90,33 @@ class Response:
     # One item per write: one SSE event each for streams, the whole document otherwise.
     body: Iterator[bytes]
     outcome: Outcome = field(default_factory=Outcome)
+    # Runs once when the response is closed: charges the caller's usage.
+    on_close: Callable[[], None] | None = None
 
     def close(self) -> None:
-        """Stop generation early (the client went away); frees the provider."""
-        close = getattr(self.body, "close", None)
-        if close is not None:
-            close()
+        """Drivers call this when the response is over (written, failed, or the client went
+        away): it stops generation and frees the provider, then records usage."""
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            on_close, self.on_close = self.on_close, None
+            if on_close is not None:
+                try:
+                    on_close()
+                except Exception:
+                    logger.exception("could not settle the request's usage")
 
 
 class App:
     """One configured service: settings plus a provider built on first use."""
 
-    def __init__(self, settings: Settings, provider: Provider | None = None) -> None:
+    def __init__(self, settings: Settings, provider: Provider | None = None, *,
+                 gate: Gate | None = None) -> None:
         self.settings = settings
         self._provider = provider
+        self.gate = gate or Gate(settings)
         self._lock = threading.Lock()
 
     @classmethod
@@ -119,6 +138,8 @@ class App:
     def handle(self, event: Mapping[str, Any], context: LambdaContext | None = None) -> Response:
         """Run one request through the pipeline; see the module docstring for the contract."""
         wants_sse = False
+        outcome = Outcome()
+        admission: Admission | None = None
         try:
             request = parse_event(event)
             allowed = _ROUTES.get(request.path)
@@ -129,27 +150,43 @@ class App:
                     f"Method {request.method} is not allowed on {request.path}; use {allowed}",
                     allow=allowed,
                 )
-            if request.path == MODELS_PATH:
-                return _json(200, self._models())
             if request.path == HEALTH_PATH:
                 return _json(200, {"status": "ok", "provider": self.settings.provider})
+            # Who is calling is settled before the body is even read.
+            caller = self.gate.authenticate(request)
+            if request.path == MODELS_PATH:
+                return _json(200, self._models(caller))
             data = decode_body(request.body, self.settings)
             wants_sse = data.get("stream") is True and _accepts_sse(request)
             chat = parse_request(data, self.settings)
-            return self._chat(chat, _deadline(context, self.settings))
+            model = self._resolve_model(chat)
+            self.gate.authorize(caller, model)
+            if chat.max_tokens is None:
+                chat = replace(chat, max_tokens=self.settings.default_max_tokens)
+            outcome.model = model
+            admission = self.gate.admission(caller, chat, model)
+            admission.take()
+            response = self._chat(chat, model, _deadline(context, self.settings), outcome)
         except Exception as e:
             err = from_exception(e)
             if not isinstance(e, StreamgateError):
                 logger.exception("unhandled error before the first byte")
-            return error_response(err, sse_event=wants_sse)
+            response = error_response(err, sse_event=wants_sse, outcome=outcome)
+        if admission is not None:
+            response.headers.update(admission.headers())
+            if admission.admitted:
+                # Bound to the outcome, not the response: no reference cycle, so an abandoned
+                # response is still closed (and frees the provider) as soon as it is dropped.
+                response.on_close = partial(admission.settle, response.outcome)
+        return response
 
-    def _models(self) -> dict[str, Any]:
+    def _models(self, caller: Caller) -> dict[str, Any]:
         provider = self.provider
         return {
             "object": "list",
             "data": [
                 {"id": m, "object": "model", "created": 0, "owned_by": provider.name}
-                for m in provider.models()
+                for m in self.gate.allowed_models(caller, provider.models())
             ],
         }
 
@@ -165,11 +202,8 @@ class App:
         check_supported(chat, provider.capabilities)
         return model
 
-    def _chat(self, chat: ChatRequest, deadline: float | None) -> Response:
-        model = self._resolve_model(chat)
-        if chat.max_tokens is None:
-            chat = replace(chat, max_tokens=self.settings.default_max_tokens)
-        outcome = Outcome(model=model)
+    def _chat(self, chat: ChatRequest, model: str, deadline: float | None,
+              outcome: Outcome) -> Response:
         builder = ChunkBuilder(model, include_usage=chat.include_usage)
         deltas = self.provider.stream(chat, model)
         try:
@@ -200,6 +234,10 @@ def _observe(
         else:
             if isinstance(delta, Finish):
                 outcome.finish_reason = delta.reason
+            else:
+                outcome.deltas += 1
+                outcome.produced_chars += len(
+                    delta.arguments if isinstance(delta, ToolCallDelta) else delta.text)
             yield delta
         delta = next(deltas, None)
     if outcome.finish_reason is None:
@@ -280,12 +318,15 @@ def _check(deadline: float | None) -> None:
         )
 
 
-def error_response(err: StreamgateError, *, sse_event: bool = False) -> Response:
+def error_response(err: StreamgateError, *, sse_event: bool = False,
+                   outcome: Outcome | None = None) -> Response:
     """An error before the first byte: real status, OpenAI body, as JSON or one SSE event."""
     headers = dict(SSE_HEADERS if sse_event else JSON_HEADERS)
     headers.update(err.headers())
     body = sse.data_event(err.body()) if sse_event else sse.dumps(err.body()).encode("utf-8")
-    return Response(err.status, headers, iter([body]), Outcome(error=err))
+    outcome = outcome or Outcome()
+    outcome.error = err
+    return Response(err.status, headers, iter([body]), outcome)
 
 
 def _json(status: int, doc: Mapping[str, Any]) -> Response:

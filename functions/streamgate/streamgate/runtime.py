@@ -24,6 +24,7 @@ from typing import Any
 
 from streamgate.config import (
     LambdaEnvironment,
+    Settings,
     load_lambda_environment,
     load_settings,
     set_trace_id,
@@ -85,7 +86,7 @@ def run(
     try:
         if app is None:
             try:
-                app = App(load_settings(environ))
+                app = App(_deployable(load_settings(environ), env))
                 _ = app.provider  # build the provider now: its failure is an init error
             except Exception as e:
                 logger.exception("init failed")
@@ -129,6 +130,15 @@ def _invoke(
         logger.exception("could not deliver the response to the Runtime API")
     finally:
         response.close()
+
+
+def _deployable(settings: Settings, env: LambdaEnvironment) -> Settings:
+    """Lambda refuses to serve without auth unless told so explicitly (``sam local``, being
+    local development, is allowed)."""
+    if settings.auth == "none" and not settings.allow_unauthenticated and not env.sam_local:
+        raise ConfigError("STREAMGATE_AUTH=none lets anyone who finds the URL use the model; "
+                          "set STREAMGATE_ALLOW_UNAUTHENTICATED=true if that is intended")
+    return settings
 
 
 def prelude(response: Response) -> dict[str, Any]:
