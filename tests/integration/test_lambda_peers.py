@@ -14,6 +14,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +177,10 @@ def test_template_passes_sam_validate_lint() -> None:
 # (https://docs.aws.amazon.com/service-authorization/latest/reference/).
 IAM_ACTIONS = {"ConverseStream": "bedrock:InvokeModelWithResponseStream",
                "GetSecretValue": "secretsmanager:GetSecretValue",
-               "GetParameter": "ssm:GetParameter"}
+               "GetParameter": "ssm:GetParameter",
+               "GetItem": "dynamodb:GetItem", "UpdateItem": "dynamodb:UpdateItem",
+               # authorised per item it writes; the usage transaction only updates
+               "TransactWriteItems": "dynamodb:UpdateItem"}
 
 
 def _template() -> dict[str, Any]:
@@ -199,7 +203,9 @@ def _granted(policies: list[Any], conditions: set[str]) -> dict[str, Any]:
             continue
         for statement in chosen["Statement"]:
             assert statement["Effect"] == "Allow"
-            granted[statement["Action"]] = statement["Resource"]
+            actions = statement["Action"]
+            for action in [actions] if isinstance(actions, str) else actions:
+                granted[action] = statement["Resource"]
     return granted
 
 
@@ -221,6 +227,7 @@ def _aws_operations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.mark.parametrize(
     ("scenario", "conditions"),
     [("bedrock", {"IsBedrock"}), ("bedrock-guardrail", {"IsBedrock", "HasGuardrail"}),
+     ("bedrock-api-key", {"IsBedrock", "IsApiKey"}),
      ("openai-secret", {"IsOpenAI", "HasKeySecret"}),
      ("openai-parameter", {"IsOpenAI", "HasKeyParameter"})],
 )
@@ -237,8 +244,11 @@ def test_iam_grants_exactly_what_the_provider_calls(
     from tests.fake_bedrock import FakeBedrock, Reply, text_events
     from tests.fake_openai import FakeUpstream, completion_reply
 
+    from streamgate.keystore import KeyStore, table_definition
+
     # GIVEN the provider configured as the template configures it, against fakes
     needed: set[str] = set()
+    headers: dict[str, str] = {}
     with mock_aws(), FakeBedrock([Reply(frames=text_events("ok"))]) as bedrock, \
             FakeUpstream([completion_reply("ok")]) as upstream:
         operations = _aws_operations(monkeypatch)
@@ -249,6 +259,13 @@ def test_iam_grants_exactly_what_the_provider_calls(
             client.meta.events.register("before-call.*.*",
                                         lambda model, **_: operations.append(model.name))
             provider: Any = BedrockProvider(settings, client)
+            if scenario == "bedrock-api-key":
+                store = KeyStore("keys")
+                store.create_table(table_definition(ROOT / "template.yaml"))
+                key, _ = store.create("iam", rpm=10, tpm=10_000, budget=100_000)
+                settings = replace(settings, auth="api_key", keys_table="keys")
+                headers = {"authorization": f"Bearer {key}"}
+                operations.clear()
         else:
             boto3.client("secretsmanager").create_secret(Name="k", SecretString="sk-1")
             boto3.client("ssm").put_parameter(Name="/k", Value="sk-1", Type="SecureString")
@@ -259,10 +276,11 @@ def test_iam_grants_exactly_what_the_provider_calls(
             operations.clear()  # only what the provider itself calls
             provider = create_provider(settings)
         # WHEN it answers a request
-        response = App(settings, provider).handle(chat_event({"model": "m", "prompt": "hi"}
-                                                             if "openai" in scenario
-                                                             else {"prompt": "hi"}))
+        response = App(settings, provider).handle(chat_event(
+            {"model": "m", "prompt": "hi"} if "openai" in scenario else {"prompt": "hi"},
+            headers=headers))
         assert response.status == 200
+        response.close()  # records usage
         if bedrock.requests and "guardrailConfig" in bedrock.requests[0][1]:
             needed.add("bedrock:ApplyGuardrail")
         if hasattr(provider, "close"):
@@ -278,6 +296,8 @@ def test_iam_grants_exactly_what_the_provider_calls(
     assert env["STREAMGATE_BEDROCK_GUARDRAIL_ID"] == {"Ref": "GuardrailId"}
     assert env["STREAMGATE_UPSTREAM_API_KEY_SECRET"] == {"Ref": "UpstreamApiKeySecretArn"}
     assert env["STREAMGATE_UPSTREAM_API_KEY_PARAMETER"] == {"Ref": "UpstreamApiKeyParameterName"}
+    assert env["STREAMGATE_KEYS_TABLE"] == {"Ref": "KeysTable"}
+    assert env["STREAMGATE_AUTH"] == {"Ref": "Auth"}
 
 
 def test_sam_build_packs_only_what_runs_in_lambda(tmp_path: Path) -> None:
