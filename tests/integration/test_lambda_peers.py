@@ -239,12 +239,11 @@ def test_iam_grants_exactly_what_the_provider_calls(
 
     from streamgate.config import load_settings
     from streamgate.handler import App
+    from streamgate.keystore import KeyStore, table_definition
     from streamgate.providers import create_provider
     from streamgate.providers.bedrock import BedrockProvider
     from tests.fake_bedrock import FakeBedrock, Reply, text_events
     from tests.fake_openai import FakeUpstream, completion_reply
-
-    from streamgate.keystore import KeyStore, table_definition
 
     # GIVEN the provider configured as the template configures it, against fakes
     needed: set[str] = set()

@@ -49,6 +49,28 @@ def test_unknown_event_shape_is_a_400() -> None:
         parse_event({"foo": "bar"})
 
 
+def test_iam_identity_is_read_from_both_event_shapes() -> None:
+    arn = "arn:aws:iam::123456789012:user/dev"
+    url_event = load_event("function-url-chat-stream.json")
+    assert parse_event(url_event).principal == ""
+    url_event["requestContext"]["authorizer"] = {"iam": {"userArn": arn, "accessKey": "AKIA"}}
+    assert parse_event(url_event).principal == arn
+    rest_event = load_event("rest-api-prompt.json")
+    assert parse_event(rest_event).principal == ""
+    rest_event["requestContext"]["identity"] = {"userArn": arn, "sourceIp": "1.2.3.4"}
+    assert parse_event(rest_event).principal == arn
+
+
+def test_auth_settings() -> None:
+    assert load_settings({}).auth == "none"
+    settings = load_settings({"STREAMGATE_AUTH": "api_key", "STREAMGATE_KEYS_TABLE": "t",
+                              "STREAMGATE_ALLOW_UNAUTHENTICATED": "TRUE"})
+    assert (settings.auth, settings.keys_table, settings.allow_unauthenticated) == (
+        "api_key", "t", True)
+    assert load_settings({"STREAMGATE_ALLOW_UNAUTHENTICATED": "false"}).allow_unauthenticated \
+        is False
+
+
 def test_settings_precedence_argument_env_default() -> None:
     assert load_settings({}).provider == "bedrock"
     assert load_settings({}, defaults={"STREAMGATE_PROVIDER": "local"}).provider == "local"
@@ -66,6 +88,9 @@ def test_settings_precedence_argument_env_default() -> None:
         ({"STREAMGATE_DEFAULT_MAX_TOKENS": "9000"}, "must not exceed"),
         ({"STREAMGATE_BEDROCK_MAX_ATTEMPTS": "0"}, "MAX_ATTEMPTS must be at least 1"),
         ({"STREAMGATE_BEDROCK_IDLE_TIMEOUT_S": "soon"}, "IDLE_TIMEOUT_S must be float"),
+        ({"STREAMGATE_AUTH": "basic"}, "STREAMGATE_AUTH must be one of api_key, iam, none"),
+        ({"STREAMGATE_AUTH": "api_key"}, "needs STREAMGATE_KEYS_TABLE"),
+        ({"STREAMGATE_ALLOW_UNAUTHENTICATED": "sure"}, "must be bool"),
     ],
 )
 def test_bad_configuration_is_a_clear_config_error(env: dict[str, str], message: str) -> None:

@@ -26,21 +26,21 @@ imported when the table is first used.
 
 from __future__ import annotations
 
-import calendar
 import hashlib
 import hmac
 import logging
 import re
-import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamgate.errors import ConfigError, ServiceUnavailableError
+
+if TYPE_CHECKING:  # only the key tool's paths need these; the request path stays lean
+    from datetime import date
+    from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ MONTH_TTL_S = 100 * 86_400  # after the month ends; the USAGE items keep the rec
 
 
 def generate_key() -> str:
+    import secrets
+
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
@@ -126,6 +128,8 @@ def day_of(now: float) -> str:
 
 
 def next_month_start(now: float) -> float:
+    import calendar
+
     t = time.gmtime(now)
     year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
     return float(calendar.timegm((year, month, 1, 0, 0, 0)))
@@ -182,7 +186,7 @@ class KeyStore:
                 raise ValueError(f"{label} must be at least 1")
         key = generate_key()
         digest = key_digest(key)
-        created = datetime.fromtimestamp(self.clock(), UTC).isoformat(timespec="seconds")
+        created = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(self.clock()))
         record = KeyRecord(id=digest[:16], name=name, prefix=key[:DISPLAY_CHARS],
                            created=created, digest=digest, models=tuple(models), rpm=rpm,
                            tpm=tpm, budget=budget)
