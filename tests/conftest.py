@@ -14,9 +14,10 @@ from streamgate.providers import Provider
 
 
 @contextmanager
-def running_dev_server(app: App, *, max_streams: int = 32) -> Iterator[str]:
+def running_dev_server(app: App, *, max_streams: int = 32,
+                       cors_origins: tuple[str, ...] = ()) -> Iterator[str]:
     """The dev server on 127.0.0.1:<ephemeral>; yields its base URL and always shuts it down."""
-    server = serve("127.0.0.1", 0, app, max_streams=max_streams)
+    server = serve("127.0.0.1", 0, app, max_streams=max_streams, cors_origins=cors_origins)
     try:
         yield f"http://127.0.0.1:{server.server_port}"
     finally:

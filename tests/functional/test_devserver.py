@@ -166,3 +166,42 @@ def test_event_uses_base64_for_binary_bodies_like_function_urls() -> None:
     assert binary["isBase64Encoded"] is True
     assert base64.b64decode(binary["body"]) == b"\x00\xff"
     assert "body" not in build_event("GET", "/v1/models", {}, b"")
+
+
+def test_cors_is_answered_as_the_function_url_would() -> None:
+    allowed, other = "http://localhost:3000", "https://evil.example"
+    with running_dev_server(make_app(), cors_origins=(allowed,)) as url:
+        preflight = requests.options(f"{url}/v1/chat/completions", timeout=10, headers={
+            "origin": allowed, "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type"})
+        answer = requests.post(f"{url}/v1/chat/completions", json={"prompt": "hi"},
+                               headers={"origin": allowed}, timeout=10)
+        refused = requests.options(f"{url}/v1/chat/completions", timeout=10, headers={
+            "origin": other, "access-control-request-method": "POST"})
+        plain = requests.post(f"{url}/v1/chat/completions", json={"prompt": "hi"},
+                              headers={"origin": other}, timeout=10)
+    assert preflight.status_code == 204
+    assert preflight.headers["access-control-allow-origin"] == allowed
+    assert preflight.headers["access-control-allow-methods"] == "POST, GET"
+    assert "authorization" in preflight.headers["access-control-allow-headers"]
+    assert answer.status_code == 200
+    assert answer.headers["access-control-allow-origin"] == allowed
+    assert "x-request-id" in answer.headers["access-control-expose-headers"]
+    # an origin not on the list gets no CORS headers (its preflight falls through to a 405)
+    assert refused.status_code == 405 and "access-control-allow-origin" not in refused.headers
+    assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
+
+
+def test_dev_server_cors_matches_the_template() -> None:
+    from pathlib import Path
+
+    from streamgate import devserver
+    from streamgate.keystore import load_template
+
+    template = load_template(Path(__file__).resolve().parents[2] / "template.yaml")
+    cors = template["Resources"]["StreamgateFunction"]["Properties"]["FunctionUrlConfig"][
+        "Cors"]["Fn::If"][1]
+    assert tuple(cors["AllowMethods"]) == devserver.CORS_ALLOW_METHODS
+    assert tuple(cors["AllowHeaders"]) == devserver.CORS_ALLOW_HEADERS
+    assert tuple(cors["ExposeHeaders"]) == devserver.CORS_EXPOSE_HEADERS
+    assert cors["MaxAge"] == devserver.CORS_MAX_AGE

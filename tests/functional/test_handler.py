@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from streamgate.errors import RateLimitError, UpstreamError
-from streamgate.handler import App
+from streamgate.handler import SECURITY_HEADERS, App
 from streamgate.providers import Finish, TextDelta, Usage
 from tests.helpers import (
     ScriptedProvider,
@@ -43,7 +43,8 @@ def test_stream_event_gives_openai_chunks_then_usage_then_done(name: str) -> Non
     raw = body_bytes(response)
     # THEN the status and SSE headers are right and the chunks follow OpenAI's order
     assert response.status == 200
-    assert response.headers == SSE_HEADERS
+    assert response.headers == {**SSE_HEADERS, **SECURITY_HEADERS,
+                                "x-request-id": "6f1c0e5a-0000-4000-8000-000000000001"}
     chunks = sse_json(raw)
     assert [c["choices"][0]["delta"] for c in chunks[:-1]] == [
         {"role": "assistant", "content": "Hello"}, {"content": ","}, {"content": " world"},
@@ -146,6 +147,48 @@ def test_http_level_errors_have_status_and_openai_body(
     assert json.loads(body_bytes(response))["error"]["message"] == message
     if status == 405:
         assert response.headers["allow"] == "POST"
+
+
+def test_every_response_carries_security_headers_and_a_request_id() -> None:
+    app = make_app()
+    answers = [app.handle(chat_event({"prompt": "hi"})),
+               app.handle(chat_event(None, raw="{oops")),
+               app.handle(chat_event(None, method="GET", path="/nowhere")),
+               app.handle(chat_event(None, method="GET", path="/health"))]
+    assert [r.status for r in answers] == [200, 400, 404, 200]
+    for response in answers:
+        assert {k: response.headers[k] for k in SECURITY_HEADERS} == SECURITY_HEADERS
+        # the event's request id, which the Function URL also logs
+        assert response.headers["x-request-id"] == "6f1c0e5a-0000-4000-8000-000000000001"
+    assert answers[0].headers["cache-control"] == "no-store"
+    # outside any event context a fresh id is made
+    event = chat_event({"prompt": "hi"})
+    del event["requestContext"]["requestId"]
+    ids = {make_app().handle(event).headers["x-request-id"] for _ in range(2)}
+    assert len(ids) == 2 and all(len(i) == 32 for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "message"),
+    [({"messages": [{"role": "user", "content": "hi"}] * 4}, "too_many_messages",
+      "'messages' exceeds the maximum of 3 messages"),
+     ({"messages": [{"role": "user", "content": "x" * 60},
+                    {"role": "user", "content": "y" * 41}]}, "input_too_long",
+      "The input exceeds the maximum of 100 characters across messages and tools"),
+     ({"messages": [{"role": "user", "content": "x"}],
+       "tools": [{"type": "function", "function": {"name": "f", "description": "d" * 100}}]},
+      "input_too_long",
+      "The input exceeds the maximum of 100 characters across messages and tools")],
+    ids=["messages", "characters", "tool-definitions"],
+)
+def test_request_size_caps(body: dict[str, Any], code: str, message: str) -> None:
+    provider = ScriptedProvider()
+    app = make_app(provider, max_messages=3, max_input_chars=100)
+    response = app.handle(chat_event(body, headers={"accept": "application/json"}))
+    assert response.status == 400
+    assert json.loads(body_bytes(response))["error"] == {
+        "message": message, "type": "invalid_request_error", "param": "messages", "code": code}
+    assert provider.requests == []
 
 
 def test_provider_failure_before_first_delta_is_a_real_status_with_retry_after() -> None:

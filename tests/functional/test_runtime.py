@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from streamgate.errors import UpstreamError
-from streamgate.handler import App, LambdaContext, Response
+from streamgate.handler import SECURITY_HEADERS, App, LambdaContext, Response
 from streamgate.providers import Delta, Finish, TextDelta, Usage
 from streamgate.runtime import run
 from streamgate.validation import ChatRequest
@@ -53,7 +53,7 @@ def test_streamed_response_has_streaming_headers_prelude_and_one_event_per_chunk
     prelude, events = _split(posted)
     assert prelude == {"statusCode": 200, "cookies": [], "headers": {
         "content-type": "text/event-stream", "cache-control": "no-cache",
-        "x-accel-buffering": "no"}}
+        "x-accel-buffering": "no", **SECURITY_HEADERS, "x-request-id": "req-1"}}
     assert all(e.startswith(b"data: ") and e.endswith(b"\n\n") and e.count(b"data: ") == 1
                for e in events)
     assert len(events) == 7  # 4 texts, finish, usage, [DONE]

@@ -17,7 +17,6 @@ Limits, per key (see the README for the user-facing account):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -45,7 +44,7 @@ from streamgate.keystore import (
     month_of,
     next_month_start,
 )
-from streamgate.validation import ChatRequest, Image
+from streamgate.validation import ChatRequest, Image, input_chars
 
 if TYPE_CHECKING:
     from streamgate.config import Settings
@@ -250,17 +249,9 @@ class Admission:
 
 
 def estimate_prompt_tokens(chat: ChatRequest) -> int:
-    chars = images = 0
-    for message in chat.messages:
-        chars += len(message.content)
-        images += sum(isinstance(part, Image) for part in message.parts)
-        for call in message.tool_calls:
-            chars += len(call.name) + len(call.arguments)
-    for tool in chat.tools:
-        chars += len(tool.name) + len(tool.description or "")
-        chars += len(json.dumps(tool.parameters)) if tool.parameters else 0
-    return (math.ceil(chars / _CHARS_PER_TOKEN) + _TOKENS_PER_MESSAGE * len(chat.messages)
-            + _TOKENS_PER_IMAGE * images)
+    images = sum(isinstance(part, Image) for message in chat.messages for part in message.parts)
+    return (math.ceil(input_chars(chat.messages, chat.tools) / _CHARS_PER_TOKEN)
+            + _TOKENS_PER_MESSAGE * len(chat.messages) + _TOKENS_PER_IMAGE * images)
 
 
 def _limited(message: str, retry_after: float, code: str) -> RateLimitError:

@@ -35,6 +35,10 @@ class Settings:
     default_model: str = ""
     max_body_bytes: int = 1_048_576
     max_prompt_chars: int = 5_000
+    # Caps on chat requests: how many messages, and how many characters of text in them all
+    # (message text, tool-call arguments and tool definitions).
+    max_messages: int = 500
+    max_input_chars: int = 400_000
     # Used when a request gives no max_tokens; requests asking for more than the cap get a 400.
     default_max_tokens: int = 1_024
     max_tokens_cap: int = 4_096
@@ -88,6 +92,8 @@ _ENV: dict[str, tuple[str, type]] = {
     "default_model": ("STREAMGATE_DEFAULT_MODEL", str),
     "max_body_bytes": ("STREAMGATE_MAX_BODY_BYTES", int),
     "max_prompt_chars": ("STREAMGATE_MAX_PROMPT_CHARS", int),
+    "max_messages": ("STREAMGATE_MAX_MESSAGES", int),
+    "max_input_chars": ("STREAMGATE_MAX_INPUT_CHARS", int),
     "default_max_tokens": ("STREAMGATE_DEFAULT_MAX_TOKENS", int),
     "max_tokens_cap": ("STREAMGATE_MAX_TOKENS_CAP", int),
     "deadline_margin_ms": ("STREAMGATE_DEADLINE_MARGIN_MS", int),

@@ -27,6 +27,15 @@ logger = logging.getLogger(__name__)
 _DRAIN_LIMIT = 6 * 1024 * 1024
 # Content types whose bodies a Function URL passes as text rather than base64.
 _TEXT_TYPES = ("text/", "application/json", "application/x-www-form-urlencoded")
+# CORS as the Function URL answers it in the cloud (template.yaml's FunctionUrlConfig.Cors; a
+# test keeps the two equal). Lambda adds these itself there, so the handler never does.
+CORS_ALLOW_METHODS = ("POST", "GET")
+CORS_ALLOW_HEADERS = ("content-type", "authorization", "accept")
+CORS_EXPOSE_HEADERS = ("retry-after", "retry-after-ms", "x-request-id",
+                       "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
+                       "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens",
+                       "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
+CORS_MAX_AGE = 600
 
 
 def build_event(
@@ -87,10 +96,26 @@ class DevServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], app: App, *, max_streams: int = 32) -> None:
+    def __init__(self, address: tuple[str, int], app: App, *, max_streams: int = 32,
+                 cors_origins: tuple[str, ...] = ()) -> None:
         super().__init__(address, _RequestHandler)
         self.app = app
         self.slots = threading.BoundedSemaphore(max_streams)
+        self.cors_origins = cors_origins
+
+    def cors_headers(self, origin: str | None, *, preflight: bool) -> dict[str, str]:
+        """What the Function URL adds for an allowed ``Origin``; nothing for others."""
+        if not origin or not ("*" in self.cors_origins or origin in self.cors_origins):
+            return {}
+        headers = {"access-control-allow-origin": "*" if "*" in self.cors_origins else origin,
+                   "vary": "origin"}
+        if preflight:
+            headers.update({"access-control-allow-methods": ", ".join(CORS_ALLOW_METHODS),
+                            "access-control-allow-headers": ", ".join(CORS_ALLOW_HEADERS),
+                            "access-control-max-age": str(CORS_MAX_AGE)})
+        else:
+            headers["access-control-expose-headers"] = ", ".join(CORS_EXPOSE_HEADERS)
+        return headers
 
 
 class _RequestHandler(BaseHTTPRequestHandler):
@@ -99,9 +124,21 @@ class _RequestHandler(BaseHTTPRequestHandler):
     server_version = "streamgate-dev"
     # Bounds how long a silent client can hold a thread (reading the request or a stalled write).
     timeout = 60
+    cors: dict[str, str]  # CORS headers for this request's origin, set before any answer
 
     def _serve(self) -> None:
         app = self.server.app
+        origin = self.headers.get("origin")
+        if self.command == "OPTIONS" and self.headers.get("access-control-request-method"):
+            cors = self.server.cors_headers(origin, preflight=True)
+            if cors:  # a preflight the Function URL would answer itself
+                self.send_response(204)
+                for name, value in cors.items():
+                    self.send_header(name, value)
+                self.send_header("content-length", "0")
+                self.end_headers()
+                return
+        self.cors = self.server.cors_headers(origin, preflight=False)
         if not self.server.slots.acquire(blocking=False):
             self.close_connection = True  # the request body is left unread
             err = RateLimitError("The dev server is at its concurrency limit", retry_after=1)
@@ -161,7 +198,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         streaming = response.headers.get("content-type") == "text/event-stream"
         try:
             self.send_response(response.status)
-            for name, value in response.headers.items():
+            for name, value in {**response.headers, **self.cors}.items():
                 self.send_header(name, value)
             if streaming:
                 self.send_header("transfer-encoding", "chunked")
@@ -187,9 +224,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
         logger.info("%s %s", self.address_string(), format % args)
 
 
-def serve(host: str, port: int, app: App, *, max_streams: int = 32) -> DevServer:
+def serve(host: str, port: int, app: App, *, max_streams: int = 32,
+          cors_origins: tuple[str, ...] = ()) -> DevServer:
     """A started server in a background thread; ``shutdown()`` stops it."""
-    server = DevServer((host, port), app, max_streams=max_streams)
+    server = DevServer((host, port), app, max_streams=max_streams, cors_origins=cors_origins)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="devserver",
                      daemon=True).start()
     return server
@@ -201,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--max-streams", type=int, default=32,
                         help="concurrent requests before answering 429 (default 32)")
+    parser.add_argument("--cors-origins", default="",
+                        help="comma-separated origins browsers may call from, or * "
+                             "(default: none, like the template's CorsAllowOrigins)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -209,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     except StreamgateError as e:
         print(f"streamgate: {e.message}", file=sys.stderr)
         return 2
-    server = DevServer((args.host, args.port), app, max_streams=args.max_streams)
+    origins = tuple(o.strip() for o in args.cors_origins.split(",") if o.strip())
+    server = DevServer((args.host, args.port), app, max_streams=args.max_streams,
+                       cors_origins=origins)
     model = app.default_model()
     print(
         f"Streamgate dev server on http://{args.host}:{server.server_port}/v1/chat/completions "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -57,7 +58,14 @@ SSE_HEADERS = {
     "cache-control": "no-cache",
     "x-accel-buffering": "no",
 }
-JSON_HEADERS = {"content-type": "application/json"}
+JSON_HEADERS = {"content-type": "application/json", "cache-control": "no-store"}
+# On every response: nothing here is a page to render, frame, sniff or refer from.
+SECURITY_HEADERS = {
+    "x-content-type-options": "nosniff",
+    "content-security-policy": "default-src 'none'; frame-ancestors 'none'",
+    "referrer-policy": "no-referrer",
+    "strict-transport-security": "max-age=31536000",
+}
 
 
 class LambdaContext(Protocol):
@@ -137,6 +145,12 @@ class App:
 
     def handle(self, event: Mapping[str, Any], context: LambdaContext | None = None) -> Response:
         """Run one request through the pipeline; see the module docstring for the contract."""
+        response = self._handle(event, context)
+        response.headers.update(SECURITY_HEADERS)
+        response.headers["x-request-id"] = _request_id(event, context)
+        return response
+
+    def _handle(self, event: Mapping[str, Any], context: LambdaContext | None) -> Response:
         wants_sse = False
         outcome = Outcome()
         admission: Admission | None = None
@@ -338,6 +352,16 @@ def _accepts_sse(request: HttpRequest) -> bool:
     accept = request.headers.get("accept", "")
     types = {part.split(";", 1)[0].strip().lower() for part in accept.split(",")}
     return "application/json" not in types
+
+
+def _request_id(event: Mapping[str, Any], context: LambdaContext | None) -> str:
+    """Lambda's request id (what its logs carry), else the event's, else a new one."""
+    if context is not None and context.aws_request_id:
+        return context.aws_request_id
+    request_context = event.get("requestContext") if isinstance(event, Mapping) else None
+    if isinstance(request_context, Mapping) and request_context.get("requestId"):
+        return str(request_context["requestId"])[:128]
+    return uuid.uuid4().hex
 
 
 def _deadline(context: LambdaContext | None, settings: Settings) -> float | None:

@@ -349,6 +349,13 @@ class KeyStore:
 def table_definition(template: Path) -> dict[str, Any]:
     """The keys table's properties as ``template.yaml`` declares them, so tests and
     ``keys init`` create exactly the table a deployed stack has."""
+    properties: dict[str, Any] = load_template(template)["Resources"]["KeysTable"]["Properties"]
+    return properties
+
+
+def load_template(template: Path) -> dict[str, Any]:
+    """A CloudFormation template as data; ``!Ref x`` becomes ``{"Ref": x}``, ``!Sub`` becomes
+    ``{"Fn::Sub": ...}`` and so on, as CloudFormation's JSON form has them."""
     import yaml
 
     class _Loader(yaml.SafeLoader):
@@ -365,9 +372,8 @@ def table_definition(template: Path) -> dict[str, Any]:
         return {"Ref" if suffix == "Ref" else f"Fn::{suffix}": value}
 
     _Loader.add_multi_constructor("!", _tag)
-    doc = yaml.load(template.read_text(), Loader=_Loader)  # noqa: S506 - SafeLoader subclass
-    properties: dict[str, Any] = doc["Resources"]["KeysTable"]["Properties"]
-    return properties
+    doc: dict[str, Any] = yaml.load(template.read_text(), Loader=_Loader)  # noqa: S506
+    return doc
 
 
 def build_client() -> Any:

@@ -13,7 +13,7 @@ import base64
 import binascii
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +109,19 @@ def decode_body(body: bytes | None, settings: Settings) -> dict[str, Any]:
     return data
 
 
+def input_chars(messages: Sequence[Message], tools: Sequence[Tool]) -> int:
+    """Characters of text a request sends the model (images not included)."""
+    chars = 0
+    for message in messages:
+        chars += len(message.content)
+        for call in message.tool_calls:
+            chars += len(call.name) + len(call.arguments)
+    for tool in tools:
+        chars += len(tool.name) + len(tool.description or "")
+        chars += len(json.dumps(tool.parameters)) if tool.parameters else 0
+    return chars
+
+
 def _reject_constant(name: str) -> None:
     # NaN / Infinity are not JSON; Python accepts them unless told otherwise.
     raise ValueError(f"invalid JSON constant {name}")
@@ -123,6 +136,9 @@ def parse_request(data: Mapping[str, Any], settings: Settings) -> ChatRequest:
     if prompt is not None:
         parsed: tuple[Message, ...] = (Message("user", _prompt(prompt, settings)),)
     elif messages is not None:
+        if isinstance(messages, list) and len(messages) > settings.max_messages:
+            raise RequestError(f"'messages' exceeds the maximum of {settings.max_messages} "
+                               "messages", param="messages", code="too_many_messages")
         parsed = _messages(messages)
     else:
         raise RequestError("'messages' is required (or 'prompt' for the short form)",
@@ -145,6 +161,10 @@ def parse_request(data: Mapping[str, Any], settings: Settings) -> ChatRequest:
     top_p = _number(data, "top_p", 0.0, 1.0)
     tools = _tools(data.get("tools"))
     tool_choice, tool_choice_name = _tool_choice(data.get("tool_choice"), tools)
+    if input_chars(parsed, tools) > settings.max_input_chars:
+        raise RequestError(f"The input exceeds the maximum of {settings.max_input_chars} "
+                           "characters across messages and tools", param="messages",
+                           code="input_too_long")
     return ChatRequest(
         model=_model(data),
         messages=parsed,
