@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FUNCTION = ROOT / "functions" / "streamgate"
 BOOTSTRAP = FUNCTION / "bootstrap"
 ENV = {**os.environ, "STREAMGATE_PROVIDER": "bedrock", "AWS_REGION": "us-east-1",
+       "STREAMGATE_ALLOW_UNAUTHENTICATED": "true",
        "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
        "PYTHONDONTWRITEBYTECODE": "1"}
 

@@ -127,6 +127,7 @@ def test_key_lifecycle_through_the_key_tool(store: KeyStore, clock: Clock,
     app = _app(store, clock)
     response, raw = _call(app, key)
     assert response.status == 200 and raw.endswith(b"data: [DONE]\n\n")
+    capsys.readouterr()  # the request's log and metrics
     assert keys_main(["--table", TABLE, "show", key, "--json"], store=store) == 0
     shown = json.loads(capsys.readouterr().out)
     assert (shown["id"], shown["budget_used"]) == (key_id, 9)  # 5 prompt + 4 completion
@@ -148,6 +149,7 @@ def test_usage_command_reports_days_and_models(store: KeyStore, clock: Clock,
     _call(app, key, {"model": "scripted-2", "prompt": "hi"})
     clock.now += 86_400
     _call(app, key)
+    capsys.readouterr()  # the requests' logs and metrics
     assert keys_main(["--table", TABLE, "usage", record.id, "--since", "2026-11-01",
                       "--until", "2026-11-30", "--json"], store=store) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -500,3 +502,16 @@ def test_the_harness_catches_a_read_then_write_race(store: KeyStore,
     for w in workers:
         w.join(timeout=60)
     assert len(admitted) > 5
+
+
+def test_logs_name_the_key_id_never_the_key(store: KeyStore, clock: Clock,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    key, record = store.create("logged")
+    capsys.readouterr()
+    _call(_app(store, clock), key)
+    _call(_app(store, clock), "sgk_" + "Z" * 43)
+    out = capsys.readouterr().out
+    logs = [json.loads(line) for line in out.splitlines() if '"message":"request"' in line]
+    assert [(log["status"], log.get("key_id")) for log in logs] == [(200, record.id),
+                                                                    (401, None)]
+    assert key not in out and key[4:] not in out and "Z" * 43 not in out

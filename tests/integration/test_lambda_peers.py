@@ -308,6 +308,17 @@ def test_sam_build_packs_only_what_runs_in_lambda(tmp_path: Path) -> None:
     assert os.stat(artefact / "bootstrap").st_mode & 0o777 == 0o755
     assert not [f for f in files if "devserver" in f or "llama" in f or "gemma" in f
                 or f.startswith("tests") or "__pycache__" in f]
+    # Installed with --no-deps: every requirement of every packed distribution is packed too,
+    # except botocore, which the runtime provides.
+    import re
+    packed = {re.sub(r"[-_.]+", "-", p.name.split("-")[0]).lower()
+              for p in artefact.glob("*.dist-info")}
+    assert {"aws-lambda-powertools", "aws-xray-sdk", "wrapt"} <= packed
+    for metadata in artefact.glob("*.dist-info/METADATA"):
+        for line in metadata.read_text().splitlines():
+            if line.startswith("Requires-Dist:") and "extra ==" not in line:
+                name = re.split(r"[ ;<>=!~\[(]", line.split(":", 1)[1].strip())[0]
+                assert re.sub(r"[-_.]+", "-", name).lower() in packed | {"botocore"}, line
     # The zip keeps the run bit, as `sam deploy` packs it.
     archive = tmp_path / "function.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -332,3 +343,31 @@ def test_packaging_fetches_cp313_aarch64_wheels(tmp_path: Path) -> None:
     assert natives and all("cpython-313-aarch64-linux-gnu" in n for n in natives), natives
     wheel = next((tmp_path / "out").glob("[Mm]arkup[Ss]afe-*.dist-info")) / "WHEEL"
     assert "manylinux" in wheel.read_text() and "aarch64" in wheel.read_text()
+
+
+def test_dashboard_and_alarms_use_the_metrics_the_function_writes() -> None:
+    import re
+
+    from streamgate.keystore import load_template
+
+    resources = load_template(ROOT / "template.yaml")["Resources"]
+    template, names = resources["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    body = json.loads(template.replace("${AWS::Region}", "us-east-1").replace(
+        "${ErrorAlarm}", "arn:e").replace("${ThrottlesAlarm}", "arn:t"))
+    assert set(names) == {"ErrorAlarm", "ThrottlesAlarm"}
+    telemetry = (ROOT / "functions/streamgate/streamgate/telemetry.py").read_text()
+    written = set(re.findall(r'add_metric\("(\w+)"', telemetry)) | set(
+        re.findall(r'single_metric\(name="(\w+)"', telemetry))
+    shown: set[str] = set()
+    for widget in body["widgets"]:
+        for row in widget["properties"].get("metrics", []):
+            if isinstance(row[0], dict):  # a SEARCH expression
+                shown |= set(re.findall(r'MetricName=\\?"(\w+)', row[0]["expression"]))
+            elif row[0] == "Streamgate":
+                shown.add(row[1])
+    # every metric the function writes is on the dashboard, and nothing else
+    assert shown == written
+    error_rate = resources["ErrorRateAlarm"]["Properties"]["Metrics"]
+    alarmed = {m["MetricStat"]["Metric"]["MetricName"] for m in error_rate if "MetricStat" in m}
+    alarmed.add(resources["ThrottleAlarm"]["Properties"]["MetricName"])
+    assert alarmed == {"Errors", "Requests", "Throttles"} <= written

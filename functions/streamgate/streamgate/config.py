@@ -44,6 +44,12 @@ class Settings:
     max_tokens_cap: int = 4_096
     # Generation stops this long before the Lambda deadline so the stream can end cleanly.
     deadline_margin_ms: int = 3_000
+    # Telemetry: EMF metrics on stdout, their namespace, X-Ray subsegments for provider calls,
+    # and (for debugging only) prompt and completion text in the request log.
+    metrics: bool = True
+    metrics_namespace: str = "Streamgate"
+    tracing: bool = False
+    log_content: bool = False
     # Local (embedded) model.
     local_model_path: str = ""
     local_threads: int = 0  # 0 = all available cores
@@ -97,6 +103,10 @@ _ENV: dict[str, tuple[str, type]] = {
     "default_max_tokens": ("STREAMGATE_DEFAULT_MAX_TOKENS", int),
     "max_tokens_cap": ("STREAMGATE_MAX_TOKENS_CAP", int),
     "deadline_margin_ms": ("STREAMGATE_DEADLINE_MARGIN_MS", int),
+    "metrics": ("STREAMGATE_METRICS", bool),
+    "metrics_namespace": ("STREAMGATE_METRICS_NAMESPACE", str),
+    "tracing": ("STREAMGATE_TRACING", bool),
+    "log_content": ("STREAMGATE_LOG_CONTENT", bool),
     "local_model_path": ("STREAMGATE_LOCAL_MODEL_PATH", str),
     "local_threads": ("STREAMGATE_LOCAL_THREADS", int),
     "local_context_tokens": ("STREAMGATE_LOCAL_CONTEXT_TOKENS", int),

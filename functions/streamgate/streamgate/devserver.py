@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        app = App.from_env(defaults={"STREAMGATE_PROVIDER": "local"})
+        # EMF metrics are for CloudWatch; locally they would only bury the request log.
+        app = App.from_env(defaults={"STREAMGATE_PROVIDER": "local", "STREAMGATE_METRICS": "false"})
         provider = app.provider  # load the model now, not on the first request
     except StreamgateError as e:
         print(f"streamgate: {e.message}", file=sys.stderr)

@@ -44,6 +44,7 @@ from streamgate.providers import (
     Usage,
 )
 from streamgate.providers import create_provider as _create_provider
+from streamgate.telemetry import Telemetry
 from streamgate.validation import ChatRequest, check_supported, decode_body, parse_request
 
 logger = logging.getLogger(__name__)
@@ -78,8 +79,20 @@ class LambdaContext(Protocol):
 
 @dataclass(slots=True)
 class Outcome:
-    """What happened to one request, filled in while the body streams."""
+    """What happened to one request, filled in while the body streams; telemetry reads it when
+    the response is closed."""
 
+    request_id: str = ""
+    method: str = ""
+    path: str = ""
+    stream: bool = False
+    caller: str = ""  # key id or IAM ARN, never a key
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    trace: Any = None  # the provider call's X-Ray subsegment, when tracing
+    # Only with STREAMGATE_LOG_CONTENT (debugging): the text in and out.
+    prompt_text: str | None = None
+    completion_text: list[str] = field(default_factory=list)
     model: str | None = None
     error: StreamgateError | None = None
     finish_reason: FinishReason | None = None
@@ -125,6 +138,7 @@ class App:
         self.settings = settings
         self._provider = provider
         self.gate = gate or Gate(settings)
+        self.telemetry = Telemetry(settings)
         self._lock = threading.Lock()
 
     @classmethod
@@ -145,17 +159,31 @@ class App:
 
     def handle(self, event: Mapping[str, Any], context: LambdaContext | None = None) -> Response:
         """Run one request through the pipeline; see the module docstring for the contract."""
-        response = self._handle(event, context)
+        outcome = Outcome(request_id=_request_id(event, context))
+        response, admission = self._handle(event, context, outcome)
         response.headers.update(SECURITY_HEADERS)
-        response.headers["x-request-id"] = _request_id(event, context)
+        response.headers["x-request-id"] = outcome.request_id
+        # Bound to the outcome, not the response: no reference cycle, so an abandoned response
+        # is still closed (freeing the provider) as soon as it is dropped.
+        response.on_close = partial(self._closed, response.status, response.outcome, admission)
         return response
 
-    def _handle(self, event: Mapping[str, Any], context: LambdaContext | None) -> Response:
+    def _closed(self, status: int, outcome: Outcome, admission: Admission | None) -> None:
+        """The request is over: charge its usage, end its trace, log and count it."""
+        try:
+            if admission is not None:
+                admission.settle(outcome)
+        finally:
+            self.telemetry.end_provider_call(outcome.trace, outcome)
+            self.telemetry.finish(status, outcome)
+
+    def _handle(self, event: Mapping[str, Any], context: LambdaContext | None,
+                outcome: Outcome) -> tuple[Response, Admission | None]:
         wants_sse = False
-        outcome = Outcome()
         admission: Admission | None = None
         try:
             request = parse_event(event)
+            outcome.method, outcome.path = request.method, request.path
             allowed = _ROUTES.get(request.path)
             if allowed is None:
                 raise NotFoundError(f"Unknown path {request.path!r}; try POST {CHAT_PATH}")
@@ -165,14 +193,19 @@ class App:
                     allow=allowed,
                 )
             if request.path == HEALTH_PATH:
-                return _json(200, {"status": "ok", "provider": self.settings.provider})
+                return _json(200, {"status": "ok", "provider": self.settings.provider},
+                             outcome), None
             # Who is calling is settled before the body is even read.
             caller = self.gate.authenticate(request)
+            outcome.caller = caller.key.id if caller.key is not None else caller.principal
             if request.path == MODELS_PATH:
-                return _json(200, self._models(caller))
+                return _json(200, self._models(caller), outcome), None
             data = decode_body(request.body, self.settings)
             wants_sse = data.get("stream") is True and _accepts_sse(request)
             chat = parse_request(data, self.settings)
+            outcome.stream = chat.stream
+            if self.settings.log_content:
+                outcome.prompt_text = "\n".join(m.content for m in chat.messages)
             model = self._resolve_model(chat)
             self.gate.authorize(caller, model)
             if chat.max_tokens is None:
@@ -188,11 +221,7 @@ class App:
             response = error_response(err, sse_event=wants_sse, outcome=outcome)
         if admission is not None:
             response.headers.update(admission.headers())
-            if admission.admitted:
-                # Bound to the outcome, not the response: no reference cycle, so an abandoned
-                # response is still closed (and frees the provider) as soon as it is dropped.
-                response.on_close = partial(admission.settle, response.outcome)
-        return response
+        return response, admission
 
     def _models(self, caller: Caller) -> dict[str, Any]:
         provider = self.provider
@@ -219,6 +248,7 @@ class App:
     def _chat(self, chat: ChatRequest, model: str, deadline: float | None,
               outcome: Outcome) -> Response:
         builder = ChunkBuilder(model, include_usage=chat.include_usage)
+        outcome.trace = self.telemetry.begin_provider_call(model)
         deltas = self.provider.stream(chat, model)
         try:
             # Read the first delta before committing the status: a provider that fails here
@@ -240,6 +270,7 @@ def _observe(
 ) -> Iterator[TextDelta | ReasoningDelta | ToolCallDelta | Finish]:
     """The provider's deltas with the checks both response kinds share: the deadline before
     each one, finish reason and usage recorded in ``outcome``, and a finish reason required."""
+    log_content = outcome.prompt_text is not None  # set only when content is logged
     delta = first
     while delta is not None:
         _check(deadline)
@@ -249,9 +280,13 @@ def _observe(
             if isinstance(delta, Finish):
                 outcome.finish_reason = delta.reason
             else:
+                if outcome.first_token_at is None:
+                    outcome.first_token_at = time.monotonic()
+                text = delta.arguments if isinstance(delta, ToolCallDelta) else delta.text
                 outcome.deltas += 1
-                outcome.produced_chars += len(
-                    delta.arguments if isinstance(delta, ToolCallDelta) else delta.text)
+                outcome.produced_chars += len(text)
+                if log_content:
+                    outcome.completion_text.append(text)
             yield delta
         delta = next(deltas, None)
     if outcome.finish_reason is None:
@@ -343,8 +378,9 @@ def error_response(err: StreamgateError, *, sse_event: bool = False,
     return Response(err.status, headers, iter([body]), outcome)
 
 
-def _json(status: int, doc: Mapping[str, Any]) -> Response:
-    return Response(status, dict(JSON_HEADERS), iter([sse.dumps(doc).encode("utf-8")]))
+def _json(status: int, doc: Mapping[str, Any], outcome: Outcome) -> Response:
+    return Response(status, dict(JSON_HEADERS), iter([sse.dumps(doc).encode("utf-8")]),
+                    outcome)
 
 
 def _accepts_sse(request: HttpRequest) -> bool:

@@ -1,0 +1,203 @@
+"""Per-request logs, metrics and traces, with Powertools for AWS Lambda.
+
+Each request ends with exactly one structured JSON log record (``"message": "request"``) and
+one set of CloudWatch metrics in Embedded Metric Format, both written to stdout when the
+response is closed: after its last byte, an error, the deadline, or the client going away. So
+the failure paths are recorded like the rest. Prompt and completion text are never logged unless
+``STREAMGATE_LOG_CONTENT`` says so.
+
+Metrics (namespace ``Streamgate``, dimension ``service``): ``Requests``, ``Duration``,
+``TimeToFirstToken``, ``TokensPerSecond``, ``InputTokens``, ``OutputTokens``, ``Errors``,
+``Throttles``, ``Disconnects``; and, in blobs of their own, ``Responses`` by ``Status`` (what the
+client saw) and ``ErrorsByType`` by ``ErrorType``.
+
+With ``STREAMGATE_TRACING`` the provider call is an X-Ray subsegment (``provider``) of the
+invocation's trace; the X-Ray SDK is imported only then.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+import threading
+import time
+from typing import IO, TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from streamgate.config import Settings
+    from streamgate.handler import Outcome
+
+SERVICE = "streamgate"
+_lock = threading.Lock()  # Powertools keeps one metric set per process: one request at a time
+_logger: Any = None
+
+
+class _Stdout(io.TextIOBase):
+    """``sys.stdout`` looked up at each write: Lambda ships stdout to CloudWatch, and a test's
+    capture of it sees what CloudWatch would."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+def logger() -> Any:
+    """The Powertools logger, the ``streamgate`` logger of the logging tree: every module's
+    ``logging.getLogger(__name__)`` writes through it as JSON."""
+    global _logger
+    if _logger is None:
+        with _lock:
+            if _logger is None:
+                from aws_lambda_powertools import Logger
+
+                _logger = Logger(service=SERVICE, stream=cast("IO[str]", _Stdout()))
+                _logger.append_keys(name="%(name)s")  # which module logged it
+    return _logger
+
+
+class Telemetry:
+    def __init__(self, settings: Settings) -> None:
+        self.provider = settings.provider
+        self.namespace = settings.metrics_namespace
+        self.metrics_enabled = settings.metrics
+        self.log_content = settings.log_content
+        self.tracing = settings.tracing
+        self._log = logger()
+        self._metrics: Any = None
+        self._recorder: Any = None
+
+    # -- tracing ---------------------------------------------------------------------------
+
+    def begin_provider_call(self, model: str) -> Any:
+        """An X-Ray subsegment for the provider call, or None without tracing."""
+        if not self.tracing:
+            return None
+        recorder = self._xray()
+        try:
+            # A remote call for Bedrock and upstreams; the embedded model runs in-process.
+            subsegment = recorder.begin_subsegment(
+                "provider", namespace="local" if self.provider == "local" else "remote")
+        except Exception:  # noqa: BLE001 - tracing must never fail a request
+            logging.getLogger(__name__).warning("could not start the X-Ray subsegment",
+                                                exc_info=True)
+            return None
+        if subsegment is not None:
+            subsegment.put_annotation("provider", self.provider)
+            subsegment.put_annotation("model", model)
+        return subsegment
+
+    def end_provider_call(self, subsegment: Any, outcome: Outcome) -> None:
+        if subsegment is None:
+            return
+        try:
+            if outcome.finish_reason is not None:
+                subsegment.put_annotation("finish_reason", outcome.finish_reason)
+            if outcome.usage is not None:
+                subsegment.put_metadata("usage", {
+                    "prompt_tokens": outcome.usage.prompt_tokens,
+                    "completion_tokens": outcome.usage.completion_tokens})
+            if outcome.error is not None:
+                subsegment.put_annotation("error_code", outcome.error.code or "")
+                if outcome.error.status >= 500:
+                    subsegment.add_fault_flag()
+                else:
+                    subsegment.add_error_flag()
+                if outcome.error.status == 429:
+                    subsegment.add_throttle_flag()
+            self._xray().end_subsegment()
+        except Exception:  # noqa: BLE001
+            logging.getLogger(__name__).warning("could not end the X-Ray subsegment",
+                                                exc_info=True)
+
+    def _xray(self) -> Any:
+        if self._recorder is None:
+            from aws_xray_sdk.core import xray_recorder
+
+            self._recorder = xray_recorder
+        return self._recorder
+
+    # -- the record of one request ---------------------------------------------------------
+
+    def finish(self, status: int, outcome: Outcome) -> None:
+        """Log and count one finished request. Never raises."""
+        try:
+            self._finish(status, outcome)
+        except Exception:  # noqa: BLE001
+            logging.getLogger(__name__).exception("could not record the request's telemetry")
+
+    def _finish(self, status: int, outcome: Outcome) -> None:
+        ended = time.monotonic()
+        duration_ms = (ended - outcome.started) * 1000
+        ttft_ms = (None if outcome.first_token_at is None
+                   else (outcome.first_token_at - outcome.started) * 1000)
+        err = outcome.error
+        # A 200 that ended with neither a finish reason nor an error: the client left.
+        disconnected = (outcome.model is not None and status == 200 and err is None
+                        and outcome.finish_reason is None)
+        record: dict[str, Any] = {
+            "request_id": outcome.request_id, "method": outcome.method, "path": outcome.path,
+            "status": status, "key_id": outcome.caller or None, "provider": self.provider,
+            "model": outcome.model, "stream": outcome.stream,
+            "ttft_ms": None if ttft_ms is None else round(ttft_ms, 1),
+            "duration_ms": round(duration_ms, 1),
+            "prompt_tokens": outcome.usage.prompt_tokens if outcome.usage else None,
+            "completion_tokens": outcome.usage.completion_tokens if outcome.usage else None,
+            "finish_reason": outcome.finish_reason,
+            "error_type": err.type if err else None, "error_code": err.code if err else None,
+            "disconnected": disconnected,
+        }
+        if self.log_content:
+            record["prompt"] = outcome.prompt_text
+            record["completion"] = "".join(outcome.completion_text)
+        level = logging.ERROR if status >= 500 or (err is not None and err.status >= 500) \
+            else logging.INFO
+        self._log.log(level, "request", extra=record)
+        if self.metrics_enabled:
+            self._count(status, outcome, duration_ms, ttft_ms, ended, disconnected)
+
+    def _count(self, status: int, outcome: Outcome, duration_ms: float, ttft_ms: float | None,
+               ended: float, disconnected: bool) -> None:
+        from aws_lambda_powertools import Metrics, single_metric
+        from aws_lambda_powertools.metrics import MetricUnit
+
+        err = outcome.error
+        throttled = status == 429 or (err is not None and err.status == 429)
+        with _lock:
+            if self._metrics is None:
+                self._metrics = Metrics(namespace=self.namespace, service=SERVICE)
+            metrics = self._metrics
+            metrics.add_metric("Requests", MetricUnit.Count, 1)
+            metrics.add_metric("Duration", MetricUnit.Milliseconds, duration_ms)
+            metrics.add_metric("Errors", MetricUnit.Count, 0 if err is None else 1)
+            metrics.add_metric("Throttles", MetricUnit.Count, 1 if throttled else 0)
+            metrics.add_metric("Disconnects", MetricUnit.Count, 1 if disconnected else 0)
+            if ttft_ms is not None:
+                metrics.add_metric("TimeToFirstToken", MetricUnit.Milliseconds, ttft_ms)
+            usage = outcome.usage
+            if usage is not None:
+                metrics.add_metric("InputTokens", MetricUnit.Count, usage.prompt_tokens)
+                metrics.add_metric("OutputTokens", MetricUnit.Count, usage.completion_tokens)
+                if outcome.first_token_at is not None and usage.completion_tokens > 0:
+                    generating = ended - outcome.first_token_at
+                    if generating > 0:
+                        metrics.add_metric("TokensPerSecond", MetricUnit.CountPerSecond,
+                                           usage.completion_tokens / generating)
+            metrics.add_metadata("request_id", outcome.request_id)
+            metrics.add_metadata("provider", self.provider)
+            if outcome.model:
+                metrics.add_metadata("model", outcome.model)
+            metrics.flush_metrics()
+            metrics.clear_metrics()  # also when POWERTOOLS_METRICS_DISABLED skipped the flush
+            dimensions = {"service": SERVICE}
+            with single_metric(name="Responses", unit=MetricUnit.Count, value=1,
+                               namespace=self.namespace,
+                               default_dimensions=dimensions) as responses:
+                responses.add_dimension("Status", str(status))
+            if err is not None:
+                with single_metric(name="ErrorsByType", unit=MetricUnit.Count, value=1,
+                                   namespace=self.namespace,
+                                   default_dimensions=dimensions) as errors:
+                    errors.add_dimension("ErrorType", err.code or err.type)

@@ -1,0 +1,213 @@
+"""One JSON log record and one set of EMF metrics per request, on stdout as CloudWatch gets
+them, for success and for every failure path."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from streamgate.errors import RateLimitError, UpstreamError
+from streamgate.handler import App
+from streamgate.providers import Finish, TextDelta, Usage
+from tests.helpers import ScriptedProvider, body_bytes, chat_event, make_app
+
+
+class Emitted:
+    def __init__(self, out: str) -> None:
+        docs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        self.logs = [d for d in docs if d.get("message") == "request"]
+        self.emf = [d for d in docs if "_aws" in d]
+        self.raw = out
+
+    @property
+    def log(self) -> dict[str, Any]:
+        (record,) = self.logs
+        return record
+
+    def metrics(self) -> dict[str, Any]:
+        """The request's main metric blob: metric name -> value."""
+        (blob,) = [d for d in self.emf if "Requests" in d]
+        directive = blob["_aws"]["CloudWatchMetrics"][0]
+        assert directive["Namespace"] == "Streamgate"
+        assert directive["Dimensions"] == [["service"]]
+        values = {m["Name"]: blob[m["Name"]] for m in directive["Metrics"]}
+        return {name: v[0] if isinstance(v, list) and len(v) == 1 else v
+                for name, v in values.items()}
+
+    def dimensioned(self, name: str) -> list[dict[str, Any]]:
+        return [{k: v for k, v in d.items() if k not in ("_aws", name)} for d in self.emf
+                if name in d]
+
+
+def _run(capsys: pytest.CaptureFixture[str], app: App, body: Any = None, *,
+         read: int | None = None, context: Any = None) -> Emitted:
+    capsys.readouterr()
+    response = app.handle(chat_event({"prompt": "hi", "stream": True} if body is None
+                                     else body), context)
+    if read is None:
+        body_bytes(response)
+    else:
+        for _ in range(read):
+            next(response.body)
+    response.close()
+    return Emitted(capsys.readouterr().out)
+
+
+def test_a_stream_is_logged_and_counted_without_its_text(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = _run(capsys, make_app())
+    log = out.log
+    assert log["level"] == "INFO" and log["service"] == "streamgate"
+    assert {k: log.get(k) for k in ("request_id", "method", "path", "status", "provider", "model",
+                                "stream", "prompt_tokens", "completion_tokens",
+                                "finish_reason", "error_type", "error_code", "key_id",
+                                "disconnected")} == {
+        "request_id": "6f1c0e5a-0000-4000-8000-000000000001", "method": "POST",
+        "path": "/v1/chat/completions", "status": 200, "provider": "local",
+        "model": "scripted-1", "stream": True, "prompt_tokens": 5, "completion_tokens": 4,
+        "finish_reason": "stop", "error_type": None, "error_code": None, "key_id": None,
+        "disconnected": False}
+    assert 0 <= log["ttft_ms"] <= log["duration_ms"]
+    metrics = out.metrics()
+    assert {k: metrics[k] for k in ("Requests", "InputTokens", "OutputTokens", "Errors",
+                                    "Throttles", "Disconnects")} == {
+        "Requests": 1.0, "InputTokens": 5.0, "OutputTokens": 4.0, "Errors": 0.0,
+        "Throttles": 0.0, "Disconnects": 0.0}
+    assert metrics["TimeToFirstToken"] >= 0 and metrics["TokensPerSecond"] > 0
+    assert out.dimensioned("Responses") == [{"service": "streamgate", "Status": "200"}]
+    assert out.dimensioned("ErrorsByType") == []
+    # neither the prompt nor the completion is written anywhere
+    assert "Hello" not in out.raw and '"hi"' not in out.raw
+
+
+def test_content_is_logged_only_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    log = _run(capsys, make_app(log_content=True)).log
+    assert (log["prompt"], log["completion"]) == ("hi", "Hello, world!")
+
+
+def test_a_stream_that_fails_mid_way_is_logged_as_an_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    provider = ScriptedProvider([TextDelta("partial"), UpstreamError("model crashed")])
+    out = _run(capsys, make_app(provider))
+    assert (out.log["level"], out.log["status"], out.log["error_code"]) == (
+        "ERROR", 200, "upstream_error")
+    assert out.metrics()["Errors"] == 1.0
+    assert out.dimensioned("ErrorsByType") == [{"service": "streamgate",
+                                                "ErrorType": "upstream_error"}]
+    assert out.dimensioned("Responses") == [{"service": "streamgate", "Status": "200"}]
+
+
+def test_the_deadline_is_logged_and_counted(capsys: pytest.CaptureFixture[str]) -> None:
+    class Context:
+        aws_request_id = "lambda-req-9"
+
+        def get_remaining_time_in_millis(self) -> int:
+            return 200
+
+    provider = ScriptedProvider([TextDelta("slow"), 0.4, TextDelta("er"), Finish("stop"),
+                                 Usage(1, 2)])
+    out = _run(capsys, make_app(provider, deadline_margin_ms=0), context=Context())
+    assert (out.log["request_id"], out.log["error_code"]) == ("lambda-req-9", "deadline_exceeded")
+    assert out.dimensioned("ErrorsByType")[0]["ErrorType"] == "deadline_exceeded"
+
+
+def test_throttles_and_refusals_are_counted_by_status(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    throttled = _run(capsys, make_app(ScriptedProvider([RateLimitError("slow down",
+                                                                       retry_after=2)])))
+    assert (throttled.log["status"], throttled.metrics()["Throttles"]) == (429, 1.0)
+    assert throttled.dimensioned("Responses")[0]["Status"] == "429"
+    bad = _run(capsys, make_app(), {"messages": "nope"})
+    assert (bad.log["status"], bad.log["error_type"], bad.log["level"]) == (
+        400, "invalid_request_error", "INFO")
+    assert bad.dimensioned("ErrorsByType")[0]["ErrorType"] == "invalid_request_error"
+    assert "TimeToFirstToken" not in bad.metrics()
+
+
+def test_a_client_that_leaves_is_counted_as_a_disconnect(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = _run(capsys, make_app(), read=1)
+    assert out.log["disconnected"] is True and "finish_reason" not in out.log
+    assert (out.metrics()["Disconnects"], out.metrics()["Errors"]) == (1.0, 0.0)
+
+
+def test_module_loggers_write_json_through_powertools(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    provider = ScriptedProvider([TextDelta("x"), KeyError("/var/task/secret.py")])
+    out = _run(capsys, make_app(provider))
+    (crash,) = [json.loads(line) for line in out.raw.splitlines()
+                if line.startswith("{") and "unhandled error" in line]
+    assert crash["level"] == "ERROR" and crash["name"] == "streamgate.handler"
+    assert "KeyError" in crash["exception"]  # the trace is in the log, never in the body
+
+
+def test_the_lambda_loop_flushes_after_a_stream_that_failed(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from streamgate.runtime import run
+    from tests.fake_runtime_api import FakeRuntimeAPI
+
+    provider = ScriptedProvider([TextDelta("part"), UpstreamError("gone")])
+    capsys.readouterr()
+    with FakeRuntimeAPI([chat_event({"prompt": "hi", "stream": True})]) as api:
+        assert run(make_app(provider), environ={"AWS_LAMBDA_RUNTIME_API": api.address}) == 0
+    out = Emitted(capsys.readouterr().out)
+    assert (out.log["request_id"], out.log["error_code"]) == ("req-1", "upstream_error")
+    assert out.metrics()["Errors"] == 1.0
+
+
+_TRACED = """
+from streamgate.errors import UpstreamError
+from streamgate.providers import TextDelta
+from streamgate.config import load_settings
+from streamgate.handler import App
+from tests.helpers import ScriptedProvider, body_bytes, chat_event
+settings = load_settings({}, provider="openai", upstream_base_url="http://127.0.0.1:9/v1",
+                         tracing=True)
+for script in (None, [TextDelta("x"), UpstreamError("gone")]):
+    app = App(settings, ScriptedProvider(script))
+    response = app.handle(chat_event({"prompt": "hi", "stream": True}))
+    body_bytes(response)
+    response.close()
+"""
+
+
+def test_with_tracing_the_provider_call_is_an_xray_subsegment() -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    # GIVEN an X-Ray daemon (a UDP socket) and the variables Lambda sets for an invocation
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as daemon:
+        daemon.bind(("127.0.0.1", 0))
+        daemon.settimeout(10)
+        env = {**os.environ, "LAMBDA_TASK_ROOT": "/var/task", "AWS_LAMBDA_FUNCTION_NAME": "sg",
+               "AWS_XRAY_DAEMON_ADDRESS": f"127.0.0.1:{daemon.getsockname()[1]}",
+               "_X_AMZN_TRACE_ID": "Root=1-5759e988-bd862e3fe1be46a994272793;"
+                                   "Parent=53995c3f42cd8ad8;Sampled=1",
+               "PYTHONPATH": f"{root / 'functions' / 'streamgate'}:{root}"}
+        # WHEN a traced process serves one good and one failing stream (in a process of its
+        # own: the X-Ray SDK configures itself for Lambda once, globally)
+        subprocess.run([sys.executable, "-c", _TRACED], env=env, check=True, timeout=60,
+                       capture_output=True)
+        segments = []
+        while len(segments) < 2:
+            for line in daemon.recv(65536).decode().splitlines():
+                if line.startswith('{"id"'):
+                    segments.append(json.loads(line))
+    # THEN each provider call is a subsegment of the invocation's trace
+    good, bad = segments
+    for segment in segments:
+        assert (segment["type"], segment["name"], segment["namespace"]) == (
+            "subsegment", "provider", "remote")
+        assert segment["trace_id"] == "1-5759e988-bd862e3fe1be46a994272793"
+        assert segment["parent_id"] == "53995c3f42cd8ad8"
+        assert segment["end_time"] >= segment["start_time"]
+    assert good["annotations"] == {"provider": "openai", "model": "scripted-1",
+                                   "finish_reason": "stop"}
+    assert good["metadata"]["default"]["usage"] == {"prompt_tokens": 5, "completion_tokens": 4}
+    assert bad["fault"] is True and bad["annotations"]["error_code"] == "upstream_error"
