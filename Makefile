@@ -14,7 +14,7 @@ SAM_VENV := .venv-sam
 SAM := $(SAM_VENV)/bin/sam
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: dev test lint bench bench-lambda build validate clean
+.PHONY: dev test lint bench bench-lambda bench-load build validate clean
 
 $(VENV)/.installed: requirements-dev.txt requirements-model.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ bench: $(VENV)/.installed ## Pipeline and embedded-model figures (see README)
 
 bench-lambda: $(VENV)/.installed ## Cold start vs FastAPI+uvicorn, peak RSS, zip size
 	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) bench/bench_coldstart.py
+
+bench-load: $(VENV)/.installed ## 50 concurrent streams for 60 s against the dev server (see README)
+	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) bench/bench_load.py $(LOAD_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .aws-sam

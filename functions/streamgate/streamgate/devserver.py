@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import base64
 import logging
+import socket
 import sys
 import threading
 import time
@@ -23,8 +24,9 @@ from streamgate.handler import App, Response, error_response
 
 logger = logging.getLogger(__name__)
 
-# Bytes of an over-limit upload read and thrown away before answering 413 (Lambda's own cap).
-_DRAIN_LIMIT = 6 * 1024 * 1024
+# Bytes of an over-limit upload read and thrown away so the client can read our 413 (past
+# Lambda's own 6 MB cap, so a 10 MB upload still gets its answer); larger ones are cut off.
+_DRAIN_LIMIT = 16 * 1024 * 1024
 # Content types whose bodies a Function URL passes as text rather than base64.
 _TEXT_TYPES = ("text/", "application/json", "application/x-www-form-urlencoded")
 # CORS as the Function URL answers it in the cloud (template.yaml's FunctionUrlConfig.Cors; a
@@ -95,11 +97,16 @@ def build_event(
 class DevServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # The listen backlog: the stdlib's 5 makes a burst of new connections fail to connect.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], app: App, *, max_streams: int = 32,
-                 cors_origins: tuple[str, ...] = ()) -> None:
+                 cors_origins: tuple[str, ...] = (), request_timeout_s: float = 60) -> None:
         super().__init__(address, _RequestHandler)
         self.app = app
+        # How long a silent client may hold a thread: reading its request, or not reading
+        # our answer (a stalled write), after which the stream is closed and the model freed.
+        self.request_timeout_s = request_timeout_s
         self.slots = threading.BoundedSemaphore(max_streams)
         self.cors_origins = cors_origins
 
@@ -122,9 +129,14 @@ class _RequestHandler(BaseHTTPRequestHandler):
     server: DevServer
     protocol_version = "HTTP/1.1"
     server_version = "streamgate-dev"
-    # Bounds how long a silent client can hold a thread (reading the request or a stalled write).
-    timeout = 60
     cors: dict[str, str]  # CORS headers for this request's origin, set before any answer
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.request_timeout_s)
+        # Events are small writes that must leave at once: without this, Nagle's algorithm
+        # holds the first event until the client ACKs the headers (~40 ms of delayed ACK).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _serve(self) -> None:
         app = self.server.app
@@ -225,9 +237,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
 
 def serve(host: str, port: int, app: App, *, max_streams: int = 32,
-          cors_origins: tuple[str, ...] = ()) -> DevServer:
+          cors_origins: tuple[str, ...] = (), request_timeout_s: float = 60) -> DevServer:
     """A started server in a background thread; ``shutdown()`` stops it."""
-    server = DevServer((host, port), app, max_streams=max_streams, cors_origins=cors_origins)
+    server = DevServer((host, port), app, max_streams=max_streams, cors_origins=cors_origins,
+                       request_timeout_s=request_timeout_s)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="devserver",
                      daemon=True).start()
     return server
