@@ -167,7 +167,12 @@ class _RequestHandler(BaseHTTPRequestHandler):
         finally:
             self.server.slots.release()
 
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = _serve
+    # Every method reaches the handler, which answers 405 (with Allow) as the Function URL
+    # does; http.server would answer 501 in HTML for a method without a do_* attribute.
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("do_"):
+            return self._serve
+        raise AttributeError(name)
 
     def _read_body(self, limit: int) -> bytes | None:
         """At most ``limit + 1`` bytes: enough for the handler to answer 413 on its own."""
