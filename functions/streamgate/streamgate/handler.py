@@ -111,7 +111,8 @@ class Response:
     # One item per write: one SSE event each for streams, the whole document otherwise.
     body: Iterator[bytes]
     outcome: Outcome = field(default_factory=Outcome)
-    # Runs once when the response is closed: charges the caller's usage.
+    # Runs once when the response is closed: charges the caller's usage, ends the trace, and
+    # writes the request's log record and metrics.
     on_close: Callable[[], None] | None = None
 
     def close(self) -> None:
@@ -127,7 +128,7 @@ class Response:
                 try:
                     on_close()
                 except Exception:
-                    logger.exception("could not settle the request's usage")
+                    logger.exception("could not finish the request's accounting")
 
 
 class App:
