@@ -23,6 +23,7 @@ from typing import Any
 import requests
 
 from streamgate.config import load_settings
+from streamgate.deadline import NO_DEADLINE, Deadline
 from streamgate.devserver import serve
 from streamgate.handler import App
 from streamgate.providers import Delta, Finish, TextDelta, Usage
@@ -97,7 +98,8 @@ class InstantProvider:
     def models(self) -> list[str]:
         return ["instant"]
 
-    def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
+    def stream(self, request: ChatRequest, model: str,
+                   deadline: Deadline) -> Iterator[Delta]:
         yield from self.deltas
 
 
@@ -115,7 +117,7 @@ def bench_pipeline(rounds: int, chunks_n: int) -> None:
     direct, piped = [], []
     for _ in range(rounds):
         t0 = time.perf_counter_ns()
-        next(provider.stream(request, "instant"))
+        next(provider.stream(request, "instant", NO_DEADLINE))
         t1 = time.perf_counter_ns()
         next(app.handle(event).body)
         t2 = time.perf_counter_ns()
@@ -130,7 +132,7 @@ def bench_pipeline(rounds: int, chunks_n: int) -> None:
     per_chunk = []
     for _ in range(7):
         t0 = time.perf_counter_ns()
-        for _ in many.stream(request, "instant"):
+        for _ in many.stream(request, "instant", NO_DEADLINE):
             pass
         t1 = time.perf_counter_ns()
         for _ in app.handle(event).body:

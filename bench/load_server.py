@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 from streamgate.config import load_settings
+from streamgate.deadline import Deadline
 from streamgate.devserver import DevServer
 from streamgate.handler import App
 from streamgate.providers import Delta, Finish, TextDelta, Usage
@@ -31,7 +32,8 @@ class FastProvider:
     def models(self) -> list[str]:
         return ["fast"]
 
-    def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
+    def stream(self, request: ChatRequest, model: str,
+                   deadline: Deadline) -> Iterator[Delta]:
         for i in range(self.tokens):
             if i and self.interval_s:
                 time.sleep(self.interval_s)

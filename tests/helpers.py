@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from streamgate.config import Settings, load_settings
+from streamgate.deadline import Deadline
 from streamgate.handler import App, Response
 from streamgate.providers import Delta, Finish, TextDelta, Usage
 from streamgate.validation import ChatRequest
@@ -55,6 +56,7 @@ class ScriptedProvider:
         self.capabilities = capabilities
         self._models = list(models)
         self.requests: list[tuple[ChatRequest, str]] = []
+        self.deadlines: list[Deadline] = []
         self.closed = threading.Event()
         self.finished = threading.Event()
 
@@ -64,12 +66,15 @@ class ScriptedProvider:
     def models(self) -> list[str]:
         return list(self._models)
 
-    def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
+    def stream(self, request: ChatRequest, model: str, deadline: Deadline) -> Iterator[Delta]:
+        """Replays the script; a pause ends at the deadline, as a real provider's waits do."""
         self.requests.append((request, model))
+        self.deadlines.append(deadline)
         try:
             for step in self.script:
                 if isinstance(step, float):
-                    time.sleep(step)
+                    time.sleep(deadline.cap(step))
+                    deadline.check()
                 elif isinstance(step, BaseException):
                     raise step
                 else:

@@ -205,7 +205,7 @@ def test_idle_stream_times_out_with_an_error_event() -> None:
         waited = time.monotonic() - started
     error = sse_json(raw)[-1]["error"]
     assert error["code"] == "upstream_timeout"
-    assert error["message"] == "Amazon Bedrock sent nothing for 0.3 s"
+    assert error["message"] == "Amazon Bedrock sent no output for 0.3 s"
     assert waited < 1.5  # gave up at the idle timeout, not when the upstream resumed
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import requests
 
+from streamgate.deadline import Deadline
 from streamgate.devserver import build_event
 from streamgate.providers import Delta, Finish, TextDelta, Usage
 from streamgate.validation import ChatRequest
@@ -26,7 +27,8 @@ def test_events_arrive_while_the_model_is_still_generating() -> None:
     gate = threading.Event()
 
     class Gated(ScriptedProvider):
-        def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
+        def stream(self, request: ChatRequest, model: str,
+                   deadline: Deadline) -> Iterator[Delta]:
             yield TextDelta("first")
             assert gate.wait(10), "the client never saw the first event"
             yield TextDelta(" second")
@@ -50,7 +52,8 @@ def test_twenty_concurrent_streams_are_served_at_once() -> None:
     barrier = threading.Barrier(20, timeout=20)
 
     class Together(ScriptedProvider):
-        def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
+        def stream(self, request: ChatRequest, model: str,
+                   deadline: Deadline) -> Iterator[Delta]:
             yield TextDelta("waiting")
             barrier.wait()
             yield TextDelta(" done")
@@ -105,7 +108,8 @@ def test_over_the_concurrency_limit_is_a_429_with_retry_after() -> None:
     release = threading.Event()
 
     class Holding(ScriptedProvider):
-        def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
+        def stream(self, request: ChatRequest, model: str,
+                   deadline: Deadline) -> Iterator[Delta]:
             yield TextDelta("x")
             release.wait(10)
             yield Finish("stop")

@@ -447,10 +447,10 @@ def test_concurrent_requests_never_pass_the_token_limit(
     entered: list[int] = []
 
     class Held(ScriptedProvider):
-        def stream(self, request: Any, model: str) -> Iterator[Any]:
+        def stream(self, request: Any, model: str, deadline: Any) -> Iterator[Any]:
             entered.append(1)
             release.wait(30)
-            yield from super().stream(request, model)
+            yield from super().stream(request, model, deadline)
 
     app = _app(store, clock, Held())
     threads = 24

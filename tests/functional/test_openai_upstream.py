@@ -303,7 +303,7 @@ def test_slow_first_token_is_a_504_and_a_stall_is_an_error_event() -> None:
         status, raw = _stream(app, {"model": "upstream-model", "messages": USER})
         assert time.monotonic() - started < 2.5
     assert status == 200
-    assert sse_json(raw)[-1]["error"] == {"message": "The upstream sent nothing for 0.3 s",
+    assert sse_json(raw)[-1]["error"] == {"message": "The upstream sent no output for 0.3 s",
                                           "type": "upstream_error", "param": None,
                                           "code": "upstream_timeout"}
 

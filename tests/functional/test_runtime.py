@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from streamgate.deadline import Deadline
 from streamgate.errors import UpstreamError
 from streamgate.handler import SECURITY_HEADERS, App, LambdaContext, Response
 from streamgate.providers import Delta, Finish, TextDelta, Usage
@@ -66,7 +67,8 @@ def test_events_reach_the_runtime_api_before_the_next_is_produced() -> None:
     api = FakeRuntimeAPI([chat_event({"prompt": "hi", "stream": True})])
 
     class Lockstep(ScriptedProvider):
-        def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
+        def stream(self, request: ChatRequest, model: str,
+                   deadline: Deadline) -> Iterator[Delta]:
             for i, word in enumerate(["one", "two", "three"]):
                 yield TextDelta(word)
                 # prelude is chunk 1, so "one" is chunk 2, ...

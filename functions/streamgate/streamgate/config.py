@@ -6,6 +6,7 @@ variable > default (the same order as Powertools' ``resolve_env_var_choice``).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ class Settings:
     # How long a key looked up in the table is trusted per container: revoking a key takes
     # effect within this time.
     key_cache_ttl_s: float = 10.0
+    # Longest a keys-table call may take, its retry included; then the request fails closed
+    # (503) and what it had reserved is given back.
+    keys_timeout_s: float = 3.0
     # Model used when a request names none; empty means "the provider's default".
     default_model: str = ""
     max_body_bytes: int = 1_048_576
@@ -87,6 +91,11 @@ class Settings:
     upstream_idle_timeout_s: float = 30.0
     upstream_max_attempts: int = 3
     upstream_backoff_s: float = 0.5
+    # A kept-alive connection idle longer than this is not reused (NAT gateways forget silent
+    # flows; a request sent on one would wait for its timeout).
+    upstream_max_idle_s: float = 60.0
+    # Largest upstream SSE event (or line) read; past it the stream ends with upstream_error.
+    upstream_max_event_chars: int = 1_048_576
 
 
 _ENV: dict[str, tuple[str, type]] = {
@@ -95,6 +104,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "allow_unauthenticated": ("STREAMGATE_ALLOW_UNAUTHENTICATED", bool),
     "keys_table": ("STREAMGATE_KEYS_TABLE", str),
     "key_cache_ttl_s": ("STREAMGATE_KEY_CACHE_TTL_S", float),
+    "keys_timeout_s": ("STREAMGATE_KEYS_TIMEOUT_S", float),
     "default_model": ("STREAMGATE_DEFAULT_MODEL", str),
     "max_body_bytes": ("STREAMGATE_MAX_BODY_BYTES", int),
     "max_prompt_chars": ("STREAMGATE_MAX_PROMPT_CHARS", int),
@@ -132,6 +142,8 @@ _ENV: dict[str, tuple[str, type]] = {
     "upstream_idle_timeout_s": ("STREAMGATE_UPSTREAM_IDLE_TIMEOUT_S", float),
     "upstream_max_attempts": ("STREAMGATE_UPSTREAM_MAX_ATTEMPTS", int),
     "upstream_backoff_s": ("STREAMGATE_UPSTREAM_BACKOFF_S", float),
+    "upstream_max_idle_s": ("STREAMGATE_UPSTREAM_MAX_IDLE_S", float),
+    "upstream_max_event_chars": ("STREAMGATE_UPSTREAM_MAX_EVENT_CHARS", int),
 }
 
 
@@ -171,6 +183,8 @@ def load_settings(
             value = _parse(kind, raw)
         except ValueError as e:
             raise ConfigError(f"{name} must be {kind.__name__}, got {raw!r}") from e
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {raw!r}")
         if isinstance(value, (int, float)) and value < 0:
             raise ConfigError(f"{name} must not be negative, got {raw!r}")
         values[key] = value
@@ -233,8 +247,9 @@ def load_lambda_environment(environ: Mapping[str, str] | None = None) -> LambdaE
 
 
 def set_trace_id(trace_id: str | None) -> None:
-    """Expose this invocation's X-Ray trace header as the SDKs expect (`_X_AMZN_TRACE_ID`)."""
-    if trace_id:
+    """Expose this invocation's X-Ray trace header as the SDKs expect (`_X_AMZN_TRACE_ID`);
+    a value no environment variable can hold (a NUL) is dropped."""
+    if trace_id and "\0" not in trace_id:
         os.environ["_X_AMZN_TRACE_ID"] = trace_id
     else:
         os.environ.pop("_X_AMZN_TRACE_ID", None)

@@ -14,12 +14,14 @@ Hierarchy::
     ├── RequestError                 400 invalid_request_error
     │   ├── NotFoundError            404 (unknown path, model_not_found)
     │   ├── MethodNotAllowedError    405
-    │   └── PayloadTooLargeError     413
+    │   ├── PayloadTooLargeError     413
+    │   └── HTTPProtocolError        400/408/414/431/505 the dev server could not read the request
     ├── RateLimitError               429, with Retry-After
     ├── UpstreamError                502 the model backend failed
     │   ├── UpstreamUnavailableError 503
     │   └── UpstreamTimeoutError     504
     ├── DeadlineExceededError        504 generation stopped before the Lambda deadline
+    ├── ClientClosedError            499 the client left before the answer began (dev server)
     ├── ServiceUnavailableError      503 a dependency of ours (the keys table) is down
     └── InternalError                500 a bug; its message never leaks internals
 """
@@ -27,7 +29,15 @@ Hierarchy::
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
 from typing import Any
+
+# Longest Retry-After we send or relay: a backend asking for more (or for ``inf``) is asked
+# to be waited a day, which says "long" without promising a time. Our own monthly budget
+# refusals point at the start of next month, up to 31 days away.
+RETRY_AFTER_CAP_S = 86_400.0
+_RETRY_AFTER_MAX_S = 32 * 86_400.0
 
 
 class StreamgateError(Exception):
@@ -51,7 +61,7 @@ class StreamgateError(Exception):
         self.param = param
         if code is not None:
             self.code = code
-        self.retry_after = retry_after
+        self.retry_after = _finite_wait(retry_after)
         # A provider may retry a transient failure, but only before anything reached the client.
         self.transient = transient
 
@@ -73,6 +83,13 @@ class StreamgateError(Exception):
             return {}
         return {"retry-after": str(max(1, math.ceil(self.retry_after))),
                 "retry-after-ms": str(max(0, math.ceil(self.retry_after * 1000)))}
+
+
+def _finite_wait(seconds: float | None) -> float | None:
+    """A wait that a header can carry: finite, 0 to 32 days (NaN: none)."""
+    if seconds is None or math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), _RETRY_AFTER_MAX_S)
 
 
 class ConfigError(StreamgateError):
@@ -128,6 +145,16 @@ class PayloadTooLargeError(RequestError):
     code = "request_too_large"
 
 
+class HTTPProtocolError(RequestError):
+    """The dev server could not read the HTTP request itself (the status says why)."""
+
+    code = "bad_http_request"
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class RateLimitError(StreamgateError):
     status = 429
     type = "rate_limit_error"
@@ -156,6 +183,14 @@ class DeadlineExceededError(StreamgateError):
     code = "deadline_exceeded"
 
 
+class ClientClosedError(StreamgateError):
+    """Nobody reads this answer: the client closed its connection first (nginx's 499)."""
+
+    status = 499
+    type = "client_closed"
+    code = "client_closed"
+
+
 class ServiceUnavailableError(StreamgateError):
     status = 503
     type = "server_error"
@@ -173,3 +208,30 @@ def from_exception(exc: BaseException) -> StreamgateError:
     if isinstance(exc, StreamgateError):
         return exc
     return InternalError("The server had an error while processing your request.")
+
+
+# What a backend's own message may carry that must never reach our client: bearer tokens,
+# OpenAI-style secret keys (also masked, as "sk-abc***xyz"), AWS access key ids.
+_SECRET_SHAPES = re.compile(
+    r"(?i)\bbearer\s+\S+|\b(?:sk|rk|pk)-[A-Za-z0-9_*.\-]{6,}|\b(?:AKIA|ASIA)[A-Z0-9]{12,}")
+_TOKENISH = re.compile(r"[A-Za-z0-9_\-]{8,}")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+RELAYED_TEXT_LIMIT = 500
+
+
+def relayed(text: str, secrets: Iterable[str] = ()) -> str:
+    """A backend's message made safe to show our client: secrets we hold (and any fragment of
+    eight characters or more of one) and anything shaped like a credential replaced by
+    ``[redacted]``, control characters removed, and at most ``RELAYED_TEXT_LIMIT`` characters.
+    """
+    held = [s for s in secrets if len(s) >= 8]
+    for secret in held:
+        text = text.replace(secret, "[redacted]")
+    text = _SECRET_SHAPES.sub("[redacted]", text)
+    if held:
+        text = _TOKENISH.sub(
+            lambda m: "[redacted]" if any(m.group() in s for s in held) else m.group(), text)
+    text = _CONTROL.sub("", text).strip()
+    if len(text) > RELAYED_TEXT_LIMIT:
+        text = text[: RELAYED_TEXT_LIMIT - 1] + "…"
+    return text

@@ -7,11 +7,18 @@ one write. Everything that can fail before the first byte is done before ``handl
 the body generator reports failures as one in-band SSE error event and records them in
 ``Response.outcome`` so a driver can add trailers; it never raises, except ``GeneratorExit``
 when a driver closes it because the client went away.
+
+Nothing a client sends makes ``handle`` raise: whatever escapes the pipeline becomes a 500
+with an OpenAI body. Every request has a :class:`~streamgate.deadline.Deadline` (the Lambda
+deadline minus the margin, or the dev server's request timeout); a request whose deadline has
+already passed is answered 504 before it is admitted or reaches a model, and every wait in
+the provider ends by it.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -24,8 +31,9 @@ from streamgate import sse
 from streamgate.auth import Admission, Caller, Gate
 from streamgate.chunks import ChunkBuilder, tool_call_object
 from streamgate.config import Settings, load_settings
+from streamgate.deadline import NO_DEADLINE, Deadline
 from streamgate.errors import (
-    DeadlineExceededError,
+    InternalError,
     MethodNotAllowedError,
     NotFoundError,
     StreamgateError,
@@ -67,6 +75,8 @@ SECURITY_HEADERS = {
     "referrer-policy": "no-referrer",
     "strict-transport-security": "max-age=31536000",
 }
+# What of an event's or a runtime's request id may travel in a header: 128 plain characters.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
 class LambdaContext(Protocol):
@@ -158,10 +168,31 @@ class App:
         """The model used when a request names none: configuration, else the provider's."""
         return self.settings.default_model or self.provider.default_model()
 
-    def handle(self, event: Mapping[str, Any], context: LambdaContext | None = None) -> Response:
-        """Run one request through the pipeline; see the module docstring for the contract."""
+    def handle(self, event: Mapping[str, Any], context: LambdaContext | None = None, *,
+               deadline: Deadline | None = None) -> Response:
+        """Run one request through the pipeline; see the module docstring for the contract.
+        ``deadline`` defaults to the Lambda context's (none outside Lambda)."""
         outcome = Outcome(request_id=_request_id(event, context))
-        response, admission = self._handle(event, context, outcome)
+        try:
+            response, admission = self._handle(
+                event, context, outcome,
+                deadline if deadline is not None else _deadline(context, self.settings))
+        except Exception:  # a bug: still an answer, never an exception in a driver
+            logger.exception("unhandled error building the response")
+            response = error_response(
+                InternalError("The server had an error while processing your request."),
+                outcome=outcome)
+            admission = None
+        return self._finalise(response, outcome, admission)
+
+    def refuse(self, err: StreamgateError) -> Response:
+        """An error the driver found before there was an event (the dev server at its limit,
+        a request it could not read), answered and recorded like any other."""
+        outcome = Outcome(request_id=uuid.uuid4().hex)
+        return self._finalise(error_response(err, outcome=outcome), outcome, None)
+
+    def _finalise(self, response: Response, outcome: Outcome,
+                  admission: Admission | None) -> Response:
         response.headers.update(SECURITY_HEADERS)
         response.headers["x-request-id"] = outcome.request_id
         # Bound to the outcome, not the response: no reference cycle, so an abandoned response
@@ -179,7 +210,7 @@ class App:
             self.telemetry.finish(status, outcome)
 
     def _handle(self, event: Mapping[str, Any], context: LambdaContext | None,
-                outcome: Outcome) -> tuple[Response, Admission | None]:
+                outcome: Outcome, deadline: Deadline) -> tuple[Response, Admission | None]:
         wants_sse = False
         admission: Admission | None = None
         try:
@@ -212,9 +243,10 @@ class App:
             if chat.max_tokens is None:
                 chat = replace(chat, max_tokens=self.settings.default_max_tokens)
             outcome.model = model
+            deadline.check()  # no time left: admit nothing, start no model call
             admission = self.gate.admission(caller, chat, model)
             admission.take()
-            response = self._chat(chat, model, _deadline(context, self.settings), outcome)
+            response = self._chat(chat, model, deadline, outcome)
         except Exception as e:
             err = from_exception(e)
             if not isinstance(e, StreamgateError):
@@ -246,11 +278,11 @@ class App:
         check_supported(chat, provider.capabilities)
         return model
 
-    def _chat(self, chat: ChatRequest, model: str, deadline: float | None,
+    def _chat(self, chat: ChatRequest, model: str, deadline: Deadline,
               outcome: Outcome) -> Response:
         builder = ChunkBuilder(model, include_usage=chat.include_usage)
         outcome.trace = self.telemetry.begin_provider_call(model)
-        deltas = self.provider.stream(chat, model)
+        deltas = self.provider.stream(chat, model, deadline)
         try:
             # Read the first delta before committing the status: a provider that fails here
             # (throttled, bad model, unreachable) becomes a real HTTP error.
@@ -267,14 +299,14 @@ class App:
 
 
 def _observe(
-    first: Delta | None, deltas: Iterator[Delta], outcome: Outcome, deadline: float | None
+    first: Delta | None, deltas: Iterator[Delta], outcome: Outcome, deadline: Deadline
 ) -> Iterator[TextDelta | ReasoningDelta | ToolCallDelta | Finish]:
     """The provider's deltas with the checks both response kinds share: the deadline before
     each one, finish reason and usage recorded in ``outcome``, and a finish reason required."""
     log_content = outcome.prompt_text is not None  # set only when content is logged
     delta = first
     while delta is not None:
-        _check(deadline)
+        deadline.check()  # stop before the Lambda deadline rather than be killed mid-write
         if isinstance(delta, Usage):
             outcome.usage = delta
         else:
@@ -299,7 +331,7 @@ def _stream(
     deltas: Iterator[Delta],
     builder: ChunkBuilder,
     outcome: Outcome,
-    deadline: float | None,
+    deadline: Deadline,
 ) -> Iterator[bytes]:
     """SSE events for one completion; failures end it with one in-band error event."""
     try:
@@ -334,7 +366,7 @@ def _complete(
     deltas: Iterator[Delta],
     builder: ChunkBuilder,
     outcome: Outcome,
-    deadline: float | None,
+    deadline: Deadline,
 ) -> bytes:
     """The whole ``chat.completion`` document, the same deltas joined; any failure is a real
     status."""
@@ -357,15 +389,7 @@ def _complete(
     doc = builder.completion(
         "".join(text), outcome.finish_reason, outcome.usage,
         reasoning="".join(reasoning), tool_calls=[calls[i] for i in sorted(calls)])
-    return sse.dumps(doc).encode("utf-8")
-
-
-def _check(deadline: float | None) -> None:
-    """Stop before the Lambda deadline rather than being killed mid-write."""
-    if deadline is not None and time.monotonic() >= deadline:
-        raise DeadlineExceededError(
-            "Generation stopped: the request reached the function's time limit"
-        )
+    return sse.json_bytes(doc)
 
 
 def error_response(err: StreamgateError, *, sse_event: bool = False,
@@ -373,15 +397,14 @@ def error_response(err: StreamgateError, *, sse_event: bool = False,
     """An error before the first byte: real status, OpenAI body, as JSON or one SSE event."""
     headers = dict(SSE_HEADERS if sse_event else JSON_HEADERS)
     headers.update(err.headers())
-    body = sse.data_event(err.body()) if sse_event else sse.dumps(err.body()).encode("utf-8")
+    body = sse.data_event(err.body()) if sse_event else sse.json_bytes(err.body())
     outcome = outcome or Outcome()
     outcome.error = err
     return Response(err.status, headers, iter([body]), outcome)
 
 
 def _json(status: int, doc: Mapping[str, Any], outcome: Outcome) -> Response:
-    return Response(status, dict(JSON_HEADERS), iter([sse.dumps(doc).encode("utf-8")]),
-                    outcome)
+    return Response(status, dict(JSON_HEADERS), iter([sse.json_bytes(doc)]), outcome)
 
 
 def _accepts_sse(request: HttpRequest) -> bool:
@@ -392,21 +415,26 @@ def _accepts_sse(request: HttpRequest) -> bool:
 
 
 def _request_id(event: Mapping[str, Any], context: LambdaContext | None) -> str:
-    """Lambda's request id (what its logs carry), else the event's, else a new one."""
-    if context is not None and context.aws_request_id:
-        return context.aws_request_id
+    """Lambda's request id (what its logs carry), else the event's, else a new one; only one
+    that is safe in a header and a log line."""
+    candidates: list[object] = []
+    if context is not None:
+        candidates.append(context.aws_request_id)
     request_context = event.get("requestContext") if isinstance(event, Mapping) else None
-    if isinstance(request_context, Mapping) and request_context.get("requestId"):
-        return str(request_context["requestId"])[:128]
+    if isinstance(request_context, Mapping):
+        candidates.append(request_context.get("requestId"))
+    for candidate in candidates:
+        if isinstance(candidate, str) and _REQUEST_ID.fullmatch(candidate):
+            return candidate
     return uuid.uuid4().hex
 
 
-def _deadline(context: LambdaContext | None, settings: Settings) -> float | None:
-    """Monotonic time at which generation must stop, or None outside Lambda."""
+def _deadline(context: LambdaContext | None, settings: Settings) -> Deadline:
+    """When generation must stop: the Lambda deadline less the margin (none outside Lambda)."""
     if context is None:
-        return None
+        return NO_DEADLINE
     remaining_ms = context.get_remaining_time_in_millis() - settings.deadline_margin_ms
-    return time.monotonic() + remaining_ms / 1000
+    return Deadline(time.monotonic() + remaining_ms / 1000)
 
 
 def _close(deltas: Iterator[Delta]) -> None:

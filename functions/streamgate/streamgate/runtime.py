@@ -7,13 +7,22 @@ here: the day AWS ships Python streaming, ``App.handle`` stays as it is.
 Failure policy (https://docs.aws.amazon.com/lambda/latest/dg/runtimes-custom.html):
 
 - init fails (bad configuration, provider cannot be built) → ``/runtime/init/error``, exit 1;
-- the handler itself raises → ``/invocation/{id}/error`` (no response byte was sent);
+- an invocation that cannot be served (its event unreadable or too large, or a bug before any
+  response exists) → ``/invocation/{id}/error``, logged;
 - the stream fails after its first byte → the handler has already written one SSE error event;
-  the chunked body then ends with the ``Lambda-Runtime-Function-Error-*`` trailers.
+  the chunked body then ends with the ``Lambda-Runtime-Function-Error-*`` trailers;
+- the Runtime API fails while we answer (a reset, a short or refused reply) → logged;
+- after init, no failure of one invocation ends the loop: it polls ``next`` again. Only ``next``
+  itself failing ends it (410 is the Runtime API saying stop: exit 0; a broken connection or
+  reply: exit 1, and Lambda starts a new environment).
+
+A missing, unreadable or past deadline gives a context with no time left, so the handler
+answers 504 without admitting the request or calling a model.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import re
@@ -31,11 +40,18 @@ from streamgate.config import (
 )
 from streamgate.errors import ConfigError, StreamgateError
 from streamgate.handler import App, Response
-from streamgate.runtime_api import Invocation, RuntimeAPIClient, RuntimeAPIError
+from streamgate.runtime_api import (
+    Invocation,
+    InvocationError,
+    RuntimeAPIClient,
+    RuntimeAPIError,
+)
 
 logger = logging.getLogger(__name__)
 
 _ERROR_NAME = re.compile(r"[^a-zA-Z]")
+# How long past the deadline a response may still take to write (Lambda stops it anyway).
+_WRITE_GRACE_S = 5.0
 
 
 class LambdaContext:
@@ -55,6 +71,8 @@ class LambdaContext:
         self._deadline_ms = invocation.deadline_ms
 
     def get_remaining_time_in_millis(self) -> int:
+        if self._deadline_ms is None:
+            return 0  # no deadline given: no time to start anything in
         return max(0, self._deadline_ms - int(time.time() * 1000))
 
 
@@ -90,15 +108,26 @@ def run(
                 _ = app.provider  # build the provider now: its failure is an init error
             except Exception as e:
                 logger.exception("init failed")
-                client.post_init_error(error_type(e, "Runtime"), _safe_message(e))
+                try:
+                    client.post_init_error(error_type(e, "Runtime"), _safe_message(e))
+                except (OSError, RuntimeAPIError, http.client.HTTPException):
+                    logger.exception("could not report the init error")
                 return 1
         served = 0
         while max_invocations is None or served < max_invocations:
             try:
                 invocation = client.next_invocation()
+            except InvocationError as e:
+                served += 1
+                logger.error("invocation %s cannot be served: %s", e.request_id, e)
+                _report(client, e.request_id, "Runtime.InvalidEvent", str(e))
+                continue
             except RuntimeAPIError as e:
                 logger.info("runtime loop ends: %s", e)
                 return 0
+            except (OSError, http.client.HTTPException) as e:
+                logger.error("runtime loop ends: GET next failed (%s)", type(e).__name__)
+                return 1
             served += 1
             _invoke(client, app, env, invocation)
         return 0
@@ -109,27 +138,43 @@ def run(
 def _invoke(
     client: RuntimeAPIClient, app: App, env: LambdaEnvironment, invocation: Invocation
 ) -> None:
-    set_trace_id(invocation.trace_id)
-    context = LambdaContext(invocation, env)
+    """Serve one invocation; nothing that goes wrong here leaves this function."""
+    response: Response | None = None
     try:
-        event = json.loads(invocation.event)
+        set_trace_id(invocation.trace_id)
+        context = LambdaContext(invocation, env)
+        try:
+            event = json.loads(invocation.event)
+        except (ValueError, RecursionError):
+            event = None  # the handler answers an unreadable event with a 400
         response = app.handle(event, context)
-    except Exception as e:
-        logger.exception("handler failed before the first byte")
-        client.post_error(invocation.request_id, error_type(e), _safe_message(e))
-        return
-    try:
+        # Writes may wait on a Runtime API that reads slowly, but not past the deadline.
+        timeout = context.get_remaining_time_in_millis() / 1000 + _WRITE_GRACE_S
         if env.sam_local:
             client.post_response(invocation.request_id, proxy_response(response))
         else:
             client.stream_response(
                 invocation.request_id, prelude(response), response.body,
-                lambda: _stream_failure(response),
+                lambda: _stream_failure(response), timeout=timeout,
             )
-    except (OSError, RuntimeAPIError):
-        logger.exception("could not deliver the response to the Runtime API")
+    except Exception as e:
+        if response is None:
+            logger.exception("invocation %s failed before its response", invocation.request_id)
+            _report(client, invocation.request_id, error_type(e), _safe_message(e))
+        else:
+            logger.exception("could not deliver the response of %s to the Runtime API",
+                             invocation.request_id)
     finally:
-        response.close()
+        if response is not None:
+            response.close()
+
+
+def _report(client: RuntimeAPIClient, request_id: str, kind: str, message: str) -> None:
+    """``/invocation/{id}/error``; if even that fails, the log has it."""
+    try:
+        client.post_error(request_id, kind, message)
+    except Exception:  # noqa: BLE001 - the loop goes on whatever the Runtime API does
+        logger.exception("could not report the failure of %s to the Runtime API", request_id)
 
 
 def _deployable(settings: Settings, env: LambdaEnvironment) -> Settings:

@@ -3,6 +3,13 @@
 https://docs.aws.amazon.com/lambda/latest/dg/runtimes-api.html and
 https://docs.aws.amazon.com/lambda/latest/dg/runtimes-custom.html#runtimes-custom-response-streaming.
 The only module that talks to the Runtime API.
+
+What the Runtime API sends is read defensively: an event is read up to ``MAX_EVENT_BYTES``
+(Lambda's own payload limit is 6 MB), a missing or unreadable deadline is ``None`` (the loop
+then starts no model call), a request id is carried percent-encoded in the paths, and every
+call but the long poll has a timeout. Failures are :class:`RuntimeAPIError` or ``OSError``;
+:class:`InvocationError` says the invocation itself could not be read, and names it so it can
+still be answered.
 """
 
 from __future__ import annotations
@@ -10,10 +17,15 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import logging
+import math
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
+
+logger = logging.getLogger(__name__)
 
 # --- Wire constants -----------------------------------------------------------------------------
 API_VERSION = "2018-06-01"
@@ -36,6 +48,12 @@ STREAMING = "streaming"
 HTTP_INTEGRATION_CONTENT_TYPE = "application/vnd.awslambda.http-integration-response"
 # The prelude JSON and the body are separated by exactly eight NUL bytes.
 PRELUDE_SEPARATOR = b"\x00" * 8
+# Largest event read from GET next (a 6 MB body, base64-encoded, plus the event around it).
+MAX_EVENT_BYTES = 16 << 20
+# Longest answer read from any other call (they are a few bytes of JSON).
+MAX_REPLY_BYTES = 64 << 10
+# Timeout of every call but the long poll: the Runtime API is local and answers at once.
+CALL_TIMEOUT_S = 10.0
 # ------------------------------------------------------------------------------------------------
 
 
@@ -43,10 +61,19 @@ class RuntimeAPIError(Exception):
     """The Runtime API answered something a runtime cannot continue from."""
 
 
+class InvocationError(RuntimeAPIError):
+    """GET next named an invocation that cannot be served (its event is unreadable or too
+    large); it can still be answered with ``post_error(request_id, ...)``."""
+
+    def __init__(self, message: str, request_id: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
 @dataclass(frozen=True, slots=True)
 class Invocation:
     request_id: str
-    deadline_ms: int
+    deadline_ms: int | None  # epoch ms; None when missing or unreadable
     invoked_function_arn: str
     trace_id: str | None
     client_context: str | None
@@ -79,18 +106,29 @@ class RuntimeAPIClient:
 
     def _exchange(
         self, method: str, path: str, body: bytes | None = None,
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None, *, timeout: float | None = CALL_TIMEOUT_S,
+        limit: int = MAX_REPLY_BYTES,
     ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """One call; its answer's body read up to ``limit`` bytes (more: the connection is not
+        reused). A dropped kept-alive connection is retried once on a new one."""
         for attempt in (1, 2):
             conn = self._connection()
             try:
+                assert conn.sock is not None
+                conn.sock.settimeout(timeout)
                 conn.request(method, path, body=body, headers=headers or {})
                 response = conn.getresponse()
-                return response.status, response.headers, response.read()
+                data = response.read(limit)
+                if not response.isclosed():
+                    self.close()  # an answer larger than we read: drop the rest with the socket
+                return response.status, response.headers, data
             except (ConnectionError, http.client.HTTPException):
                 self.close()
                 if attempt == 2:
                     raise
+            except OSError:  # a timeout or a socket error: the connection is unusable
+                self.close()
+                raise
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -99,16 +137,21 @@ class RuntimeAPIClient:
             self._conn = None
 
     def next_invocation(self) -> Invocation:
-        """Long-poll ``GET next``; raises RuntimeAPIError if the API says stop (e.g. 410)."""
-        status, headers, body = self._exchange("GET", NEXT_PATH)
+        """Long-poll ``GET next``; raises RuntimeAPIError if the API says stop (e.g. 410),
+        InvocationError for an invocation whose event cannot be read."""
+        status, headers, body = self._exchange("GET", NEXT_PATH, timeout=None,
+                                               limit=MAX_EVENT_BYTES + 1)
         if status != 200:
             raise RuntimeAPIError(f"GET next answered {status}")
         request_id = headers.get(HEADER_REQUEST_ID)
         if not request_id:
             raise RuntimeAPIError(f"GET next answered without {HEADER_REQUEST_ID}")
+        if len(body) > MAX_EVENT_BYTES:
+            raise InvocationError(f"The event is larger than {MAX_EVENT_BYTES} bytes",
+                                  request_id)
         return Invocation(
             request_id=request_id,
-            deadline_ms=int(headers.get(HEADER_DEADLINE_MS) or 0),
+            deadline_ms=_epoch_ms(headers.get(HEADER_DEADLINE_MS)),
             invoked_function_arn=headers.get(HEADER_FUNCTION_ARN, ""),
             trace_id=headers.get(HEADER_TRACE_ID),
             client_context=headers.get(HEADER_CLIENT_CONTEXT),
@@ -119,7 +162,7 @@ class RuntimeAPIClient:
     def post_response(self, request_id: str, body: bytes) -> None:
         """A buffered (non-streaming) response, for `sam local`."""
         status, _, _ = self._exchange(
-            "POST", RESPONSE_PATH.format(request_id=request_id), body,
+            "POST", RESPONSE_PATH.format(request_id=_path_id(request_id)), body,
             {"Content-Type": "application/json"},
         )
         if status != 202:
@@ -127,7 +170,7 @@ class RuntimeAPIClient:
 
     def post_error(self, request_id: str, error_type: str, message: str) -> None:
         """Report a failure before any response byte was sent."""
-        self._post_error(ERROR_PATH.format(request_id=request_id), error_type, message)
+        self._post_error(ERROR_PATH.format(request_id=_path_id(request_id)), error_type, message)
 
     def post_init_error(self, error_type: str, message: str) -> None:
         self._post_error(INIT_ERROR_PATH, error_type, message)
@@ -147,14 +190,20 @@ class RuntimeAPIClient:
         prelude: dict[str, Any],
         events: Iterable[bytes],
         failure: Callable[[], tuple[str, str] | None],
+        *,
+        timeout: float | None = None,
     ) -> None:
         """One chunked POST: prelude JSON + 8 NULs, then each event as its own chunk, then the
         terminator, with real trailers if ``failure()`` - asked once ``events`` is exhausted -
-        names an error type and message.
+        names an error type and message. ``timeout`` bounds each write and the wait for the
+        answer (a Runtime API that stops reading cannot hold the loop forever). Should
+        ``events`` itself raise, the body still ends properly, with trailers naming it.
         """
         conn = self._connection()
         try:
-            conn.putrequest("POST", RESPONSE_PATH.format(request_id=request_id),
+            assert conn.sock is not None
+            conn.sock.settimeout(timeout)
+            conn.putrequest("POST", RESPONSE_PATH.format(request_id=_path_id(request_id)),
                             skip_accept_encoding=True)
             conn.putheader(HEADER_RESPONSE_MODE, STREAMING)
             conn.putheader("Transfer-Encoding", "chunked")
@@ -162,17 +211,39 @@ class RuntimeAPIClient:
             conn.putheader("Trailer", f"{HEADER_ERROR_TYPE}, {HEADER_ERROR_BODY}")
             conn.endheaders()
             _chunk(conn, json.dumps(prelude, separators=(",", ":")).encode() + PRELUDE_SEPARATOR)
-            for event in events:
-                if event:
-                    _chunk(conn, event)
-            conn.send(b"0\r\n" + _trailers(failure()) + b"\r\n")
+            try:
+                for event in events:
+                    if event:
+                        _chunk(conn, event)
+                trailers = failure()
+            except OSError:
+                raise
+            except Exception:  # noqa: BLE001 - a bug in the body: still end it, with trailers
+                logger.exception("the response body failed mid-stream")
+                trailers = ("Runtime.ResponseFailed", "The response failed mid-stream")
+            conn.send(b"0\r\n" + _trailers(trailers) + b"\r\n")
             response = conn.getresponse()
-            response.read()
-        except (ConnectionError, http.client.HTTPException):
+            response.read(MAX_REPLY_BYTES)
+        except (OSError, http.client.HTTPException):
             self.close()
             raise
         if response.status != 202:
             raise RuntimeAPIError(f"POST response answered {response.status}")
+
+
+def _epoch_ms(raw: str | None) -> int | None:
+    """``Lambda-Runtime-Deadline-Ms`` as an int, or None if it is not a plain number."""
+    try:
+        value = float((raw or "").strip())
+    except ValueError:
+        return None
+    return int(value) if math.isfinite(value) else None
+
+
+def _path_id(request_id: str) -> str:
+    """The request id as one path segment: percent-encoded, so no id can break the request
+    line (real ids are UUIDs and pass unchanged)."""
+    return quote(request_id, safe="-_.~")
 
 
 def _chunk(conn: http.client.HTTPConnection, data: bytes) -> None:

@@ -24,9 +24,20 @@ def dumps(obj: Any) -> str:
     return _encoder.encode(obj)
 
 
+def json_bytes(obj: Any) -> bytes:
+    """Compact JSON as UTF-8. A lone surrogate (which a backend's JSON may carry as
+    ``"\\ud800"``) has no UTF-8 form: it becomes U+FFFD rather than failing the response."""
+    text = _encoder.encode(obj)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return fixed.encode("utf-8")
+
+
 def data_event(obj: Any) -> bytes:
     """One SSE event carrying ``obj`` as JSON: ``data: {...}\\n\\n``."""
-    return b"data: " + _encoder.encode(obj).encode("utf-8") + b"\n\n"
+    return b"data: " + json_bytes(obj) + b"\n\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,19 +47,32 @@ class Event:
     id: str = ""
 
 
+class EventTooLargeError(ValueError):
+    """An event (or one line of it) grew past the decoder's limit."""
+
+
 class Decoder:
     """Incremental SSE parser following the WHATWG "event stream interpretation" rules:
     lines end with CRLF, LF or CR alone (also when a CRLF is split across reads); lines
     starting with ``:`` are comments; ``data`` fields accumulate, joined by LF; a blank line
     dispatches the event, unless no data was given; one space after the colon is dropped;
     the stream is UTF-8, decoded with replacement, a leading BOM ignored.
+
+    Linear in its input: each piece of text is scanned once, and a line split across reads is
+    kept as a list of pieces, joined when it ends. An event whose data (or whose unfinished
+    line) passes ``max_event_chars`` raises :class:`EventTooLargeError`, so an endless line or
+    event cannot grow memory without bound.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_event_chars: int = 1 << 20) -> None:
         self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._buffer = ""
+        self._max = max_event_chars
         self._first = True
+        self._line: list[str] = []  # pieces of the line not yet ended
+        self._skip_lf = False  # the last piece ended with CR: a LF first thing is its CRLF
         self._data: list[str] = []
+        self._data_size = 0  # characters of the current event's data
+        self._line_size = 0  # characters of the line not yet ended
         self._event = ""
         self._id = ""
 
@@ -57,30 +81,45 @@ class Decoder:
         return self._lines(self._text.decode(chunk))
 
     def end(self) -> list[Event]:
-        """At end of stream: a final lone CR ends its line. An event without its blank line
-        is dropped, as the spec says."""
-        text = self._text.decode(b"", final=True)
-        if (self._buffer + text).endswith("\r"):
-            text += "\n"
-        return self._lines(text)
+        """Events completed at the end of the stream. An unfinished line or an event without
+        its blank line is dropped, as the spec says."""
+        return self._lines(self._text.decode(b"", final=True))
 
     def _lines(self, text: str) -> list[Event]:
-        if self._first and text:
+        if not text:
+            return []
+        if self._first:
             self._first = False
             text = text.removeprefix("\ufeff")
-        self._buffer += text
+        if self._skip_lf:
+            self._skip_lf = False
+            if text.startswith("\n"):
+                text = text[1:]
         events: list[Event] = []
-        while True:
-            end = _line_end(self._buffer)
-            if end is None:
-                return events
-            start, after = end
-            line, self._buffer = self._buffer[:start], self._buffer[after:]
-            event = self._line(line)
+        start = 0
+        for match in _EOL.finditer(text):
+            self._line.append(text[start:match.start()])
+            line = "".join(self._line)
+            self._line = []
+            self._line_size = 0
+            event = self._field(line)
             if event is not None:
                 events.append(event)
+            start = match.end()
+        if text.endswith("\r"):
+            self._skip_lf = True
+        if start < len(text):
+            rest = text[start:]
+            self._line.append(rest)
+            self._line_size += len(rest)
+            self._check()
+        return events
 
-    def _line(self, line: str) -> Event | None:
+    def _check(self) -> None:
+        if self._data_size + self._line_size > self._max:
+            raise EventTooLargeError(f"an event is larger than {self._max} characters")
+
+    def _field(self, line: str) -> Event | None:
         if not line:
             return self._dispatch()
         if line.startswith(":"):
@@ -90,6 +129,8 @@ class Decoder:
             value = value[1:]
         if name == "data":
             self._data.append(value)
+            self._data_size += len(value) + 1
+            self._check()
         elif name == "event":
             self._event = value
         elif name == "id" and "\0" not in value:
@@ -98,19 +139,12 @@ class Decoder:
 
     def _dispatch(self) -> Event | None:
         data, event = self._data, self._event
-        self._data, self._event = [], ""
+        self._data, self._event, self._data_size = [], "", 0
         if not data:
             return None
         return Event("\n".join(data), event or "message", self._id)
 
 
+# A CR not followed by LF in the same piece ends its line at once; ``_skip_lf`` then drops the
+# LF of a CRLF split across two reads.
 _EOL = re.compile(r"\r\n|\r|\n")
-
-
-def _line_end(buffer: str) -> tuple[int, int] | None:
-    """(end of the first complete line, start of the next) or None if none is complete. A CR
-    at the very end may be the first half of a CRLF, so it waits for more input."""
-    match = _EOL.search(buffer)
-    if match is None or (match.group() == "\r" and match.end() == len(buffer)):
-        return None
-    return match.start(), match.end()

@@ -134,9 +134,10 @@ class Telemetry:
         ttft_ms = (None if outcome.first_token_at is None
                    else (outcome.first_token_at - outcome.started) * 1000)
         err = outcome.error
-        # A 200 that ended with neither a finish reason nor an error: the client left.
+        # A 200 that ended with neither a finish reason nor an error: the client left; or it
+        # left before the answer began (the dev server sees that).
         disconnected = (outcome.model is not None and status == 200 and err is None
-                        and outcome.finish_reason is None)
+                        and outcome.finish_reason is None) or status == 499
         record: dict[str, Any] = {
             "request_id": outcome.request_id, "method": outcome.method, "path": outcome.path,
             "status": status, "key_id": outcome.caller or None, "provider": self.provider,
@@ -189,8 +190,12 @@ class Telemetry:
             metrics.add_metadata("provider", self.provider)
             if outcome.model:
                 metrics.add_metadata("model", outcome.model)
-            metrics.flush_metrics()
-            metrics.clear_metrics()  # also when POWERTOOLS_METRICS_DISABLED skipped the flush
+            try:
+                metrics.flush_metrics()
+            finally:
+                # Also when the flush failed or POWERTOOLS_METRICS_DISABLED skipped it: this
+                # request's metrics must not ride along with the next request's.
+                metrics.clear_metrics()
             dimensions = {"service": SERVICE}
             with single_metric(name="Responses", unit=MetricUnit.Count, value=1,
                                namespace=self.namespace,

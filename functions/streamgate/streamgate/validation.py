@@ -13,12 +13,14 @@ import base64
 import binascii
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from streamgate.config import Settings
 from streamgate.errors import PayloadTooLargeError, RequestError
+from streamgate.events import invalid_text
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
@@ -34,6 +36,7 @@ MAX_TOOLS = 128  # OpenAI's limit
 IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg",
                "image/gif": "gif", "image/webp": "webp"}
 TOOL_CHOICES = ("none", "auto", "required")
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +109,12 @@ def decode_body(body: bytes | None, settings: Settings) -> dict[str, Any]:
         raise RequestError("No JSON body provided")
     if not isinstance(data, dict):
         raise RequestError("Invalid JSON body")
+    # A lone surrogate can only arrive as a \uD800-\uDFFF escape: look only if there is one.
+    if _SURROGATE_ESCAPE.search(body) is not None:
+        where = invalid_text(data)
+        if where is not None:
+            raise RequestError(f"'{where}' is not valid Unicode text (it holds a lone UTF-16 "
+                               "surrogate)", param=where)
     return data
 
 

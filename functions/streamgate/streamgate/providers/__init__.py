@@ -1,9 +1,9 @@
 """Model backends behind one narrow interface.
 
-A provider takes a validated :class:`ChatRequest` and yields deltas. Errors before the first
-delta are raised from ``stream()`` or the first ``next()`` and become real HTTP statuses; errors
-after it end the SSE stream with an in-band error event. Closing the iterator (client gone,
-deadline) must stop generation and free whatever the provider holds.
+A provider takes a validated :class:`ChatRequest` and the request's deadline, and yields deltas.
+Errors before the first delta are raised from ``stream()`` or the first ``next()`` and become
+real HTTP statuses; errors after it end the SSE stream with an in-band error event. Closing
+the iterator (client gone, deadline) must stop generation and free whatever the provider holds.
 
 The registry maps a name to the module that builds the provider, imported only when chosen, so
 the Lambda zip never imports the embedded model's library.
@@ -13,16 +13,22 @@ from __future__ import annotations
 
 import importlib
 import logging
-import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from streamgate.errors import ConfigError, StreamgateError
+from streamgate.deadline import DEADLINE_MESSAGE
+from streamgate.errors import (
+    ConfigError,
+    DeadlineExceededError,
+    StreamgateError,
+    UpstreamTimeoutError,
+)
 
 if TYPE_CHECKING:
     from streamgate.config import Settings
+    from streamgate.deadline import Deadline
     from streamgate.validation import ChatRequest
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
@@ -83,9 +89,10 @@ class Provider(Protocol):
 
     def models(self) -> list[str]: ...
 
-    def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
+    def stream(self, request: ChatRequest, model: str, deadline: Deadline) -> Iterator[Delta]:
         """Content pieces (text, reasoning, tool-call fragments) for ``request`` on ``model``,
-        then one Finish, then Usage if known."""
+        then one Finish, then Usage if known. Every wait inside (connect, read, retry, queue)
+        ends by ``deadline`` at the latest, with ``DeadlineExceededError``."""
         ...
 
 
@@ -99,35 +106,43 @@ REGISTRY: dict[str, str] = {
 }
 
 
-def with_retries(
-    attempt: Callable[[], Iterator[Delta]],
-    *,
-    attempts: int,
-    backoff_s: float,
-    upstream: str,
-    honour_retry_after: bool = False,
-) -> Iterator[Delta]:
-    """The deltas of ``attempt()``, calling it again after a transient failure, but only while
-    nothing has been yielded (so before the handler commits the HTTP status). Waits use
-    full-jitter exponential backoff capped at 8x ``backoff_s``; with ``honour_retry_after`` an
-    upstream's Retry-After is waited out too (its errors are only transient when it is short).
-    """
-    for n in range(1, attempts + 1):
-        started = False
-        try:
-            for delta in attempt():
-                started = True
-                yield delta
-            return
-        except StreamgateError as e:
-            if started or not e.transient or n == attempts:
-                raise
-            delay = random.uniform(0, min(backoff_s * 8, backoff_s * 2 ** (n - 1)))
-            if honour_retry_after and e.retry_after:
-                delay = max(delay, e.retry_after)
-            logger.warning("%s attempt %d of %d failed (%s); retrying in %.2f s",
-                           upstream, n, attempts, e.code, delay)
-            time.sleep(delay)
+class OutputTimer:
+    """The first-token and idle timeouts, measured from model output (content, reasoning,
+    tool-call deltas), never from bytes: keep-alive comments, empty chunks and metadata do not
+    keep a silent model alive. Both end at the request's deadline at the latest."""
+
+    __slots__ = ("_deadline", "_first_by", "_first_s", "_idle_s", "_last", "_who")
+
+    def __init__(self, who: str, first_token_s: float, idle_s: float,
+                 deadline: Deadline) -> None:
+        self._who = who
+        self._deadline = deadline
+        self._first_s = first_token_s
+        self._idle_s = idle_s
+        self._first_by = time.monotonic() + first_token_s
+        self._last: float | None = None
+
+    def until(self) -> float:
+        """The monotonic instant by which the next output must arrive."""
+        limit = self._first_by if self._last is None else self._last + self._idle_s
+        return self._deadline.until(limit)
+
+    def remaining(self) -> float:
+        return max(0.0, self.until() - time.monotonic())
+
+    def saw(self, delta: Delta) -> None:
+        if isinstance(delta, (TextDelta, ReasoningDelta, ToolCallDelta)):
+            self._last = time.monotonic()
+
+    def expired(self) -> StreamgateError:
+        """The error for a wait that reached :meth:`until`: the deadline's if it has passed,
+        else the timeout's (raise it)."""
+        if self._deadline.expired():
+            return DeadlineExceededError(DEADLINE_MESSAGE)
+        if self._last is None:
+            return UpstreamTimeoutError(
+                f"{self._who} sent no output within {self._first_s:g} s")
+        return UpstreamTimeoutError(f"{self._who} sent no output for {self._idle_s:g} s")
 
 
 def create_provider(settings: Settings) -> Provider:

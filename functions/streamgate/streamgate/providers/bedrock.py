@@ -5,11 +5,14 @@ https://docs.aws.amazon.com/bedrock/latest/APIReference/API_runtime_ConverseStre
 The boto3 client is built on first use (importing boto3 costs ~150 ms of cold start) and
 reused for the life of the container; tests inject their own.
 
-Each attempt reads the response on a helper thread, so the two waits the caller configures are
-exact: the first content must arrive within ``bedrock_first_token_timeout_s`` of the call, and
-later events within ``bedrock_idle_timeout_s`` of each other. Transient failures (throttling,
-unavailable, 5xx, unreachable) are retried with backoff while nothing has been yielded yet,
-which is also before the handler commits the HTTP status.
+Each attempt reads the response on a helper thread, so the waits are exact and wall-clock:
+the first content must arrive within ``bedrock_first_token_timeout_s`` of the call, later
+content within ``bedrock_idle_timeout_s`` of the last (events without content do not count),
+and nothing waits past the request's deadline; the reader is then woken and left to end.
+Transient failures (throttling, unavailable, 5xx, unreachable) are retried under the shared
+policy (:mod:`streamgate.retry`) while nothing has been yielded yet, which is also before
+the handler commits the HTTP status. Whatever Bedrock sends back is mapped defensively: a
+malformed event is an ``upstream_error``, and its messages are relayed text.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import queue
 import re
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -35,21 +37,24 @@ from streamgate.errors import (
     UpstreamError,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
+    relayed,
 )
 from streamgate.providers import (
     Delta,
     Finish,
     FinishReason,
+    OutputTimer,
     ReasoningDelta,
     TextDelta,
     ToolCallDelta,
     Usage,
-    with_retries,
 )
+from streamgate.retry import with_retries
 from streamgate.validation import CAP_IMAGES, CAP_TOOLS, Image
 
 if TYPE_CHECKING:
     from streamgate.config import Settings
+    from streamgate.deadline import Deadline
     from streamgate.validation import ChatRequest, Message, Tool
 
 logger = logging.getLogger(__name__)
@@ -117,36 +122,32 @@ class BedrockProvider:
     def models(self) -> list[str]:
         return list(dict.fromkeys([self.default_model(), *self._settings.bedrock_models]))
 
-    def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
+    def stream(self, request: ChatRequest, model: str, deadline: Deadline) -> Iterator[Delta]:
         kwargs = converse_request(request, model, self._settings)
         names = {tool_name(n): n for n in _tool_names(request)}
-        return with_retries(lambda: self._attempt(kwargs, names),
+        return with_retries(lambda: self._attempt(kwargs, names, deadline),
                             attempts=self._settings.bedrock_max_attempts,
-                            backoff_s=self._settings.bedrock_backoff_s, upstream="Bedrock")
+                            backoff_s=self._settings.bedrock_backoff_s, deadline=deadline,
+                            upstream="Bedrock", honour_retry_after=False)
 
-    def _attempt(self, kwargs: dict[str, Any], names: dict[str, str]) -> Iterator[Delta]:
+    def _attempt(self, kwargs: dict[str, Any], names: dict[str, str],
+                 deadline: Deadline) -> Iterator[Delta]:
         s = self._settings
+        deadline.check()
+        timer = OutputTimer("Amazon Bedrock", s.bedrock_first_token_timeout_s,
+                            s.bedrock_idle_timeout_s, deadline)
         pump = _EventPump(self.client, kwargs)
-        first_by = time.monotonic() + s.bedrock_first_token_timeout_s
-        started = False
         blocks = _Blocks(names)
         try:
             while True:
-                wait = s.bedrock_idle_timeout_s if started else first_by - time.monotonic()
                 try:
-                    event = pump.get(wait)
+                    event = pump.get(timer.remaining())
                 except queue.Empty:
-                    if started:
-                        raise UpstreamTimeoutError(
-                            f"Amazon Bedrock sent nothing for {s.bedrock_idle_timeout_s:g} s"
-                        ) from None
-                    raise UpstreamTimeoutError(
-                        "Amazon Bedrock sent no output within "
-                        f"{s.bedrock_first_token_timeout_s:g} s") from None
+                    raise timer.expired() from None
                 if event is None:
                     return
                 for delta in blocks.deltas(event):
-                    started = True
+                    timer.saw(delta)
                     yield delta
         except StreamgateError:
             raise
@@ -235,7 +236,16 @@ class _Blocks:
         self._tools: dict[int, int] = {}  # contentBlockIndex -> tool call index
         self._with_input: set[int] = set()
 
-    def deltas(self, event: dict[str, Any]) -> Iterator[Delta]:
+    def deltas(self, event: Any) -> list[Delta]:
+        """The deltas of one event; a malformed one is Bedrock's fault, not a bug of ours."""
+        try:
+            return list(self._deltas(event))
+        except StreamgateError:
+            raise
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as e:
+            raise UpstreamError("Amazon Bedrock sent a malformed stream event") from e
+
+    def _deltas(self, event: dict[str, Any]) -> Iterator[Delta]:
         if "contentBlockStart" in event:
             start = event["contentBlockStart"]
             tool = start.get("start", {}).get("toolUse")
@@ -268,23 +278,33 @@ class _Blocks:
                 yield ToolCallDelta(ended, "{}")  # a call without arguments is still JSON
         elif "messageStop" in event:
             reason = event["messageStop"].get("stopReason", "")
-            if reason not in STOP_REASONS:
-                raise UpstreamError(f"The model stopped abnormally ({reason or 'no reason'})")
+            if not isinstance(reason, str) or reason not in STOP_REASONS:
+                raise UpstreamError("The model stopped abnormally "
+                                    f"({relayed(str(reason))[:64] or 'no reason'})")
             yield Finish(STOP_REASONS[reason])
         elif "metadata" in event:
             usage = event["metadata"].get("usage")
             if usage:
-                output = int(usage.get("outputTokens", 0))
-                read = int(usage.get("cacheReadInputTokens", 0))
-                write = int(usage.get("cacheWriteInputTokens", 0))
-                total = int(usage.get("totalTokens",
-                                      output + int(usage.get("inputTokens", 0)) + read + write))
+                output = _count(usage.get("outputTokens", 0))
+                read = _count(usage.get("cacheReadInputTokens", 0))
+                write = _count(usage.get("cacheWriteInputTokens", 0))
+                total = _count(usage.get(
+                    "totalTokens", output + _count(usage.get("inputTokens", 0)) + read + write))
+                if total < output:
+                    raise UpstreamError("Amazon Bedrock reported impossible usage")
                 yield Usage(prompt_tokens=total - output, completion_tokens=output,
                             cached_tokens=read, cache_write_tokens=write)
         else:
             for key, value in event.items():  # in-stream exceptions arrive as events too
                 if key.endswith("Exception"):
                     raise _error(key[0].upper() + key[1:], str(value.get("message", "")))
+
+
+def _count(value: Any) -> int:
+    """A token count as Bedrock documents it (an integer, 0 or more), else a malformed event."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 100_000_000:
+        raise UpstreamError("Amazon Bedrock reported impossible usage")
+    return value
 
 
 def tool_name(name: str) -> str:
@@ -440,7 +460,8 @@ def map_error(exc: Exception) -> StreamgateError:
 
 def _error(code: str, message: str) -> StreamgateError:
     cls = _ERRORS.get(code, UpstreamError)
-    text = f"Amazon Bedrock: {message}" if message else f"Amazon Bedrock: {code}"
+    message, code = relayed(message), relayed(code)[:64]
+    text = f"Amazon Bedrock: {message}" if message else f"Amazon Bedrock: {code or 'an error'}"
     transient = code in _TRANSIENT
     if cls is RequestError and _is_context_overflow(message):
         return RequestError(text, param="messages", code="context_length_exceeded")

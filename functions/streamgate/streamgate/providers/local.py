@@ -6,7 +6,11 @@ an expert question-and-answer document, which in our trials gave the most on-top
 continuations (the Gemma chat-turn template made the base model loop or wander).
 
 One model instance serves the process; a lock serialises generations (llama.cpp contexts are
-not thread-safe). Closing the delta iterator stops generation and releases the lock.
+not thread-safe). A request waits for it at most ``local_queue_timeout_s`` and never past its
+deadline, and stops waiting as soon as the dev server sees its client leave. Closing the delta
+iterator stops generation and releases the lock. A seeded request starts from an empty
+context (no prompt-prefix reuse), so the same request and seed give the same text whatever ran
+before it.
 """
 
 from __future__ import annotations
@@ -16,16 +20,23 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from streamgate.errors import ConfigError, RequestError, UpstreamUnavailableError
+from streamgate.errors import (
+    ClientClosedError,
+    ConfigError,
+    RequestError,
+    UpstreamUnavailableError,
+)
 from streamgate.providers import Delta, Finish, TextDelta, Usage
 from streamgate.validation import CAP_PENALTIES, CAP_SEED
 
 if TYPE_CHECKING:
     from streamgate.config import Settings
+    from streamgate.deadline import Deadline
     from streamgate.validation import ChatRequest, Message
 
 logger = logging.getLogger(__name__)
@@ -48,6 +59,8 @@ _TEMPERATURE = 0.7
 _TOP_P = 0.95
 _TOP_K = 64
 _REPEAT_PENALTY = 1.2
+# How often a request waiting for the model looks whether its client is still there.
+_QUEUE_POLL_S = 0.1
 
 
 def render_prompt(messages: tuple[Message, ...]) -> str:
@@ -117,15 +130,27 @@ class LocalProvider:
     def models(self) -> list[str]:
         return [MODEL_ID]
 
-    def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
-        if not self._lock.acquire(timeout=self._settings.local_queue_timeout_s):
-            raise UpstreamUnavailableError(
-                "The embedded model is busy with other requests; retry shortly", retry_after=5
-            )
+    def stream(self, request: ChatRequest, model: str, deadline: Deadline) -> Iterator[Delta]:
+        self._acquire(deadline)
         try:
             yield from self._generate(request)
         finally:
             self._lock.release()
+
+    def _acquire(self, deadline: Deadline) -> None:
+        """Wait for the model: until the queue timeout, the deadline, or the client leaving."""
+        give_up = time.monotonic() + self._settings.local_queue_timeout_s
+        while True:
+            if self._lock.acquire(timeout=deadline.cap(_QUEUE_POLL_S)):
+                return
+            deadline.check()
+            if deadline.client_gone():
+                raise ClientClosedError("The client closed the connection while waiting for "
+                                        "the embedded model")
+            if time.monotonic() >= give_up:
+                raise UpstreamUnavailableError(
+                    "The embedded model is busy with other requests; retry shortly",
+                    retry_after=5)
 
     def _generate(self, request: ChatRequest) -> Iterator[Delta]:
         import llama_cpp
@@ -142,8 +167,13 @@ class LocalProvider:
             )
         max_tokens = min(request.max_tokens or self._settings.default_max_tokens,
                          n_ctx - len(prompt))
-        llm.set_seed(request.seed if request.seed is not None else
-                     int.from_bytes(os.urandom(4), "little"))
+        if request.seed is not None:
+            # Reusing the cached prefix of the previous prompt changes how this one is
+            # evaluated (other batches, other rounding), and so what a seed samples.
+            llm.reset()
+            llm.set_seed(request.seed)
+        else:
+            llm.set_seed(int.from_bytes(os.urandom(4), "little"))
         stops = (*request.stop, *_FORMAT_STOPS)
         hold = max(len(s) for s in stops) - 1
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

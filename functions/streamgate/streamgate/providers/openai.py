@@ -8,29 +8,25 @@ becomes our deltas; the handler re-emits them with our own id, created and model
 non-streaming request is sent as one too (servers such as llama.cpp's report usage only
 there), and its ``chat.completion`` goes through the same delta mapping.
 
-HTTP client: the standard library's ``http.client``. It streams, lets us set the socket timeout
-before every read (the first-token and idle timeouts are exact that way, on one thread), keeps
-connections alive for reuse across invocations of the container, and costs nothing at cold
-start; urllib3 (present in the Lambda runtime through botocore) would add ~20 ms of imports
-for nothing we use.
+What the upstream sends is its responsibility, never ours: a malformed chunk, usage or finish
+reason is an ``upstream_error``, and no text it sends reaches our client without passing
+:func:`streamgate.errors.relayed` (which removes our key, or any part of it, and anything
+shaped like a credential). Transport and waits: :mod:`streamgate.httpclient`.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
-import ssl
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from email.utils import parsedate_to_datetime
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from streamgate import sse
 from streamgate.credentials import ApiKey, api_key
+from streamgate.deadline import NO_DEADLINE, Deadline
 from streamgate.errors import (
     ConfigError,
     NotFoundError,
@@ -41,17 +37,20 @@ from streamgate.errors import (
     UpstreamError,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
+    relayed,
 )
+from streamgate.httpclient import Exchange, Upstream, WaitExpired
 from streamgate.providers import (
     Delta,
     Finish,
     FinishReason,
+    OutputTimer,
     ReasoningDelta,
     TextDelta,
     ToolCallDelta,
     Usage,
-    with_retries,
 )
+from streamgate.retry import parse_retry_after, with_retries
 from streamgate.validation import (
     CAP_IMAGES,
     CAP_PENALTIES,
@@ -74,10 +73,12 @@ FINISH_REASONS: dict[str, FinishReason] = {
     "content_filter": "content_filter",
     "function_call": "tool_calls",  # the deprecated name for the same thing
 }
-_READ_SIZE = 65536
 _ERROR_BODY_LIMIT = 65536
 _MODELS_BODY_LIMIT = 1 << 20
 _COMPLETION_BODY_LIMIT = 16 << 20
+# Token counts past this are not a real answer's: refused as malformed, never charged.
+_MAX_TOKENS_REPORTED = 100_000_000
+WHO = "The upstream"
 
 
 class OpenAIProvider:
@@ -90,7 +91,8 @@ class OpenAIProvider:
         self._settings = settings
         self._key = key
         self._http = http or Upstream(settings.upstream_base_url,
-                                      settings.upstream_connect_timeout_s)
+                                      settings.upstream_connect_timeout_s,
+                                      max_idle_s=settings.upstream_max_idle_s)
         self._public = model_map(settings.upstream_models)  # our name -> upstream name
         self._lock = threading.Lock()
         self._listed: list[str] = []
@@ -118,38 +120,45 @@ class OpenAIProvider:
             return list(self._listed)
 
     def _list_models(self) -> list[str]:
-        doc = self._fetch_json("GET", "/models", None, _MODELS_BODY_LIMIT)
+        doc = self._fetch_json("GET", "/models", None, _MODELS_BODY_LIMIT, NO_DEADLINE)
         data = doc.get("data") if isinstance(doc, dict) else None
         if not isinstance(data, list):
             raise UpstreamError("The upstream's /models answer has no 'data' list")
-        return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
+        return [relayed(str(m["id"])) for m in data if isinstance(m, dict) and m.get("id")]
 
-    def _fetch_json(self, method: str, path: str, body: bytes | None, limit: int) -> Any:
-        """One whole JSON answer; the first-token timeout bounds the wait for it."""
+    def _fetch_json(self, method: str, path: str, body: bytes | None, limit: int,
+                    deadline: Deadline) -> Any:
+        """One whole JSON answer, all of it within the first-token timeout (and deadline)."""
         s = self._settings
-        exchange = self._http.open(method, path, body, self._headers(),
-                                   timeout=s.upstream_first_token_timeout_s)
+        timer = OutputTimer(WHO, s.upstream_first_token_timeout_s,
+                            s.upstream_idle_timeout_s, deadline)
+        exchange = self._http.open(method, path, body, self._headers(), until=timer.until(),
+                                   deadline=deadline)
         try:
             if exchange.status != 200:
-                raise self._status_error(exchange)
-            doc = _json(exchange.body(limit, s.upstream_idle_timeout_s))
+                raise self._status_error(exchange, deadline)
+            try:
+                doc = _json(exchange.body(limit, timer.until()))
+            except WaitExpired:
+                raise timer.expired() from None
             exchange.finish()
             return doc
         finally:
             exchange.close()
 
-    def stream(self, request: ChatRequest, model: str) -> Iterator[Delta]:
+    def stream(self, request: ChatRequest, model: str, deadline: Deadline) -> Iterator[Delta]:
         body = json.dumps(upstream_body(request, self._public.get(model, model)),
                           ensure_ascii=False).encode("utf-8")
         s = self._settings
         attempt = self._attempt if request.stream else self._attempt_whole
-        return with_retries(lambda: attempt(body), attempts=s.upstream_max_attempts,
-                            backoff_s=s.upstream_backoff_s, upstream="Upstream",
-                            honour_retry_after=True)
+        return with_retries(lambda: attempt(body, deadline), attempts=s.upstream_max_attempts,
+                            backoff_s=s.upstream_backoff_s, deadline=deadline,
+                            upstream="Upstream")
 
-    def _attempt_whole(self, body: bytes) -> Iterator[Delta]:
+    def _attempt_whole(self, body: bytes, deadline: Deadline) -> Iterator[Delta]:
         """A non-streaming exchange, mapped through the same chunk reader."""
-        doc = self._fetch_json("POST", "/chat/completions", body, _COMPLETION_BODY_LIMIT)
+        doc = self._fetch_json("POST", "/chat/completions", body, _COMPLETION_BODY_LIMIT,
+                               deadline)
         choices = doc.get("choices") if isinstance(doc, dict) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise UpstreamError("The upstream's answer has no choices")
@@ -157,7 +166,7 @@ class OpenAIProvider:
         whole = {"choices": [{"delta": choices[0].get("message"),
                               "finish_reason": choices[0].get("finish_reason")}],
                  "usage": doc.get("usage")}
-        yield from _Chunks().deltas(whole)
+        yield from _Chunks(self._secrets()).deltas(whole)
 
     def _headers(self) -> dict[str, str]:
         headers = {"content-type": "application/json", "accept": "text/event-stream",
@@ -167,34 +176,42 @@ class OpenAIProvider:
             headers["authorization"] = f"Bearer {key}"
         return headers
 
-    def _attempt(self, body: bytes) -> Iterator[Delta]:
+    def _secrets(self) -> tuple[str, ...]:
+        """What must never be relayed: the key we send upstream."""
+        key = self._key.get()
+        return (key,) if key else ()
+
+    def _attempt(self, body: bytes, deadline: Deadline) -> Iterator[Delta]:
         s = self._settings
-        first_by = time.monotonic() + s.upstream_first_token_timeout_s
+        timer = OutputTimer(WHO, s.upstream_first_token_timeout_s,
+                            s.upstream_idle_timeout_s, deadline)
         exchange = self._http.open("POST", "/chat/completions", body, self._headers(),
-                                   timeout=s.upstream_first_token_timeout_s)
+                                   until=timer.until(), deadline=deadline)
         try:
             if exchange.status != 200:
-                raise self._status_error(exchange)
+                raise self._status_error(exchange, deadline)
             content_type = exchange.header("content-type")
             if "text/event-stream" not in content_type:
-                raise UpstreamError(
-                    f"The upstream answered {content_type or 'no content type'}, not a stream")
-            decoder = sse.Decoder()
-            chunks = _Chunks()
-            started = done = False
+                raise UpstreamError("The upstream answered "
+                                    f"{relayed(content_type) or 'no content type'}, not a stream")
+            decoder = sse.Decoder(s.upstream_max_event_chars)
+            chunks = _Chunks(self._secrets())
+            done = False
             while not done:
-                if started:
-                    data = exchange.read(s.upstream_idle_timeout_s, "The upstream sent nothing "
-                                         f"for {s.upstream_idle_timeout_s:g} s")
-                else:
-                    data = exchange.read(first_by - time.monotonic(), "The upstream sent no "
-                                         f"output within {s.upstream_first_token_timeout_s:g} s")
-                for event in decoder.feed(data) if data else decoder.end():
+                try:
+                    data = exchange.read(timer.until())
+                    events = decoder.feed(data) if data else decoder.end()
+                except WaitExpired:
+                    raise timer.expired() from None
+                except sse.EventTooLargeError:
+                    raise UpstreamError("The upstream sent an event larger than "
+                                        f"{s.upstream_max_event_chars} characters") from None
+                for event in events:
                     if event.data == "[DONE]":
                         done = True
                         break
                     for delta in chunks.deltas(_json(event.data)):
-                        started = True
+                        timer.saw(delta)
                         yield delta
                 if not data and not done:
                     raise UpstreamError("The upstream stream ended before [DONE]")
@@ -202,22 +219,26 @@ class OpenAIProvider:
         finally:
             exchange.close()
 
-    def _status_error(self, exchange: Exchange) -> StreamgateError:
+    def _status_error(self, exchange: Exchange, deadline: Deadline) -> StreamgateError:
         """An upstream HTTP error → the same status class, with an OpenAI error body."""
         status = exchange.status
-        retry_after = _retry_after(exchange.header("retry-after"))
-        raw = exchange.body(_ERROR_BODY_LIMIT, self._settings.upstream_idle_timeout_s)
+        retry_after = parse_retry_after(exchange.header("retry-after"))
+        try:
+            raw = exchange.body(_ERROR_BODY_LIMIT,
+                                deadline.until(time.monotonic()
+                                               + self._settings.upstream_idle_timeout_s))
+        except (WaitExpired, UpstreamError):
+            raw = b""  # the status says enough
         if status in (401, 403):
-            # Not the client's fault, and the upstream's message may quote part of our key.
+            # Not the client's fault: the gateway's own credentials were refused.
             self._key.invalidate()
             return UpstreamError(f"The upstream rejected the gateway's credentials (HTTP {status})",
                                  code="upstream_auth_failed")
-        message, param, code = _error_fields(raw)
+        message, param, code = _error_fields(raw, self._secrets())
         text = f"Upstream: {message}" if message else f"The upstream answered HTTP {status}"
-        cap = self._settings.upstream_backoff_s * 8
         if status == 429:
-            return RateLimitError(text, retry_after=retry_after or 1.0,
-                                  transient=retry_after is None or retry_after <= cap)
+            return RateLimitError(text, retry_after=1.0 if retry_after is None else retry_after,
+                                  transient=True)
         if status == 404:
             return NotFoundError(text, param=param or "model", code=code or "model_not_found")
         if status == 413:
@@ -225,7 +246,8 @@ class OpenAIProvider:
         if 400 <= status < 500:
             return RequestError(text, param=param, code=code)
         if status == 503:
-            return UpstreamUnavailableError(text, retry_after=retry_after or 1.0, transient=True)
+            return UpstreamUnavailableError(
+                text, retry_after=1.0 if retry_after is None else retry_after, transient=True)
         if status == 504:
             return UpstreamTimeoutError(text, transient=True)
         return UpstreamError(text, transient=status >= 500)
@@ -234,16 +256,26 @@ class OpenAIProvider:
 class _Chunks:
     """Upstream ``chat.completion.chunk`` objects → deltas. Tool-call indexes are kept as the
     upstream sent them; id and name pass only on a call's first fragment, as OpenAI sends
-    them (some servers repeat them, which would make clients concatenate the name)."""
+    them (some servers repeat them, which would make clients concatenate the name). Anything
+    malformed, whatever its shape, is an ``upstream_error``."""
 
-    def __init__(self) -> None:
+    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
         self._calls: set[int] = set()
+        self._secrets = secrets
 
-    def deltas(self, chunk: Any) -> Iterator[Delta]:
+    def deltas(self, chunk: Any) -> list[Delta]:
+        try:
+            return list(self._deltas(chunk))
+        except StreamgateError:
+            raise
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as e:
+            raise UpstreamError("The upstream sent a malformed chunk") from e
+
+    def _deltas(self, chunk: Any) -> Iterator[Delta]:
         if not isinstance(chunk, dict):
             raise UpstreamError("The upstream sent an event that is not a JSON object")
         if chunk.get("error") is not None:
-            raise _stream_error(chunk["error"])
+            raise _stream_error(chunk["error"], self._secrets)
         choices = chunk.get("choices") or []
         if not isinstance(choices, list):
             raise UpstreamError("The upstream sent a chunk whose 'choices' is not a list")
@@ -269,14 +301,16 @@ class _Chunks:
             yield from self._tool_call(position, call)
         reason = choice.get("finish_reason")
         if reason:
-            if reason not in FINISH_REASONS:
-                raise UpstreamError(f"The upstream stopped with an unknown reason ({reason!r})")
+            if not isinstance(reason, str) or reason not in FINISH_REASONS:
+                raise UpstreamError("The upstream stopped with an unknown reason "
+                                    f"({relayed(repr(reason)[:40])})")
             yield Finish(FINISH_REASONS[reason])
 
     def _tool_call(self, position: int, call: Any) -> Iterator[Delta]:
         function = call.get("function") if isinstance(call, dict) else None
         index = call.get("index", position) if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(index, int):
+        if (not isinstance(function, dict) or not isinstance(index, int)
+                or isinstance(index, bool) or not 0 <= index < 1024):
             raise UpstreamError("The upstream sent a malformed tool call fragment")
         arguments = _text(function.get("arguments") or "", "arguments")
         if index in self._calls:
@@ -296,61 +330,61 @@ def _text(value: Any, field: str) -> str:
     return value
 
 
+def _count(value: Any, field: str) -> int:
+    """A token count as a real answer has one: a whole number, 0 or more, not absurd."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if (not isinstance(value, int) or isinstance(value, bool)
+            or not 0 <= value <= _MAX_TOKENS_REPORTED):
+        raise UpstreamError(f"The upstream sent an impossible '{field}' in its usage")
+    return value
+
+
 def _usage(usage: Any) -> Usage:
-    try:
-        details = usage.get("prompt_tokens_details") or {}
-        cached = details.get("cached_tokens")
-        return Usage(prompt_tokens=int(usage["prompt_tokens"]),
-                     completion_tokens=int(usage["completion_tokens"]),
-                     cached_tokens=None if cached is None else int(cached))
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        raise UpstreamError("The upstream sent a malformed 'usage'") from e
+    if not isinstance(usage, dict):
+        raise UpstreamError("The upstream sent a malformed 'usage'")
+    details = usage.get("prompt_tokens_details") or {}
+    if not isinstance(details, dict):
+        raise UpstreamError("The upstream sent a malformed 'usage'")
+    cached = details.get("cached_tokens")
+    return Usage(prompt_tokens=_count(usage.get("prompt_tokens"), "prompt_tokens"),
+                 completion_tokens=_count(usage.get("completion_tokens"), "completion_tokens"),
+                 cached_tokens=None if cached is None else _count(cached, "cached_tokens"))
 
 
-def _stream_error(error: Any) -> StreamgateError:
+def _stream_error(error: Any, secrets: tuple[str, ...]) -> StreamgateError:
     """An error the upstream reported inside its stream."""
     message = error.get("message") if isinstance(error, dict) else error
     code = error.get("code") if isinstance(error, dict) else None
-    return UpstreamError(f"Upstream: {message}" if message else "The upstream reported an error",
-                         code=str(code) if isinstance(code, str) and code else None)
+    text = relayed(str(message), secrets) if message else ""
+    return UpstreamError(f"Upstream: {text}" if text else "The upstream reported an error",
+                         code=relayed(code, secrets)[:64] if isinstance(code, str) and code
+                         else None)
 
 
 def _json(data: str | bytes) -> Any:
     try:
         return json.loads(data)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise UpstreamError("The upstream sent an event that is not valid JSON") from e
 
 
-def _error_fields(raw: bytes) -> tuple[str, str | None, str | None]:
-    """(message, param, code) from an OpenAI error body, or FastAPI's ``detail``, or text."""
+def _error_fields(raw: bytes, secrets: tuple[str, ...]) -> tuple[str, str | None, str | None]:
+    """(message, param, code) from an OpenAI error body, or FastAPI's ``detail``, or text;
+    all of it relayed text (no secret, capped)."""
     text = raw.decode("utf-8", "replace").strip()
     try:
         doc = json.loads(text)
-    except ValueError:
-        return text[:500], None, None
+    except (ValueError, RecursionError):
+        return relayed(text, secrets), None, None
     error = doc.get("error", doc) if isinstance(doc, dict) else doc
     if isinstance(error, dict):
         message = error.get("message") or error.get("detail") or ""
         param, code = error.get("param"), error.get("code")
-        return (str(message)[:500],
-                param if isinstance(param, str) else None,
-                code if isinstance(code, str) else None)
-    return str(error)[:500], None, None
-
-
-def _retry_after(value: str) -> float | None:
-    """Retry-After in seconds: a number, or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
+        return (relayed(str(message), secrets),
+                relayed(param, secrets)[:128] if isinstance(param, str) else None,
+                relayed(code, secrets)[:64] if isinstance(code, str) else None)
+    return relayed(str(error), secrets), None, None
 
 
 def model_map(entries: tuple[str, ...]) -> dict[str, str]:
@@ -421,152 +455,10 @@ def _part(part: str | Image) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-class Upstream:
-    """Keep-alive HTTP/1.1 connections to one base URL, reused across invocations."""
-
-    def __init__(self, base_url: str, connect_timeout_s: float) -> None:
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError("STREAMGATE_UPSTREAM_BASE_URL must be an http:// or https:// URL "
-                              "such as http://127.0.0.1:8000/v1")
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname
-        self._port = parts.port or (443 if self._https else 80)
-        self._prefix = parts.path.rstrip("/")
-        self._where = f"{self._host}:{self._port}"  # for messages: never the path or userinfo
-        self._connect_timeout_s = connect_timeout_s
-        self._idle: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
-
-    def open(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str],
-             *, timeout: float) -> Exchange:
-        """Send a request, wait up to ``timeout`` for the response headers."""
-        with self._lock:
-            reused = self._idle.pop() if self._idle else None
-        if reused is not None:
-            try:
-                return self._send(reused, method, path, body, headers, timeout)
-            except (ConnectionError, http.client.RemoteDisconnected, BrokenPipeError):
-                reused.close()  # the upstream closed a kept-alive connection: use a new one
-        return self._send(self._new(), method, path, body, headers, timeout)
-
-    def _new(self) -> http.client.HTTPConnection:
-        if self._https:
-            return http.client.HTTPSConnection(self._host, self._port,
-                                               timeout=self._connect_timeout_s,
-                                               context=ssl.create_default_context())
-        return http.client.HTTPConnection(self._host, self._port,
-                                          timeout=self._connect_timeout_s)
-
-    def _send(self, conn: http.client.HTTPConnection, method: str, path: str,
-              body: bytes | None, headers: Mapping[str, str], timeout: float) -> Exchange:
-        fresh = conn.sock is None
-        if fresh:
-            try:
-                conn.connect()
-            except TimeoutError as e:
-                conn.close()
-                raise UpstreamTimeoutError(f"Could not connect to the upstream at {self._where} "
-                                           "in time", transient=True) from e
-            except ssl.SSLError as e:
-                conn.close()
-                raise UpstreamError(f"TLS with the upstream at {self._where} failed") from e
-            except OSError as e:  # refused, unreachable, DNS
-                conn.close()
-                raise UpstreamError(f"Could not reach the upstream at {self._where}",
-                                    transient=True) from e
-        try:
-            assert conn.sock is not None
-            conn.sock.settimeout(max(timeout, 0.001))
-            conn.request(method, self._prefix + path, body=body, headers=dict(headers))
-            response = conn.getresponse()
-        except TimeoutError as e:
-            conn.close()
-            raise UpstreamTimeoutError(
-                f"The upstream sent no output within {timeout:g} s") from e
-        except (ConnectionError, http.client.RemoteDisconnected, BrokenPipeError):
-            conn.close()
-            if not fresh:
-                raise  # open() retries once on a new connection
-            raise UpstreamError(f"The upstream at {self._where} closed the connection",
-                                transient=True) from None
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
-            raise UpstreamError(f"The upstream at {self._where} sent a broken response") from e
-        return Exchange(self, conn, response)
-
-    def give_back(self, conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            self._idle.append(conn)
-
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-
-
-class Exchange:
-    """One request's response: reads with a timeout each, then either back to the pool
-    (``finish()`` after a complete, keep-alive response) or closed (``close()``)."""
-
-    def __init__(self, upstream: Upstream, conn: http.client.HTTPConnection,
-                 response: http.client.HTTPResponse) -> None:
-        self._upstream = upstream
-        self._conn = conn
-        self._response = response
-        self._done = False
-        self.status = response.status
-
-    def header(self, name: str) -> str:
-        return self._response.getheader(name, "") or ""
-
-    def read(self, timeout: float, message: str) -> bytes:
-        """The next bytes of the body (b"" at its end), or UpstreamTimeoutError(message)."""
-        self._timeout(timeout)
-        try:
-            return self._response.read1(_READ_SIZE)
-        except TimeoutError as e:
-            raise UpstreamTimeoutError(message) from e
-        except (OSError, http.client.HTTPException) as e:
-            raise UpstreamError("The connection to the upstream broke mid-stream") from e
-
-    def body(self, limit: int, timeout: float) -> bytes:
-        self._timeout(timeout)
-        try:
-            return self._response.read(limit)
-        except (OSError, http.client.HTTPException):
-            return b""
-
-    def finish(self) -> None:
-        """After a complete answer: keep the connection if the upstream allows it."""
-        try:
-            self._timeout(1.0)
-            clean = not self._response.read(1) and not self._response.will_close
-        except (OSError, http.client.HTTPException):
-            clean = False
-        if clean:
-            self._done = True
-            self._response.close()
-            self._upstream.give_back(self._conn)
-
-    def close(self) -> None:
-        """Drop the connection unless ``finish()`` returned it (client gone, error, timeout)."""
-        if not self._done:
-            self._done = True
-            self._response.close()
-            self._conn.close()
-
-    def _timeout(self, seconds: float) -> None:
-        sock = self._conn.sock
-        if sock is not None:
-            sock.settimeout(max(seconds, 0.001))
-
-
 def create(settings: Settings) -> OpenAIProvider:
     if not settings.upstream_base_url:
         raise ConfigError("STREAMGATE_UPSTREAM_BASE_URL is required when "
                           "STREAMGATE_PROVIDER=openai (e.g. http://127.0.0.1:8000/v1)")
-    http_client = Upstream(settings.upstream_base_url, settings.upstream_connect_timeout_s)
+    http_client = Upstream(settings.upstream_base_url, settings.upstream_connect_timeout_s,
+                           max_idle_s=settings.upstream_max_idle_s)
     return OpenAIProvider(settings, api_key(settings), http_client)
-

@@ -1,0 +1,265 @@
+"""HTTP/1.1 to an upstream, on the standard library's ``http.client``, every wait bounded.
+
+It streams, takes a timeout per read, keeps connections alive for reuse across invocations of
+the container, and costs nothing at cold start; urllib3 (present in the Lambda runtime through
+botocore) would add ~20 ms of imports for nothing we use.
+
+Waits: each call names the monotonic instant by which it must have made progress (the caller
+combines its own timeout with the request's deadline). That instant is both the socket timeout
+of every ``recv`` and a :func:`streamgate.deadline.guard` on the socket, so a peer that trickles
+bytes (a status line, a chunk-size line, a TLS handshake) cannot stretch a wait past it. A
+wait that ends that way raises :class:`WaitExpired`; the caller says what it was waiting for.
+
+Kept-alive connections: the upstream may close one while it sits idle (the normal case after
+Lambda thaws a container). One that is readable before reuse (a FIN or stray bytes), or idle
+longer than ``max_idle_s`` (NAT gateways drop silent flows without telling either side), is
+discarded; a write or read that finds the connection closed is retried once on a new one.
+"""
+
+from __future__ import annotations
+
+import http.client
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+from streamgate.deadline import Deadline, Guard, guard
+from streamgate.errors import ConfigError, UpstreamError, UpstreamTimeoutError
+
+READ_SIZE = 65536
+
+
+class WaitExpired(Exception):
+    """A wait reached the instant it was given, with nothing (or not enough) read."""
+
+
+class Upstream:
+    """Keep-alive HTTP/1.1 connections to one base URL, reused across invocations."""
+
+    def __init__(self, base_url: str, connect_timeout_s: float, *,
+                 max_idle_s: float = 60.0) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError("STREAMGATE_UPSTREAM_BASE_URL must be an http:// or https:// URL "
+                              "such as http://127.0.0.1:8000/v1")
+        self._tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._tls else 80)
+        self._prefix = parts.path.rstrip("/")
+        self.where = f"{self._host}:{self._port}"  # for messages: never the path or userinfo
+        self._connect_timeout_s = connect_timeout_s
+        self._max_idle_s = max_idle_s
+        self._idle: list[tuple[float, http.client.HTTPConnection]] = []
+        self._lock = threading.Lock()
+
+    def open(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str],
+             *, until: float, deadline: Deadline) -> Exchange:
+        """Send a request and read the response's status and headers by ``until``."""
+        reused = self._take_idle()
+        if reused is not None:
+            try:
+                return self._send(reused, method, path, body, headers, until, deadline,
+                                  fresh=False)
+            except _Stale:
+                pass  # the upstream closed a kept-alive connection: use a new one
+        return self._send(self._connect(until, deadline), method, path, body, headers, until,
+                          deadline, fresh=True)
+
+    def _take_idle(self) -> http.client.HTTPConnection | None:
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None
+                since, conn = self._idle.pop()
+            if now - since <= self._max_idle_s and not _readable(conn.sock):
+                return conn
+            conn.close()
+
+    def _connect(self, until: float, deadline: Deadline) -> http.client.HTTPConnection:
+        """A new connection, TCP and TLS done here so the guard covers the handshake too."""
+        conn = http.client.HTTPConnection(self._host, self._port)
+        wait = min(self._connect_timeout_s, until - time.monotonic())
+        sock: socket.socket | None = None
+        g: Guard | None = None
+        try:
+            if wait <= 0:
+                raise TimeoutError
+            sock = socket.create_connection((self._host, self._port), timeout=wait)
+            g = guard(sock, time.monotonic() + wait)
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_hostname=self._host,
+                                             do_handshake_on_connect=False)
+                g.sock = sock
+                sock.do_handshake()
+            if g.fired:
+                raise TimeoutError
+        except TimeoutError as e:
+            _discard(sock, g)
+            deadline.check()
+            raise UpstreamTimeoutError(f"Could not connect to the upstream at {self.where} "
+                                       "in time", transient=True) from e
+        except ssl.SSLError as e:
+            _discard(sock, g)
+            if g is not None and g.fired:
+                deadline.check()
+                raise UpstreamTimeoutError(f"Could not connect to the upstream at {self.where} "
+                                           "in time", transient=True) from e
+            raise UpstreamError(f"TLS with the upstream at {self.where} failed") from e
+        except OSError as e:  # refused, unreachable, DNS
+            _discard(sock, g)
+            if g is not None and g.fired:
+                deadline.check()
+                raise UpstreamTimeoutError(f"Could not connect to the upstream at {self.where} "
+                                           "in time", transient=True) from e
+            raise UpstreamError(f"Could not reach the upstream at {self.where}",
+                                transient=True) from e
+        assert g is not None
+        g.cancel()
+        conn.sock = sock
+        return conn
+
+    def _send(self, conn: http.client.HTTPConnection, method: str, path: str,
+              body: bytes | None, headers: Mapping[str, str], until: float,
+              deadline: Deadline, *, fresh: bool) -> Exchange:
+        assert conn.sock is not None
+        g = guard(conn.sock, until)
+        try:
+            conn.sock.settimeout(max(until - time.monotonic(), 0.001))
+            conn.request(method, self._prefix + path, body=body, headers=dict(headers))
+            response = conn.getresponse()
+        except (ConnectionError, http.client.RemoteDisconnected) as e:
+            g.cancel()
+            conn.close()
+            if g.fired:
+                deadline.check()
+                raise UpstreamTimeoutError(
+                    f"The upstream at {self.where} did not answer in time") from e
+            if not fresh:
+                raise _Stale from e
+            raise UpstreamError(f"The upstream at {self.where} closed the connection",
+                                transient=True) from e
+        except TimeoutError as e:
+            g.cancel()
+            conn.close()
+            deadline.check()
+            raise UpstreamTimeoutError(
+                f"The upstream at {self.where} did not answer in time") from e
+        except (OSError, http.client.HTTPException) as e:
+            g.cancel()
+            conn.close()
+            if g.fired:
+                deadline.check()
+                raise UpstreamTimeoutError(
+                    f"The upstream at {self.where} did not answer in time") from e
+            raise UpstreamError(f"The upstream at {self.where} sent a broken response") from e
+        return Exchange(self, conn, response, g)
+
+    def give_back(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._idle.append((time.monotonic(), conn))
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for _, conn in idle:
+            conn.close()
+
+
+class _Stale(Exception):
+    """A reused connection turned out to be closed before the upstream read our request."""
+
+
+def _readable(sock: socket.socket | None) -> bool:
+    """An idle connection with something to read has been closed (or spoilt) by the peer."""
+    if sock is None:
+        return True
+    try:
+        ready, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(ready)
+
+
+def _discard(sock: socket.socket | None, g: Guard | None) -> None:
+    if g is not None:
+        g.cancel()
+    if sock is not None:
+        sock.close()
+
+
+class Exchange:
+    """One request's response: reads bounded by an instant each, then either back to the pool
+    (``finish()`` after a complete, keep-alive response) or closed (``close()``)."""
+
+    def __init__(self, upstream: Upstream, conn: http.client.HTTPConnection,
+                 response: http.client.HTTPResponse, g: Guard) -> None:
+        self._upstream = upstream
+        self._conn = conn
+        self._response = response
+        self._guard = g
+        self._done = False
+        self.status = response.status
+
+    def header(self, name: str) -> str:
+        return self._response.getheader(name, "") or ""
+
+    def read(self, until: float) -> bytes:
+        """The next bytes of the body (b"" at its end). Raises :class:`WaitExpired` when
+        ``until`` passes first, ``UpstreamError`` if the connection breaks."""
+        self._bound(until)
+        try:
+            data = self._response.read1(READ_SIZE)
+        except TimeoutError as e:
+            raise WaitExpired from e
+        except (OSError, http.client.HTTPException) as e:
+            if self._guard.fired:
+                raise WaitExpired from e
+            raise UpstreamError("The connection to the upstream broke mid-stream") from e
+        if not data and self._guard.fired:
+            raise WaitExpired
+        return data
+
+    def body(self, limit: int, until: float) -> bytes:
+        """The whole body, at most ``limit`` bytes; :class:`WaitExpired` if it is not all there
+        by ``until``, ``UpstreamError`` if the connection breaks or it is larger."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            data = self.read(until)
+            if not data:
+                return b"".join(chunks)
+            size += len(data)
+            if size > limit:
+                raise UpstreamError(f"The upstream's answer is larger than {limit} bytes")
+            chunks.append(data)
+
+    def finish(self) -> None:
+        """After a complete answer: keep the connection if the upstream allows it."""
+        try:
+            clean = not self.read(time.monotonic() + 1.0) and not self._response.will_close
+        except (WaitExpired, UpstreamError):
+            clean = False
+        if clean:
+            self._done = True
+            self._guard.cancel()
+            self._response.close()
+            self._upstream.give_back(self._conn)
+
+    def close(self) -> None:
+        """Drop the connection unless ``finish()`` returned it (client gone, error, timeout)."""
+        if not self._done:
+            self._done = True
+            self._guard.cancel()
+            self._response.close()
+            self._conn.close()
+
+    def _bound(self, until: float) -> None:
+        self._guard.move(until)
+        sock = self._conn.sock
+        if sock is not None:
+            sock.settimeout(max(until - time.monotonic(), 0.001))

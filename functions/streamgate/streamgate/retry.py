@@ -1,0 +1,85 @@
+"""The retry policy every provider shares: reading ``Retry-After``, and when a failed call is
+tried again.
+
+A call is retried only while nothing has been yielded (so before the handler commits the HTTP
+status), only for a transient failure, and only when its wait is short: at most
+``8 × backoff`` (the backoff cap) and ending before the request's deadline. A longer
+``Retry-After`` is not slept out: the client gets the 429/503 at once, with the (capped) wait,
+and decides for itself (https://www.rfc-editor.org/rfc/rfc9110#field.retry-after).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, TypeVar
+
+from streamgate.errors import RETRY_AFTER_CAP_S, StreamgateError
+
+if TYPE_CHECKING:
+    from streamgate.deadline import Deadline
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """``Retry-After`` in seconds: delay-seconds or an HTTP date, as RFC 9110 allows (and the
+    fractional seconds some servers send). Finite, at least 0, at most ``RETRY_AFTER_CAP_S``:
+    ``inf``, ``1e400`` and dates years ahead all mean "long", i.e. the cap. ``None`` when
+    absent or unreadable."""
+    if not value:
+        return None
+    text = value.strip()[:64]
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text).timestamp()
+        except (TypeError, ValueError, OverflowError, IndexError):
+            return None
+        seconds = when - (time.time() if now is None else now)
+    if math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
+
+
+def with_retries(
+    attempt: Callable[[], Iterator[T]],
+    *,
+    attempts: int,
+    backoff_s: float,
+    deadline: Deadline,
+    upstream: str,
+    honour_retry_after: bool = True,
+) -> Iterator[T]:
+    """The items of ``attempt()``, calling it again after a transient failure while nothing
+    has been yielded. Waits use full-jitter exponential backoff (at most ``8 × backoff_s``),
+    or the failure's ``retry_after`` when it asks for longer (with ``honour_retry_after``:
+    the upstream said so; Bedrock sends none, and its errors carry only our hint to the
+    client); see the module docstring for when a wait is too long to take."""
+    cap = backoff_s * 8
+    for n in range(1, attempts + 1):
+        started = False
+        try:
+            for item in attempt():
+                started = True
+                yield item
+            return
+        except StreamgateError as e:
+            if started or not e.transient or n == attempts:
+                raise
+            delay = random.uniform(0, min(cap, backoff_s * 2 ** (n - 1)))
+            if honour_retry_after and e.retry_after is not None:
+                delay = max(delay, e.retry_after)
+            if delay > cap or delay >= deadline.remaining():
+                raise  # not worth holding the request for: the client decides
+            logger.warning("%s attempt %d of %d failed (%s); retrying in %.2f s",
+                           upstream, n, attempts, e.code, delay)
+            time.sleep(delay)
+            deadline.check()
