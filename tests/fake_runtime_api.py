@@ -1,10 +1,15 @@
 """A fake Lambda Runtime API: a real HTTP server on 127.0.0.1:0 that hands out queued events,
 answers 410 when they run out (so the loop ends, as in aws-lambda-go's invoke_loop_test.go),
-and records what the runtime sent: headers, each chunk with its arrival time, and trailers."""
+and records what the runtime sent: headers, each chunk with its arrival time, and trailers.
+
+An :class:`Invoke` in the queue scripts a hostile Runtime API for one invocation: other
+``next`` headers, a raw event, and how ``/response`` and ``/error`` are answered (a 500, a
+reply cut short, a connection reset after some chunks)."""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -12,6 +17,20 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from tests.fake_http import start_server
+
+
+@dataclass
+class Invoke:
+    """One invocation as scripted. ``headers`` replace the ``next`` headers of the same name
+    (a None value leaves that header out); ``event`` bytes are sent verbatim. ``response`` and
+    ``error`` say how to answer those posts: "ok" (202), "500", "short" (a 202 whose body is
+    cut short), "reset-after-<n>" (the connection closed after n chunks), or
+    "stall-after-<n>" (nothing more read after n chunks, for 8 s, then closed)."""
+
+    event: Any
+    headers: dict[str, str | None] = field(default_factory=dict)
+    response: str = "ok"
+    error: str = "ok"
 
 
 @dataclass
@@ -36,6 +55,7 @@ class FakeRuntimeAPI:
         self.hold_when_empty.set()
         self.chunk_arrived = threading.Condition()
         self._counter = 0
+        self._current: Invoke = Invoke(None)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,15 +69,24 @@ class FakeRuntimeAPI:
                     self._answer(410, b'{"errorMessage":"no more invocations"}')
                     return
                 fake._counter += 1
-                body = json.dumps(fake.events.pop(0)).encode()
+                item = fake.events.pop(0)
+                invoke = item if isinstance(item, Invoke) else Invoke(item)
+                fake._current = invoke
+                body = (invoke.event if isinstance(invoke.event, bytes)
+                        else json.dumps(invoke.event).encode())
+                headers: dict[str, str | None] = {
+                    "Lambda-Runtime-Aws-Request-Id": f"req-{fake._counter}",
+                    "Lambda-Runtime-Deadline-Ms": str(int(time.time() * 1000)
+                                                      + fake.deadline_in_ms),
+                    "Lambda-Runtime-Invoked-Function-Arn":
+                        "arn:aws:lambda:us-east-1:123456789012:function:streamgate",
+                    "Lambda-Runtime-Trace-Id":
+                        f"Root=1-5759e988-bd862e3fe1be46a99427{fake._counter:04d};Sampled=1",
+                    **invoke.headers}
                 self.send_response(200)
-                self.send_header("Lambda-Runtime-Aws-Request-Id", f"req-{fake._counter}")
-                self.send_header("Lambda-Runtime-Deadline-Ms",
-                                 str(int(time.time() * 1000) + fake.deadline_in_ms))
-                self.send_header("Lambda-Runtime-Invoked-Function-Arn",
-                                 "arn:aws:lambda:us-east-1:123456789012:function:streamgate")
-                self.send_header("Lambda-Runtime-Trace-Id",
-                                 f"Root=1-5759e988-bd862e3fe1be46a99427{fake._counter:04d};Sampled=1")
+                for name, value in headers.items():
+                    if value is not None:
+                        self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -65,14 +94,34 @@ class FakeRuntimeAPI:
             def do_POST(self) -> None:  # noqa: N802
                 posted = Posted(self.path, {k.lower(): v for k, v in self.headers.items()})
                 fake.posted.append(posted)
+                how = (fake._current.error if self.path.endswith("/error")
+                       else fake._current.response)
+                cut = int(how.rsplit("-", 1)[1]) if how.startswith(("reset-", "stall-")) else None
                 if posted.headers.get("transfer-encoding", "").lower() == "chunked":
-                    self._read_chunked(posted)
+                    if not self._read_chunked(posted, cut, stall=how.startswith("stall-")):
+                        self.close_connection = True  # a reset: hang up mid-request
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
                 else:
                     posted.body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                self._answer(202, b'{"status":"OK"}')
+                if how == "500":
+                    self._answer(500, b'{"errorMessage":"internal"}')
+                elif how == "short":
+                    self.send_response(202)
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    self.wfile.write(b'{"stat')
+                    self.close_connection = True
+                else:
+                    self._answer(202, b'{"status":"OK"}')
 
-            def _read_chunked(self, posted: Posted) -> None:
+            def _read_chunked(self, posted: Posted, cut: int | None, *,
+                              stall: bool = False) -> bool:
                 while True:
+                    if cut is not None and len(posted.chunks) >= cut:
+                        if stall:
+                            time.sleep(8)
+                        return False
                     size = int(self.rfile.readline().split(b";")[0].strip(), 16)
                     if size == 0:
                         break
@@ -84,6 +133,7 @@ class FakeRuntimeAPI:
                 while (line := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
                     name, _, value = line.decode().partition(":")
                     posted.trailers[name.strip()] = value.strip()
+                return True
 
             def _answer(self, status: int, body: bytes) -> None:
                 self.send_response(status)
