@@ -16,13 +16,25 @@ from tests.helpers import ScriptedProvider, body_bytes, chat_event, make_app
 BOUNDED = settings(max_examples=300, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow])
 
-# JSON values, including the awkward ones: surrogate-free unicode, big and negative numbers.
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
-                                                                max_size=4),
-    max_leaves=20)
+# Text JSON can carry but UTF-8 cannot: lone surrogates ("\ud800"), among ordinary characters.
+any_text = st.lists(st.sampled_from(["\ud800", "\udfff", "\udc00", "\ud83d", "a", "é", " "]),
+                    min_size=1, max_size=6).map("".join)
+
+
+def _json_values(text: st.SearchStrategy[str]) -> st.SearchStrategy[Any]:
+    """JSON values with awkward numbers (big, negative) and the given text in strings and
+    keys."""
+    return st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+        | st.floats(allow_nan=False, allow_infinity=False) | text,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+            text.map(lambda t: t[:12]), inner, max_size=4),
+        max_leaves=20)
+
+
+# Any JSON a client may send, lone surrogates included; and JSON with text UTF-8 can carry.
+json_values = _json_values(st.text(max_size=40) | any_text)
+utf8_values = _json_values(st.text(max_size=40))
 
 message = st.fixed_dictionaries(
     {"role": st.sampled_from(["system", "user", "assistant", "tool", "developer", "x"])},
@@ -31,7 +43,7 @@ message = st.fixed_dictionaries(
         optional={"text": json_values, "image_url": json_values}), max_size=3),
         "tool_calls": json_values, "tool_call_id": json_values, "name": json_values})
 good_message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "developer"]),
-                                      "content": st.text(min_size=1, max_size=30)})
+                                      "content": st.text(min_size=1, max_size=30) | any_text})
 
 
 def _either(good: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -46,7 +58,7 @@ chat_bodies = st.builds(
     st.lists(st.one_of(good_message, good_message, message), min_size=1, max_size=3)
     | json_values,
     st.fixed_dictionaries({}, optional={
-        "model": _either(st.sampled_from(["scripted-1", "gemma-3-270m", "unknown"])),
+        "model": _either(st.sampled_from(["scripted-1", "gemma-3-270m", "unknown"]) | any_text),
         "stream": _either(st.booleans()),
         "stream_options": _either(st.fixed_dictionaries({"include_usage": st.booleans()})),
         "max_tokens": _either(st.integers(-3, 5_000)),
@@ -55,7 +67,7 @@ chat_bodies = st.builds(
         "top_p": _either(st.floats(-0.5, 1.5)),
         "stop": _either(st.lists(st.text(max_size=5), max_size=5) | st.text(max_size=5)),
         "seed": _either(st.integers(-(2**64), 2**64)),
-        "user": _either(st.text(max_size=10)),
+        "user": _either(st.text(max_size=10) | any_text),
         "n": _either(st.integers(0, 3)),
         "tools": json_values, "tool_choice": json_values, "parallel_tool_calls": json_values,
         "response_format": _either(st.fixed_dictionaries(
@@ -102,7 +114,7 @@ def test_any_bytes_are_answered_or_refused_with_a_4xx(body: bytes) -> None:
 
 
 @BOUNDED
-@given(st.lists(json_values, min_size=1, max_size=5), st.integers(1, 7))
+@given(st.lists(utf8_values, min_size=1, max_size=5), st.integers(1, 7))
 def test_encoded_events_decode_back_to_the_same_objects(objects: list[Any], cut: int) -> None:
     stream = b"".join(sse.data_event(o) for o in objects) + sse.DONE
     decoder = sse.Decoder()
