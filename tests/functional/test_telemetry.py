@@ -211,3 +211,33 @@ def test_with_tracing_the_provider_call_is_an_xray_subsegment() -> None:
                                    "finish_reason": "stop"}
     assert good["metadata"]["default"]["usage"] == {"prompt_tokens": 5, "completion_tokens": 4}
     assert bad["fault"] is True and bad["annotations"]["error_code"] == "upstream_error"
+
+
+def test_a_metrics_flush_that_fails_loses_nothing_else_and_doubles_nothing_later(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    # GIVEN stdout that refuses the first EMF blob written to it (a full pipe, say)
+    real = sys.stdout
+
+    class Refusing:
+        refused = 0
+
+        def write(self, text: str) -> int:
+            if '"_aws"' in text and Refusing.refused == 0:
+                Refusing.refused += 1
+                raise OSError("stdout is gone")
+            return real.write(text)
+
+        def flush(self) -> None:
+            real.flush()
+
+    app = make_app(metrics=True)
+    monkeypatch.setattr(sys, "stdout", Refusing())
+    # WHEN one request's flush fails, THEN the request still completes and is logged
+    failed = _run(capsys, app)
+    assert Refusing.refused == 1
+    assert failed.log["status"] == 200
+    # AND the next request's metrics are its own, not the failed request's as well
+    later = _run(capsys, app)
+    assert later.metrics()["Requests"] == 1.0
