@@ -7,6 +7,8 @@
    second, characters and chunks per answer.
 2. The pipeline's own cost with an instant provider: added time to first byte over calling the
    provider directly, and microseconds per chunk for validation + chunk building + SSE encoding.
+3. The upstream SSE decoder: one event of 2, 4, 8 and 16 MB fed in 64 KB reads (the cost must
+   grow linearly: the ratio to the 2 MB figure should stay near 1, 2, 4, 8), and small events.
 
 Prints medians measured in this one run; machines here are shared, so compare ratios, not runs.
 """
@@ -143,6 +145,34 @@ def bench_pipeline(rounds: int, chunks_n: int) -> None:
           f" over {chunks_n} chunks")
 
 
+def bench_decoder() -> None:
+    from streamgate.sse import Decoder
+
+    piece = b"x" * 65536
+    print("SSE decoder, one event in 64 KB reads (median of 3)")
+    base = None
+    for mb in (2, 4, 8, 16):
+        times = []
+        for _ in range(3):
+            decoder = Decoder(max_event_chars=64 << 20)
+            t0 = time.perf_counter()
+            decoder.feed(b"data: ")
+            for _ in range(mb * 16):
+                decoder.feed(piece)
+            assert len(decoder.feed(b"\n\n")) == 1
+            times.append(time.perf_counter() - t0)
+        median = statistics.median(times)
+        base = base or median
+        print(f"  {mb:2d} MB event                 {median * 1000:8.1f} ms  ({median / base:.1f}x)")
+    small = b"".join(b'data: {"choices":[{"delta":{"content":"word"}}]}\n\n' for _ in range(1000))
+    decoder = Decoder()
+    t0 = time.perf_counter()
+    for _ in range(100):
+        decoder.feed(small)
+    per_event = (time.perf_counter() - t0) / 100_000 * 1e6
+    print(f"  small events               {per_event:8.2f} us per event")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,6 +180,7 @@ def main() -> None:
     parser.add_argument("--skip-model", action="store_true")
     args = parser.parse_args()
     bench_pipeline(rounds=2000, chunks_n=20_000)
+    bench_decoder()
     if not args.skip_model:
         bench_model(args.requests)
 
