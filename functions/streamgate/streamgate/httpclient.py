@@ -82,7 +82,8 @@ class Upstream:
 
     def _connect(self, until: float, deadline: Deadline) -> http.client.HTTPConnection:
         """A new connection, TCP and TLS done here so the guard covers the handshake too."""
-        conn = http.client.HTTPConnection(self._host, self._port)
+        conn = (http.client.HTTPSConnection(self._host, self._port, context=self._tls)
+                if self._tls is not None else http.client.HTTPConnection(self._host, self._port))
         wait = min(self._connect_timeout_s, until - time.monotonic())
         sock: socket.socket | None = None
         g: Guard | None = None
