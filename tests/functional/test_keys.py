@@ -160,20 +160,29 @@ def test_usage_command_reports_days_and_models(store: KeyStore, clock: Clock,
     assert keys_main(["--table", TABLE, "usage", record.id, "--since", "2026-11-01",
                       "--until", "2026-11-30", "--json"], store=store) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [(r["day"], r["model"], r["requests"], r["prompt_tokens"], r["completion_tokens"])
-            for r in rows] == [("2026-11-21", "scripted-1", 1, 5, 4),
-                               ("2026-11-21", "scripted-2", 1, 5, 4),
-                               ("2026-11-22", "scripted-1", 1, 5, 4)]
+    assert [(r["day"], r["model"], r["requests"], r["prompt_tokens"], r["completion_tokens"],
+             r["unsettled"], r["reserved_tokens"])
+            for r in rows] == [("2026-11-21", "scripted-1", 1, 5, 4, 0, 0),
+                               ("2026-11-21", "scripted-2", 1, 5, 4, 0, 0),
+                               ("2026-11-22", "scripted-1", 1, 5, 4, 0, 0)]
     assert keys_main(["--table", TABLE, "usage", record.id, "--since", "2026-11-01"],
                      store=store) == 0
-    assert capsys.readouterr().out.splitlines()[-1].split() == ["total", "3", "15", "12", "0"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["DAY", "MODEL", "REQUESTS", "PROMPT", "COMPLETION", "ERRORS",
+                                "UNSETTLED", "RESERVED"]
+    assert lines[-1].split() == ["total", "3", "15", "12", "0", "0", "0"]
 
 
 def test_the_key_tool_reports_a_missing_table_clearly(
         store: KeyStore, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a table name that does not exist
+    # WHEN the key tool lists its keys
     code = keys_main(["--table", "nope", "list"], store=KeyStore("nope", client=store.client))
-    assert code == 2
-    assert "key store is unavailable" in capsys.readouterr().err
+    # THEN it says so, not that the store is unavailable, with the status for a missing table
+    assert code == 6
+    assert capsys.readouterr().err == (
+        "streamgate.keys: keys table nope does not exist in us-east-1; check --table (or "
+        "STREAMGATE_KEYS_TABLE) and the region; for a local table run init first\n")
 
 
 # -- authentication and authorisation ---------------------------------------------------------
