@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import pytest
 
 from streamgate.keys import main as keys_main
@@ -96,6 +97,7 @@ def test_no_credentials_is_named_and_exits_4(
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "absent"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "absent"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    boto3.setup_default_session()  # forget credentials an earlier test's session found
     # WHEN the tool runs; THEN it says no credentials were found
     assert _run(capsys, "init") == (
         4, "", "streamgate.keys: no AWS credentials found: set AWS_PROFILE, or "

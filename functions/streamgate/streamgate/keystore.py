@@ -567,13 +567,12 @@ def load_template(template: Path) -> dict[str, Any]:
 def build_client(timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
     """A DynamoDB client for one call's time budget: at most half of it to connect and half
     for each read, and no retries of its own (:meth:`KeyStore._call` makes the second attempt,
-    within the budget). A session of its own, so region and credentials are the environment's
-    as it is now. The standard ``AWS_ENDPOINT_URL_DYNAMODB`` variable points it at a local
-    table."""
+    within the budget). The standard ``AWS_ENDPOINT_URL_DYNAMODB`` variable points it at a
+    local table."""
     import boto3
     from botocore.config import Config
 
-    return boto3.session.Session().client("dynamodb", config=Config(
+    return boto3.client("dynamodb", config=Config(
         connect_timeout=timeout_s / 2, read_timeout=timeout_s / 2,
         retries={"mode": "standard", "total_max_attempts": 1}))
 
