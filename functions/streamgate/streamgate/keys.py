@@ -214,7 +214,7 @@ def _usage(store: KeyStore, args: argparse.Namespace) -> int:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
         return 0
     # UNSETTLED: admitted but never settled (still running, or its process died);
-    # RESERVED: the tokens those requests reserved, charged to the budget as they stand.
+    # RESERVED: the tokens they reserved (still charged to the monthly budget, if any).
     print(f"{'DAY':10}  {'MODEL':32}  {'REQUESTS':>8}  {'PROMPT':>10}  {'COMPLETION':>10}  "
           f"{'ERRORS':>6}  {'UNSETTLED':>9}  {'RESERVED':>10}")
     totals = [0] * 6
