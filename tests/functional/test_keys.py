@@ -3,6 +3,7 @@ table created from template.yaml's own definition."""
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -92,6 +93,12 @@ def _usage(store: KeyStore, key_id: str) -> list[tuple[str, int, int, int, int]]
             for r in store.usage(key_id, date(2026, 11, 1), date(2026, 11, 30))]
 
 
+def _open(store: KeyStore, key_id: str) -> list[tuple[str, str, int, int]]:
+    """Per usage record: day, model, and the requests still unsettled and their reservation."""
+    return [(r.day, r.model, r.unsettled, r.reserved_tokens)
+            for r in store.usage(key_id, date(2026, 11, 1), date(2026, 11, 30))]
+
+
 # -- the table and the key tool -----------------------------------------------------------
 
 
@@ -153,20 +160,29 @@ def test_usage_command_reports_days_and_models(store: KeyStore, clock: Clock,
     assert keys_main(["--table", TABLE, "usage", record.id, "--since", "2026-11-01",
                       "--until", "2026-11-30", "--json"], store=store) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [(r["day"], r["model"], r["requests"], r["prompt_tokens"], r["completion_tokens"])
-            for r in rows] == [("2026-11-21", "scripted-1", 1, 5, 4),
-                               ("2026-11-21", "scripted-2", 1, 5, 4),
-                               ("2026-11-22", "scripted-1", 1, 5, 4)]
+    assert [(r["day"], r["model"], r["requests"], r["prompt_tokens"], r["completion_tokens"],
+             r["unsettled"], r["reserved_tokens"])
+            for r in rows] == [("2026-11-21", "scripted-1", 1, 5, 4, 0, 0),
+                               ("2026-11-21", "scripted-2", 1, 5, 4, 0, 0),
+                               ("2026-11-22", "scripted-1", 1, 5, 4, 0, 0)]
     assert keys_main(["--table", TABLE, "usage", record.id, "--since", "2026-11-01"],
                      store=store) == 0
-    assert capsys.readouterr().out.splitlines()[-1].split() == ["total", "3", "15", "12", "0"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["DAY", "MODEL", "REQUESTS", "PROMPT", "COMPLETION", "ERRORS",
+                                "UNSETTLED", "RESERVED"]
+    assert lines[-1].split() == ["total", "3", "15", "12", "0", "0", "0"]
 
 
 def test_the_key_tool_reports_a_missing_table_clearly(
         store: KeyStore, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a table name that does not exist
+    # WHEN the key tool lists its keys
     code = keys_main(["--table", "nope", "list"], store=KeyStore("nope", client=store.client))
-    assert code == 2
-    assert "key store is unavailable" in capsys.readouterr().err
+    # THEN it says so, not that the store is unavailable, with the status for a missing table
+    assert code == 6
+    assert capsys.readouterr().err == (
+        "streamgate.keys: keys table nope does not exist in us-east-1; check --table (or "
+        "STREAMGATE_KEYS_TABLE) and the region; for a local table run init first\n")
 
 
 # -- authentication and authorisation ---------------------------------------------------------
@@ -388,6 +404,63 @@ def test_usage_of_a_stream_the_client_abandoned(store: KeyStore, clock: Clock) -
     response.close()
     assert provider.closed.is_set()
     assert _usage(store, record.id) == [("scripted-1", 1, 5, 1, 0)]
+
+
+def test_a_request_whose_process_dies_stays_in_usage_as_unsettled_with_its_reservation(
+        store: KeyStore, clock: Clock, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a key with a minute and a monthly limit, and a request admitted under it
+    # ("hi" and max_tokens 40 reserve 5 + 40 = 45 tokens)
+    key, record = store.create("killed", tpm=1_000, budget=10_000)
+    app = _app(store, clock)
+    response, _ = _call(app, key, {"prompt": "hi", "stream": True, "max_tokens": 40},
+                        close=False)
+    assert response.status == 200
+    next(response.body)  # it has started streaming
+
+    # WHEN its process dies: the response is never closed, so it never settles
+    del response
+    gc.collect()
+
+    # THEN the day's usage shows the request, unsettled, with what it reserved
+    (row,) = store.usage(record.id, date(2026, 11, 1), date(2026, 11, 30))
+    assert (row.day, row.model, row.requests, row.unsettled, row.reserved_tokens) == (
+        "2026-11-21", "scripted-1", 1, 1, 45)
+    assert (row.prompt_tokens, row.completion_tokens, row.errors) == (0, 0, 0)
+    # and the key keeps paying its reservation: the minute's tokens and the month's budget
+    assert _item(store, record.id, f"MIN#{int(clock.now // 60)}")["tokens"] == 45
+    assert store.month_tokens(record.id, "2026-11") == 45
+    # and the key tool shows it
+    capsys.readouterr()
+    assert keys_main(["--table", TABLE, "usage", record.id, "--json"], store=store) == 0
+    (shown,) = json.loads(capsys.readouterr().out)
+    assert (shown["unsettled"], shown["reserved_tokens"]) == (1, 45)
+
+
+def test_a_request_that_ends_normally_leaves_nothing_unsettled(store: KeyStore,
+                                                               clock: Clock) -> None:
+    # GIVEN a key
+    key, record = store.create("normal", tpm=1_000, budget=10_000)
+    # WHEN a request is admitted, streamed to the end and closed
+    _call(_app(store, clock), key, {"prompt": "hi", "stream": True, "max_tokens": 40})
+    # THEN its usage record is closed: counted once, nothing unsettled or reserved
+    assert _usage(store, record.id) == [("scripted-1", 1, 5, 4, 0)]
+    assert _open(store, record.id) == [("2026-11-21", "scripted-1", 0, 0)]
+
+
+def test_a_stream_crossing_midnight_settles_in_the_day_it_was_admitted(
+        store: KeyStore, clock: Clock) -> None:
+    # GIVEN a request admitted one second before midnight (UTC)
+    key, record = store.create("late")
+    clock.now = 1_795_305_599.0  # 2026-11-21 23:59:59
+    response, _ = _call(_app(store, clock), key, close=False)
+    assert _open(store, record.id) == [("2026-11-21", "scripted-1", 1, 1_029)]
+    # WHEN it ends the next day
+    clock.now += 2
+    body_bytes(response)
+    response.close()
+    # THEN it closes the record it opened, and opens none on the new day
+    assert _open(store, record.id) == [("2026-11-21", "scripted-1", 0, 0)]
+    assert _usage(store, record.id) == [("scripted-1", 1, 5, 4, 0)]
 
 
 # -- concurrency ----------------------------------------------------------------------------

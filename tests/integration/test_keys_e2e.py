@@ -4,7 +4,6 @@ key tool as a separate process, the dev server, and the official OpenAI SDK as t
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,42 +17,35 @@ import pytest
 from streamgate.config import load_settings
 from streamgate.handler import App
 from tests.conftest import running_dev_server
+from tests.fake_dynamodb import moto_server
 from tests.helpers import ScriptedProvider
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def local_table(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """``moto_server`` on a loopback port, and the variables the README exports for it."""
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL_DYNAMODB": f"http://127.0.0.1:{port}",
-           "STREAMGATE_KEYS_TABLE": "streamgate-keys", "AWS_ACCESS_KEY_ID": "local",
-           "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": "us-east-1"}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    try:
+    with moto_server() as url:
+        env = {"AWS_ENDPOINT_URL_DYNAMODB": url,
+               "STREAMGATE_KEYS_TABLE": "streamgate-keys", "AWS_ACCESS_KEY_ID": "local",
+               "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": "us-east-1"}
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
         yield env
-    finally:
-        server.stop()
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The key tool as a separate process, in ``env`` (default: this process's)."""
+    return subprocess.run(
+        [sys.executable, "-m", "streamgate.keys", *args], cwd=ROOT, capture_output=True,
+        text=True, timeout=60,
+        env={**(os.environ if env is None else env),
+             "PYTHONPATH": str(ROOT / "functions" / "streamgate")})
 
 
 def _keys(*args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "streamgate.keys", *args], cwd=ROOT, capture_output=True,
-        text=True, timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "functions" / "streamgate")})
+    result = _run(*args)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -95,3 +87,45 @@ def test_openai_sdk_with_keys_and_limits_through_the_dev_server(
     yesterday = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
     usage = _keys("usage", key, "--since", yesterday).splitlines()
     assert usage[-1].split()[:2] == ["total", "2"]
+    assert usage[-1].split()[-2:] == ["0", "0"]  # nothing unsettled, nothing still reserved
+
+
+def test_the_key_tool_process_names_what_is_wrong_with_a_status_per_cause(
+        local_table: dict[str, str], tmp_path: Path) -> None:
+    # GIVEN the README's local set-up, with nothing else of AWS in the environment
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(local_table, AWS_EC2_METADATA_DISABLED="true",
+               AWS_CONFIG_FILE=str(tmp_path / "absent"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "absent"))
+
+    # WHEN the table does not exist yet, THEN a command says so (6)
+    result = _run("list", env=env)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        6, "", "streamgate.keys: keys table streamgate-keys does not exist in us-east-1; check "
+               "--table (or STREAMGATE_KEYS_TABLE) and the region; for a local table run init "
+               "first\n")
+
+    # WHEN init runs twice, THEN the second run finds the template's table and succeeds
+    assert _run("init", env=env).stdout == "Created table streamgate-keys\n"
+    result = _run("init", env=env)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"Table streamgate-keys already exists and matches {ROOT / 'template.yaml'}\n", "")
+
+    # WHEN no region is configured, THEN it says so (3)
+    no_region = {k: v for k, v in env.items() if k not in ("AWS_DEFAULT_REGION", "AWS_REGION")}
+    result = _run("list", env=no_region)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        3, "", "streamgate.keys: no AWS region configured: set AWS_REGION or "
+               "AWS_DEFAULT_REGION (or a region in the AWS profile)\n")
+
+    # WHEN there are no credentials, THEN it says so (4)
+    no_credentials = {k: v for k, v in env.items()
+                      if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    result = _run("list", env=no_credentials)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        4, "", "streamgate.keys: no AWS credentials found: set AWS_PROFILE, or "
+               "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY\n")
+
+    # and a key that is not there is still 1
+    result = _run("show", "0123456789abcdef", env=env)
+    assert (result.returncode, result.stderr) == (1, "streamgate.keys: no key 0123456789abcdef\n")

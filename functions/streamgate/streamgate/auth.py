@@ -5,6 +5,16 @@ The pipeline asks, in this order, before any model call: :meth:`Gate.authenticat
 the response: its headers go on it, and :meth:`Admission.settle` charges what the request really
 used once the response is closed (normally, in error, at the deadline, or on disconnect).
 
+An admitted request is in its day's usage record from the start, as unsettled with what it
+reserved; settling closes it there. So a request whose process dies (on Lambda: the function's
+timeout, out of memory) is still recorded, and keeps what it reserved: its minute's tokens until
+the minute ends, its budget tokens for good (see the README).
+
+The keys table failing (:class:`~streamgate.keystore.KeyStoreError`) fails the request closed
+(503), after giving back what it had reserved; each failure is logged once, naming its cause. A
+settle that fails is logged as one ERROR record, ``"usage not recorded"``, with everything
+needed to reconcile the usage record by hand.
+
 Limits, per key (see the README for the user-facing account):
 
 - requests per minute: counted before the call; the request that would pass the limit is
@@ -17,10 +27,12 @@ Limits, per key (see the README for the user-facing account):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -36,6 +48,7 @@ from streamgate.keystore import (
     MONTH_TTL_S,
     KeyRecord,
     KeyStore,
+    KeyStoreError,
     LimitReached,
     day_of,
     key_digest,
@@ -81,7 +94,8 @@ class Gate:
         self.cache_ttl_s = settings.key_cache_ttl_s
         self.clock = clock
         if store is None and self.mode == "api_key":
-            store = KeyStore(settings.keys_table, clock=clock)
+            store = KeyStore(settings.keys_table, clock=clock,
+                             timeout_s=settings.keys_timeout_s)
         self.store = store
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
         self._lock = threading.Lock()
@@ -116,7 +130,11 @@ class Gate:
         if hit is not None and hit[0] > now:
             return hit[1]
         assert self.store is not None
-        record = self.store.get(key_id)
+        try:
+            record = self.store.get(key_id)
+        except KeyStoreError as e:
+            _log_outage(e, "look up the key", key_id)
+            raise
         with self._lock:
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
@@ -147,16 +165,19 @@ class Admission:
         self.model = model
         self.max_tokens = max_tokens
         self.prompt_estimate = prompt_estimate
+        self.id = uuid.uuid4().hex  # names this request's idempotent table writes
         self.reset_s = 0.0
         self.counts: dict[str, int] = {}
         self.window: tuple[int, int] | None = None  # (minute, tokens reserved)
         self.month: tuple[str, int] | None = None  # (month, tokens reserved)
+        self.day = ""  # the usage record it was admitted in (UTC day)
+        self.reserved = 0
         self.admitted = False
         self._settled = False
 
     def take(self) -> None:
         """Count the request and reserve its tokens, or raise 429 (400 when the request could
-        never fit in the key's limits)."""
+        never fit in the key's limits, 503 when the table fails: nothing stays reserved)."""
         key, store = self.caller.key, self.gate.store
         if key is None or store is None:
             self.admitted = True
@@ -172,6 +193,7 @@ class Admission:
                     "Lower max_tokens or shorten the prompt.",
                     param="max_tokens", code="request_too_large_for_limit")
         now = self.gate.clock()
+        self.reserved, self.day = reserve, day_of(now)
         if key.rpm is not None or key.tpm is not None:
             minute = minute_of(now)
             self.reset_s = (minute + 1) * 60 - now
@@ -185,6 +207,9 @@ class Admission:
                 raise _limited(f"Rate limit reached: this key's limit is {limit_text} per "
                                f"minute. Try again in {math.ceil(self.reset_s)} s.",
                                self.reset_s, "rate_limit_exceeded") from None
+            except KeyStoreError as e:
+                _log_outage(e, "take the minute window", key.id)
+                raise
             self.window = (minute, reserve)
         if key.budget is not None:
             month = month_of(now)
@@ -193,17 +218,44 @@ class Admission:
                 store.take_budget(key.id, month, reserve=reserve, budget=key.budget,
                                   expires=int(ends) + MONTH_TTL_S)
             except LimitReached as e:
-                if self.window is not None:  # give the minute's tokens back
-                    store.adjust_window(key.id, self.window[0], -reserve)
-                    self.counts["tokens"] = self.counts.get("tokens", reserve) - reserve
-                    self.window = None
+                self._give_back()
                 left = max(0, key.budget - e.old.get("tokens", 0))
                 raise _limited(f"This key's monthly token budget of {key.budget} has {left} "
                                f"tokens left, fewer than this request may use ({reserve}). "
                                "It renews at the start of next month (UTC).",
                                ends - now, "insufficient_quota") from None
+            except KeyStoreError as e:
+                _log_outage(e, "take the monthly budget", key.id)
+                self._give_back()
+                raise
             self.month = (month, reserve)
+        try:
+            store.open_usage(key.id, day=self.day, model=self.model, reserved=reserve)
+        except KeyStoreError as e:
+            _log_outage(e, "open the usage record", key.id)
+            self._give_back()
+            raise
         self.admitted = True
+
+    def _give_back(self) -> None:
+        """Return the tokens this request reserved in its minute window and monthly budget
+        (it was refused, or the table failed); when even that fails, log what is still held."""
+        key, store = self.caller.key, self.gate.store
+        if key is None or store is None or (self.window is None and self.month is None):
+            return
+        try:
+            store.give_back(key.id, window=self.window, month=self.month,
+                            token=self._token("give-back"))
+        except KeyStoreError as e:
+            logger.error("reserved tokens not given back", extra={
+                "key_id": key.id, "cause": e.cause, "detail": e.detail,
+                "tokens": self.reserved,
+                "minute": None if self.window is None else self.window[0],
+                "month": None if self.month is None else self.month[0]})
+            return
+        if self.window is not None:
+            self.counts["tokens"] = self.counts.get("tokens", self.reserved) - self.reserved
+        self.window = self.month = None
 
     def headers(self) -> dict[str, str]:
         """OpenAI's ``x-ratelimit-*`` headers for the limits this key has."""
@@ -226,9 +278,10 @@ class Admission:
 
     def settle(self, outcome: Outcome) -> None:
         """Charge what the request used (once): the provider's usage when it reported it,
-        else the estimated prompt plus the output produced, and nothing if there was none."""
-        if (self._settled or not self.admitted or self.caller.key is None
-                or self.gate.store is None):
+        else the estimated prompt plus the output produced, and nothing if there was none.
+        It goes to the usage record the request was admitted in, even after midnight."""
+        key, store = self.caller.key, self.gate.store
+        if self._settled or not self.admitted or key is None or store is None:
             return
         self._settled = True
         if outcome.usage is not None:
@@ -240,18 +293,40 @@ class Admission:
         else:
             prompt = completion = 0
         used = prompt + completion
-        now = self.gate.clock()
-        self.gate.store.settle(
-            self.caller.key.id, day=day_of(now), model=self.model, prompt_tokens=prompt,
-            completion_tokens=completion, error=outcome.error is not None,
-            window=None if self.window is None else (self.window[0], used - self.window[1]),
-            month=None if self.month is None else (self.month[0], used - self.month[1]))
+        window = None if self.window is None else (self.window[0], used - self.window[1])
+        month = None if self.month is None else (self.month[0], used - self.month[1])
+        try:
+            store.settle(key.id, day=self.day, model=self.model, prompt_tokens=prompt,
+                         completion_tokens=completion, error=outcome.error is not None,
+                         reserved=self.reserved, window=window, month=month,
+                         token=self._token("settle"))
+        except Exception as e:  # noqa: BLE001 - whatever the cause, leave what reconciles it
+            logger.error("usage not recorded", extra={
+                "key_id": key.id, "day": self.day, "model": self.model,
+                "prompt_tokens": prompt, "completion_tokens": completion,
+                "error": outcome.error is not None, "reserved_tokens": self.reserved,
+                "minute": None if window is None else window[0],
+                "minute_correction": None if window is None else window[1],
+                "month": None if month is None else month[0],
+                "month_correction": None if month is None else month[1],
+                "cause": e.cause if isinstance(e, KeyStoreError) else type(e).__name__,
+                "detail": e.detail if isinstance(e, KeyStoreError) else str(e)})
+
+    def _token(self, purpose: str) -> str:
+        """A ``ClientRequestToken`` for one of this request's transactions (at most 36
+        characters): the same on every retry of that write, different for any other."""
+        return hashlib.sha256(f"{self.id}:{purpose}".encode()).hexdigest()[:32]
 
 
 def estimate_prompt_tokens(chat: ChatRequest) -> int:
     images = sum(isinstance(part, Image) for message in chat.messages for part in message.parts)
     return (math.ceil(input_chars(chat.messages, chat.tools) / _CHARS_PER_TOKEN)
             + _TOKENS_PER_MESSAGE * len(chat.messages) + _TOKENS_PER_IMAGE * images)
+
+
+def _log_outage(error: KeyStoreError, doing: str, key_id: str) -> None:
+    logger.error("keys table failed, request refused (503): could not %s: %s", doing,
+                 error.detail, extra={"cause": error.cause, "key_id": key_id})
 
 
 def _limited(message: str, retry_after: float, code: str) -> RateLimitError:

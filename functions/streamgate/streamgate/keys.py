@@ -3,7 +3,18 @@
 Works against the deployed table (``STREAMGATE_KEYS_TABLE``, the stack's ``KeysTableName``
 output) with the usual AWS credentials, or against a local one: the standard
 ``AWS_ENDPOINT_URL_DYNAMODB`` variable points boto3 at it, and ``init`` creates the table there
-from ``template.yaml``'s definition.
+from ``template.yaml``'s definition (and, run again, checks the table is still that one).
+
+exit status:
+  0  done (init: the table was created, or exists and matches template.yaml)
+  1  no such key
+  2  usage error: bad arguments, no table name, no template.yaml
+  3  no AWS region configured
+  4  no AWS credentials found, or AWS rejected them
+  5  the credentials may not make that call on the table (AccessDenied)
+  6  the keys table does not exist
+  7  init: a table of that name exists but differs from template.yaml
+  8  the table failed or did not answer (timeout, throttling, 5xx): try again
 """
 
 from __future__ import annotations
@@ -18,20 +29,55 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+from streamgate import keystore
 from streamgate.errors import StreamgateError
-from streamgate.keystore import KeyRecord, KeyStore, key_digest, looks_like_key, table_definition
+from streamgate.keystore import (
+    KeyRecord,
+    KeyStore,
+    KeyStoreError,
+    key_digest,
+    looks_like_key,
+    table_definition,
+    table_differences,
+)
 
 _TEMPLATE_NEXT_TO_PACKAGE = Path(__file__).resolve().parents[3] / "template.yaml"
+# A person waits, not a request: each call may take this long, its retry included.
+_TIMEOUT_S = 10.0
+
+EXIT_NO_SUCH_KEY = 1
+EXIT_USAGE = 2
+EXIT_TABLE_DIFFERS = 7
+EXIT_STATUS = {  # the cause of a KeyStoreError -> the exit status (see the module docstring)
+    keystore.NO_REGION: 3,
+    keystore.NO_CREDENTIALS: 4,
+    keystore.CREDENTIALS_REJECTED: 4,
+    keystore.ACCESS_DENIED: 5,
+    keystore.TABLE_MISSING: 6,
+    keystore.TABLE_EXISTS: EXIT_TABLE_DIFFERS,  # only init meets it, and checks the table
+    keystore.UNAVAILABLE: 8,
+    keystore.FAILED: 8,
+}
+# What to do about it, after the cause's own text.
+_HINTS = {
+    keystore.TABLE_MISSING: "check --table (or STREAMGATE_KEYS_TABLE) and the region; for a "
+                            "local table run init first",
+    keystore.UNAVAILABLE: "try again shortly",
+}
 
 
 def main(argv: Sequence[str] | None = None, *, store: KeyStore | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        store = store or KeyStore(args.table)
+        store = store or KeyStore(args.table, timeout_s=_TIMEOUT_S)
         return int(args.run(store, args) or 0)
-    except StreamgateError as e:
+    except KeyStoreError as e:
+        hint = _HINTS.get(e.cause)
+        print(f"streamgate.keys: {e.detail}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return EXIT_STATUS[e.cause]
+    except StreamgateError as e:  # configuration: no table name, a bad timeout
         print(f"streamgate.keys: {e.message}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +87,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="table name (default: $STREAMGATE_KEYS_TABLE)")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    init = commands.add_parser("init", help="create the table (local development)")
+    init = commands.add_parser(
+        "init", help="create the table (local development); an existing one is checked "
+                     "against the template")
     init.add_argument("--template", type=Path, default=None,
                       help="template.yaml to read the table from (default: the project's)")
     init.set_defaults(run=_init)
@@ -92,8 +140,20 @@ def _init(store: KeyStore, args: argparse.Namespace) -> int:
         None)
     if template is None:
         print("streamgate.keys: no template.yaml here; pass --template", file=sys.stderr)
-        return 2
-    store.create_table(table_definition(template))
+        return EXIT_USAGE
+    definition = table_definition(template)
+    try:
+        store.create_table(definition)
+    except KeyStoreError as e:
+        if e.cause != keystore.TABLE_EXISTS:
+            raise
+        differences = table_differences(definition, store.describe())
+        if differences:
+            print(f"streamgate.keys: table {store.table} exists but differs from {template}: "
+                  + "; ".join(differences), file=sys.stderr)
+            return EXIT_TABLE_DIFFERS
+        print(f"Table {store.table} already exists and matches {template}")
+        return 0
     print(f"Created table {store.table}")
     return 0
 
@@ -153,17 +213,23 @@ def _usage(store: KeyStore, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
         return 0
+    # UNSETTLED: admitted but never settled (still running, or its process died);
+    # RESERVED: the tokens they reserved (still charged to the monthly budget, if any).
     print(f"{'DAY':10}  {'MODEL':32}  {'REQUESTS':>8}  {'PROMPT':>10}  {'COMPLETION':>10}  "
-          f"{'ERRORS':>6}")
-    totals = [0, 0, 0, 0]
+          f"{'ERRORS':>6}  {'UNSETTLED':>9}  {'RESERVED':>10}")
+    totals = [0] * 6
     for r in rows:
-        print(f"{r.day:10}  {r.model:32}  {r.requests:8}  {r.prompt_tokens:10}  "
-              f"{r.completion_tokens:10}  {r.errors:6}")
-        for i, n in enumerate((r.requests, r.prompt_tokens, r.completion_tokens, r.errors)):
-            totals[i] += n
-    print(f"{'total':10}  {'':32}  {totals[0]:8}  {totals[1]:10}  {totals[2]:10}  "
-          f"{totals[3]:6}")
+        numbers = (r.requests, r.prompt_tokens, r.completion_tokens, r.errors, r.unsettled,
+                   r.reserved_tokens)
+        print(f"{r.day:10}  {r.model:32}  " + _columns(numbers))
+        totals = [t + n for t, n in zip(totals, numbers, strict=True)]
+    print(f"{'total':10}  {'':32}  " + _columns(totals))
     return 0
+
+
+def _columns(numbers: Sequence[int]) -> str:
+    widths = (8, 10, 10, 6, 9, 10)
+    return "  ".join(f"{n:{w}}" for n, w in zip(numbers, widths, strict=True))
 
 
 def _key_id(given: str) -> str:
@@ -174,7 +240,7 @@ def _key_id(given: str) -> str:
 def _no_such_key(given: str) -> int:
     shown = given if not looks_like_key(given) else given[:12] + "…"
     print(f"streamgate.keys: no key {shown}", file=sys.stderr)
-    return 1
+    return EXIT_NO_SUCH_KEY
 
 
 def _limits(record: KeyRecord) -> str:

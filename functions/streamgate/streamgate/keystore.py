@@ -10,8 +10,11 @@ Items, all under the partition ``pk = "KEY#<key id>"``:
                                 in the ``by-kind`` index that ``list`` reads
 ``MIN#<epoch minute>``          requests and tokens of one clock minute; expires by TTL
 ``MONTH#<YYYY-MM>``             tokens charged against the monthly budget; expires by TTL
-``USAGE#<YYYY-MM-DD>#<model>``  requests, prompt and completion tokens and errors of one day
-                                and model: the usage record, kept
+``USAGE#<YYYY-MM-DD>#<model>``  the usage record of one day and model, kept: ``requests``
+                                (counted at admission), ``prompt_tokens``,
+                                ``completion_tokens`` and ``errors`` (added when a request
+                                settles), and ``unsettled`` and ``reserved_tokens``: the
+                                admitted requests not settled yet and what they reserved
 =============================== ===========================================================
 
 Keys are ``sgk_`` followed by 43 URL-safe characters (256 random bits). Only their SHA-256 is
@@ -22,6 +25,22 @@ unlike a password.
 Every counter moves with one ``UpdateItem`` whose condition carries the limit, so concurrent
 Lambda instances cannot both take the last unit (DynamoDB serialises writes to an item). boto3 is
 imported when the table is first used.
+
+Failure policy. A call has one time budget (``timeout_s``; ``STREAMGATE_KEYS_TIMEOUT_S`` on the
+request path): each attempt waits at most half of it to connect and half for each read, and a
+call is tried a second time only after a transient failure (a timeout, a dropped connection,
+throttling, a 5xx, a transaction conflict) while the budget is not spent. What still fails is a
+:class:`KeyStoreError` naming its cause; the request path fails closed on it (503).
+
+What a retry can count twice: an ``UpdateItem`` whose response was lost (a read timeout or a
+connection dropped after the request was sent) may have been applied, and its retry applies it
+again. Those are the additions made at admission (:meth:`KeyStore.take_window`,
+:meth:`KeyStore.take_budget`, :meth:`KeyStore.open_usage`), so the error is always an
+over-count: a request's reservation held twice in its minute or month, a request counted twice
+(and left looking unsettled). Never an under-count: the writes that give tokens back or correct
+them (:meth:`KeyStore.settle`, :meth:`KeyStore.give_back`) are transactions with a
+``ClientRequestToken`` derived from the request, which DynamoDB applies once however often they
+are retried within 10 minutes.
 """
 
 from __future__ import annotations
@@ -29,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import random
 import re
 import threading
 import time
@@ -53,6 +73,30 @@ KIND_INDEX = "by-kind"
 # Counters outlive their window a little, so a late settle still finds them.
 MINUTE_TTL_S = 3_600
 MONTH_TTL_S = 100 * 86_400  # after the month ends; the USAGE items keep the record
+DEFAULT_TIMEOUT_S = 3.0  # the time budget of one call, its retry included
+_ATTEMPTS = 2
+_RETRY_WAIT_S = 0.05  # longest pause before the second attempt (full jitter)
+
+# Why the table could not be used (KeyStoreError.cause).
+NO_REGION = "no_region"
+NO_CREDENTIALS = "no_credentials"
+CREDENTIALS_REJECTED = "credentials_rejected"
+ACCESS_DENIED = "access_denied"
+TABLE_MISSING = "table_missing"
+TABLE_EXISTS = "table_exists"
+UNAVAILABLE = "unavailable"  # transient: timeouts, dropped connections, throttling, 5xx
+FAILED = "failed"  # the table refused the call for another reason
+_CREDENTIAL_CODES = frozenset({
+    "UnrecognizedClientException", "InvalidSignatureException", "IncompleteSignatureException",
+    "ExpiredTokenException", "ExpiredToken", "MissingAuthenticationTokenException",
+    "InvalidClientTokenId", "SignatureDoesNotMatch"})
+_TRANSIENT_CODES = frozenset({
+    "ThrottlingException", "ProvisionedThroughputExceededException", "RequestLimitExceeded",
+    "InternalServerError", "ServiceUnavailable", "TransactionConflictException",
+    "TransactionInProgressException"})
+# A cancelled transaction is worth retrying when no item failed for a reason of its own.
+_TRANSIENT_REASONS = frozenset({"None", "TransactionConflict", "ThrottlingError",
+                                "ProvisionedThroughputExceeded"})
 
 
 def generate_key() -> str:
@@ -105,6 +149,19 @@ class UsageRow:
     prompt_tokens: int
     completion_tokens: int
     errors: int
+    unsettled: int = 0  # admitted, never settled: still running, or its process died
+    reserved_tokens: int = 0  # what the unsettled requests reserved
+
+
+class KeyStoreError(ServiceUnavailableError):
+    """The keys table could not do what was asked. The client sees only the 503 message;
+    ``cause`` (``NO_REGION`` ... ``FAILED`` above) and ``detail`` are for logs and the key
+    tool."""
+
+    def __init__(self, cause: str, detail: str) -> None:
+        super().__init__("The key store is unavailable; try again shortly", retry_after=1)
+        self.cause = cause
+        self.detail = detail
 
 
 class LimitReached(Exception):
@@ -139,11 +196,16 @@ class KeyStore:
     """The table's operations: the request path's reads and counters, and the key tool's."""
 
     def __init__(self, table: str, *, client: Any = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         if not table:
             raise ConfigError("No keys table: set STREAMGATE_KEYS_TABLE")
+        if not timeout_s > 0:
+            raise ConfigError("The keys table's timeout (STREAMGATE_KEYS_TIMEOUT_S) must be "
+                              "more than 0")
         self.table = table
         self.clock = clock
+        self.timeout_s = timeout_s
         self._client = client
         self._lock = threading.Lock()
 
@@ -152,29 +214,89 @@ class KeyStore:
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    self._client = build_client()
+                    self._client = build_client(self.timeout_s)
         return self._client
 
     def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
-        """One table call; failures other than a failed condition mean the store is down, and
-        the request path fails closed (503) rather than serving without its checks."""
+        """One table call within the time budget (see the module docstring); a failed condition
+        is :class:`LimitReached`, any other failure a :class:`KeyStoreError`."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        try:
-            result: dict[str, Any] = getattr(self.client, operation)(TableName=self.table,
-                                                                    **kwargs)
-            return result
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-                raise LimitReached(_numbers(e.response.get("Item") or {})) from None
-            logger.error("keys table %s failed: %s", operation,
-                         e.response.get("Error", {}).get("Code", "unknown"))
-            raise ServiceUnavailableError("The key store is unavailable; try again shortly",
-                                          retry_after=1) from None
-        except BotoCoreError as e:
-            logger.error("keys table %s failed: %s", operation, type(e).__name__)
-            raise ServiceUnavailableError("The key store is unavailable; try again shortly",
-                                          retry_after=1) from None
+        give_up_at = time.monotonic() + self.timeout_s
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                result: dict[str, Any] = getattr(self.client, operation)(**kwargs)
+                return result
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                    raise LimitReached(_numbers(e.response.get("Item") or {})) from None
+                failure: Exception = e
+                fault, transient = self._refused(operation, e.response)
+            except BotoCoreError as e:
+                failure = e
+                fault, transient = self._unreached(operation, e)
+            wait = random.uniform(0, _RETRY_WAIT_S)
+            if attempt == _ATTEMPTS or not transient or time.monotonic() + wait >= give_up_at:
+                raise fault from failure
+            logger.debug("%s; trying again", fault.detail)
+            time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _on_table(self, operation: str, **kwargs: Any) -> dict[str, Any]:
+        return self._call(operation, TableName=self.table, **kwargs)
+
+    def _refused(self, operation: str, response: Mapping[str, Any]) -> tuple[KeyStoreError, bool]:
+        """The cause of an error answer, and whether trying again may help."""
+        error = response.get("Error", {})
+        code, message = error.get("Code", "unknown"), error.get("Message", "")
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        api, table = _api_name(operation), self.table
+        if code == "ResourceNotFoundException":
+            return KeyStoreError(TABLE_MISSING,
+                                 f"keys table {table} does not exist{self._where()}"), False
+        if code == "ResourceInUseException":
+            return KeyStoreError(TABLE_EXISTS,
+                                 f"keys table {table} already exists{self._where()}"), False
+        if code == "AccessDeniedException":
+            return KeyStoreError(ACCESS_DENIED, f"not allowed to call {api} on keys table "
+                                                f"{table}: {message}"), False
+        if code in _CREDENTIAL_CODES:
+            return KeyStoreError(CREDENTIALS_REJECTED,
+                                 f"AWS rejected the credentials ({code}): {message}"), False
+        reasons = {str(r.get("Code")) for r in response.get("CancellationReasons") or ()}
+        if (code in _TRANSIENT_CODES or status >= 500
+                or (code == "TransactionCanceledException" and reasons <= _TRANSIENT_REASONS)):
+            return KeyStoreError(UNAVAILABLE, f"keys table {table} failed {api}: {code}"), True
+        return KeyStoreError(FAILED, f"keys table {table} refused {api}: {code}: {message}"), False
+
+    def _unreached(self, operation: str, error: Exception) -> tuple[KeyStoreError, bool]:
+        """The cause of a call that got no answer, and whether trying again may help."""
+        from botocore.exceptions import (
+            ConnectionError,
+            HTTPClientError,
+            NoCredentialsError,
+            NoRegionError,
+            PartialCredentialsError,
+        )
+
+        if isinstance(error, NoRegionError):
+            return KeyStoreError(NO_REGION, "no AWS region configured: set AWS_REGION or "
+                                            "AWS_DEFAULT_REGION (or a region in the AWS "
+                                            "profile)"), False
+        if isinstance(error, NoCredentialsError | PartialCredentialsError):
+            return KeyStoreError(NO_CREDENTIALS, "no AWS credentials found: set AWS_PROFILE, "
+                                                 "or AWS_ACCESS_KEY_ID and "
+                                                 "AWS_SECRET_ACCESS_KEY"), False
+        api = _api_name(operation)
+        if isinstance(error, ConnectionError | HTTPClientError):
+            return KeyStoreError(UNAVAILABLE, f"keys table {self.table} did not answer {api} "
+                                              f"({type(error).__name__}: {error})"), True
+        return KeyStoreError(FAILED, f"keys table {self.table}: {api} failed "
+                                     f"({type(error).__name__}: {error})"), False
+
+    def _where(self) -> str:
+        region = getattr(getattr(self._client, "meta", None), "region_name", None)
+        return f" in {region}" if isinstance(region, str) else ""
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -200,7 +322,7 @@ class KeyStore:
             if value is not None:
                 item[label] = {"N": str(value)}
         try:
-            self._call("put_item", Item=item, ConditionExpression="attribute_not_exists(pk)")
+            self._on_table("put_item", Item=item, ConditionExpression="attribute_not_exists(pk)")
         except LimitReached:  # a 64-bit id collision: astronomically unlikely, never overwrite
             raise ConfigError("Key id collision; run create again") from None
         return key, record
@@ -208,7 +330,7 @@ class KeyStore:
     def get(self, key_id: str) -> KeyRecord | None:
         if _ID_SHAPE.fullmatch(key_id) is None:
             return None
-        item = self._call("get_item", Key=_key(key_id, KEY_SK)).get("Item")
+        item = self._on_table("get_item", Key=_key(key_id, KEY_SK)).get("Item")
         return _record(item) if item else None
 
     def list_keys(self) -> list[KeyRecord]:
@@ -217,7 +339,7 @@ class KeyStore:
                                   "KeyConditionExpression": "kind = :key",
                                   "ExpressionAttributeValues": {":key": {"S": "key"}}}
         while True:
-            page = self._call("query", **kwargs)
+            page = self._on_table("query", **kwargs)
             records += [_record(item) for item in page.get("Items", [])]
             if "LastEvaluatedKey" not in page:
                 return records
@@ -227,7 +349,7 @@ class KeyStore:
         if _ID_SHAPE.fullmatch(key_id) is None:
             return None
         try:
-            result = self._call("update_item", Key=_key(key_id, KEY_SK),
+            result = self._on_table("update_item", Key=_key(key_id, KEY_SK),
                                 UpdateExpression="SET revoked = :yes",
                                 ConditionExpression="attribute_exists(pk)",
                                 ExpressionAttributeValues={":yes": {"BOOL": True}},
@@ -254,7 +376,7 @@ class KeyStore:
         kwargs: dict[str, Any] = {}
         if conditions:
             kwargs["ConditionExpression"] = " AND ".join(conditions)
-        result = self._call(
+        result = self._on_table(
             "update_item", Key=_key(key_id, f"MIN#{minute}"),
             UpdateExpression="ADD requests :one, tokens :reserve SET expires = :expires",
             ExpressionAttributeValues=values, ReturnValues="UPDATED_NEW",
@@ -264,7 +386,7 @@ class KeyStore:
     def take_budget(self, key_id: str, month: str, *, reserve: int, budget: int,
                     expires: int) -> int:
         """Reserve tokens from this month's budget; the tokens charged so far, after it."""
-        result = self._call(
+        result = self._on_table(
             "update_item", Key=_key(key_id, f"MONTH#{month}"),
             UpdateExpression="ADD tokens :reserve SET expires = :expires",
             ConditionExpression="attribute_not_exists(tokens) OR tokens <= :room",
@@ -274,36 +396,53 @@ class KeyStore:
             ReturnValues="UPDATED_NEW", ReturnValuesOnConditionCheckFailure="ALL_OLD")
         return _numbers(result.get("Attributes", {})).get("tokens", 0)
 
-    def adjust_window(self, key_id: str, minute: int, tokens: int) -> None:
-        self._call("update_item", Key=_key(key_id, f"MIN#{minute}"),
-                   UpdateExpression="ADD tokens :n",
-                   ExpressionAttributeValues={":n": {"N": str(tokens)}})
+    def open_usage(self, key_id: str, *, day: str, model: str, reserved: int) -> None:
+        """Count an admitted request in its day's usage record, as unsettled with the tokens
+        it reserved; :meth:`settle` closes it. A request whose process dies stays so."""
+        self._on_table(
+            "update_item", Key=_key(key_id, _usage_sk(day, model)),
+            UpdateExpression=("ADD requests :one, unsettled :one, reserved_tokens :r "
+                              "SET model = :m, #day = :d"),
+            ExpressionAttributeNames={"#day": "day"},
+            ExpressionAttributeValues={":one": {"N": "1"}, ":r": {"N": str(reserved)},
+                                       ":m": {"S": model}, ":d": {"S": day}})
+
+    def give_back(self, key_id: str, *, window: tuple[int, int] | None,
+                  month: tuple[str, int] | None, token: str) -> None:
+        """Return reserved tokens to a minute window and a month's budget (``(minute or month,
+        tokens)``), in one transaction that ``token`` makes safe to retry."""
+        items = []
+        if window is not None:
+            items.append(_add_tokens(self.table, key_id, f"MIN#{window[0]}", -window[1]))
+        if month is not None:
+            items.append(_add_tokens(self.table, key_id, f"MONTH#{month[0]}", -month[1]))
+        if items:
+            self._call("transact_write_items", TransactItems=items, ClientRequestToken=token)
 
     def settle(self, key_id: str, *, day: str, model: str, prompt_tokens: int,
-               completion_tokens: int, error: bool, window: tuple[int, int] | None,
-               month: tuple[str, int] | None) -> None:
-        """One transaction: the day's usage record, and the reserved window and budget
-        tokens corrected to what was really used (``(minute or month, correction)``)."""
+               completion_tokens: int, error: bool, reserved: int,
+               window: tuple[int, int] | None, month: tuple[str, int] | None,
+               token: str) -> None:
+        """One transaction, which ``token`` makes safe to retry: the request leaves the
+        unsettled count of the usage record it was admitted in (``day``) and adds its real
+        tokens and error there, and the window and budget reservations are corrected to what
+        was really used (``(minute or month, correction)``)."""
         usage = {"Update": {
-            "TableName": self.table, "Key": _key(key_id, f"USAGE#{day}#{model}"),
-            "UpdateExpression": ("ADD requests :one, prompt_tokens :p, completion_tokens :c, "
-                                 "errors :e SET model = :m, #day = :d"),
+            "TableName": self.table, "Key": _key(key_id, _usage_sk(day, model)),
+            "UpdateExpression": ("ADD unsettled :minus_one, reserved_tokens :unreserve, "
+                                 "prompt_tokens :p, completion_tokens :c, errors :e "
+                                 "SET model = :m, #day = :d"),
             "ExpressionAttributeNames": {"#day": "day"},
             "ExpressionAttributeValues": {
-                ":one": {"N": "1"}, ":p": {"N": str(prompt_tokens)},
-                ":c": {"N": str(completion_tokens)}, ":e": {"N": "1" if error else "0"},
-                ":m": {"S": model}, ":d": {"S": day}}}}
+                ":minus_one": {"N": "-1"}, ":unreserve": {"N": str(-reserved)},
+                ":p": {"N": str(prompt_tokens)}, ":c": {"N": str(completion_tokens)},
+                ":e": {"N": "1" if error else "0"}, ":m": {"S": model}, ":d": {"S": day}}}}
         items = [usage]
         if window is not None:
             items.append(_add_tokens(self.table, key_id, f"MIN#{window[0]}", window[1]))
         if month is not None:
             items.append(_add_tokens(self.table, key_id, f"MONTH#{month[0]}", month[1]))
-        try:
-            self.client.transact_write_items(TransactItems=items)
-        except Exception as e:  # noqa: BLE001 - logged with what is needed to reconcile
-            logger.error("could not record usage for key %s (%s): day=%s model=%s prompt=%d "
-                         "completion=%d error=%s", key_id, type(e).__name__, day, model,
-                         prompt_tokens, completion_tokens, error)
+        self._call("transact_write_items", TransactItems=items, ClientRequestToken=token)
 
     # -- reports ---------------------------------------------------------------------------
 
@@ -316,34 +455,83 @@ class KeyStore:
                 # "~" sorts after every model name character.
                 ":hi": {"S": f"USAGE#{until.isoformat()}#~"}}}
         while True:
-            page = self._call("query", **kwargs)
+            page = self._on_table("query", **kwargs)
             for item in page.get("Items", []):
                 n = _numbers(item)
                 rows.append(UsageRow(day=item["day"]["S"], model=item["model"]["S"],
                                      requests=n.get("requests", 0),
                                      prompt_tokens=n.get("prompt_tokens", 0),
                                      completion_tokens=n.get("completion_tokens", 0),
-                                     errors=n.get("errors", 0)))
+                                     errors=n.get("errors", 0),
+                                     unsettled=n.get("unsettled", 0),
+                                     reserved_tokens=n.get("reserved_tokens", 0)))
             if "LastEvaluatedKey" not in page:
                 return rows
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     def month_tokens(self, key_id: str, month: str) -> int:
-        item = self._call("get_item", Key=_key(key_id, f"MONTH#{month}")).get("Item") or {}
+        item = self._on_table("get_item", Key=_key(key_id, f"MONTH#{month}")).get("Item") or {}
         return _numbers(item).get("tokens", 0)
 
     # -- the table itself (local development) ----------------------------------------------
 
     def create_table(self, definition: Mapping[str, Any]) -> None:
-        """Create the table from the template's definition (see :func:`table_definition`)."""
+        """Create the table from the template's definition (see :func:`table_definition`);
+        a :class:`KeyStoreError` with cause ``TABLE_EXISTS`` if there is one already."""
+        from botocore.exceptions import WaiterError
+
         ttl = definition.get("TimeToLiveSpecification")
         kwargs = {k: v for k, v in definition.items()
                   if k in ("AttributeDefinitions", "KeySchema", "GlobalSecondaryIndexes",
                            "BillingMode")}
-        self._call("create_table", **kwargs)
-        self.client.get_waiter("table_exists").wait(TableName=self.table)
+        self._on_table("create_table", **kwargs)
+        try:
+            self.client.get_waiter("table_exists").wait(
+                TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": 120})
+        except WaiterError as e:
+            raise KeyStoreError(UNAVAILABLE, f"keys table {self.table} was created but did not "
+                                             "become ACTIVE within 2 minutes") from e
         if ttl:
-            self.client.update_time_to_live(TableName=self.table, TimeToLiveSpecification=ttl)
+            self._on_table("update_time_to_live", TimeToLiveSpecification=ttl)
+
+    def describe(self) -> dict[str, Any]:
+        """The table as DynamoDB describes it (``DescribeTable``'s ``Table``)."""
+        table: dict[str, Any] = self._on_table("describe_table")["Table"]
+        return table
+
+
+def table_differences(definition: Mapping[str, Any], described: Mapping[str, Any]) -> list[str]:
+    """How an existing table differs from the template's definition in what the code relies
+    on: its key schema, the types of its key attributes and its secondary indexes."""
+    wanted_types = {a["AttributeName"]: a["AttributeType"]
+                    for a in definition.get("AttributeDefinitions", [])}
+    found_types = {a["AttributeName"]: a["AttributeType"]
+                   for a in described.get("AttributeDefinitions", [])}
+    differences = []
+    want, have = _schema(definition.get("KeySchema", [])), _schema(described.get("KeySchema", []))
+    if want != have:
+        differences.append(f"key schema is {have or 'none'}, the template's is {want}")
+    wanted = {i["IndexName"]: i for i in definition.get("GlobalSecondaryIndexes", [])}
+    found = {i["IndexName"]: i for i in described.get("GlobalSecondaryIndexes", [])}
+    for name in sorted(wanted.keys() - found.keys()):
+        differences.append(f"index {name} is missing")
+    for name in sorted(found.keys() - wanted.keys()):
+        differences.append(f"index {name} is not in the template")
+    for name in sorted(wanted.keys() & found.keys()):
+        want, have = _schema(wanted[name]["KeySchema"]), _schema(found[name]["KeySchema"])
+        if want != have:
+            differences.append(f"index {name} key schema is {have}, the template's is {want}")
+        want = wanted[name].get("Projection", {}).get("ProjectionType", "")
+        have = found[name].get("Projection", {}).get("ProjectionType", "")
+        if want != have:
+            differences.append(f"index {name} projects {have}, the template's projects {want}")
+    key_names = {k["AttributeName"] for k in described.get("KeySchema", [])} | {
+        k["AttributeName"] for i in found.values() for k in i["KeySchema"]}
+    for name in sorted(key_names & wanted_types.keys()):
+        if found_types.get(name, wanted_types[name]) != wanted_types[name]:
+            differences.append(f"attribute {name} is of type {found_types[name]}, the "
+                               f"template's is {wanted_types[name]}")
+    return differences
 
 
 def table_definition(template: Path) -> dict[str, Any]:
@@ -376,19 +564,34 @@ def load_template(template: Path) -> dict[str, Any]:
     return doc
 
 
-def build_client() -> Any:
-    """A DynamoDB client with short timeouts (the request path waits on it). The standard
-    ``AWS_ENDPOINT_URL_DYNAMODB`` variable points it at a local table."""
+def build_client(timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
+    """A DynamoDB client for one call's time budget: at most half of it to connect and half
+    for each read, and no retries of its own (:meth:`KeyStore._call` makes the second attempt,
+    within the budget). The standard ``AWS_ENDPOINT_URL_DYNAMODB`` variable points it at a
+    local table."""
     import boto3
     from botocore.config import Config
 
     return boto3.client("dynamodb", config=Config(
-        connect_timeout=2, read_timeout=5,
-        retries={"mode": "standard", "total_max_attempts": 3}))
+        connect_timeout=timeout_s / 2, read_timeout=timeout_s / 2,
+        retries={"mode": "standard", "total_max_attempts": 1}))
 
 
 def _key(key_id: str, sk: str) -> dict[str, Any]:
     return {"pk": {"S": f"KEY#{key_id}"}, "sk": {"S": sk}}
+
+
+def _usage_sk(day: str, model: str) -> str:
+    return f"USAGE#{day}#{model}"
+
+
+def _api_name(operation: str) -> str:
+    """``get_item`` -> ``GetItem``, as AWS names the call."""
+    return "".join(part.title() for part in operation.split("_"))
+
+
+def _schema(keys: list[Mapping[str, str]]) -> str:
+    return ", ".join(f"{k['AttributeName']} ({k['KeyType']})" for k in keys)
 
 
 def _add_tokens(table: str, key_id: str, sk: str, tokens: int) -> dict[str, Any]:
