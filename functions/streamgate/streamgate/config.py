@@ -208,6 +208,8 @@ def load_settings(
     if settings.bedrock_max_attempts < 1 or settings.upstream_max_attempts < 1:
         raise ConfigError("STREAMGATE_BEDROCK_MAX_ATTEMPTS and STREAMGATE_UPSTREAM_MAX_ATTEMPTS "
                           "must be at least 1")
+    if settings.keys_timeout_s <= 0:
+        raise ConfigError("STREAMGATE_KEYS_TIMEOUT_S must be more than 0")
     if settings.default_max_tokens > settings.max_tokens_cap:
         raise ConfigError("STREAMGATE_DEFAULT_MAX_TOKENS must not exceed STREAMGATE_MAX_TOKENS_CAP")
     return settings
