@@ -2,31 +2,54 @@
 handler Lambda runs, and the response is written as it is produced, one chunk per event.
 
 Run with ``python -m streamgate.devserver`` (``make dev``). Not shipped in the Lambda zip.
+
+What it promises, whatever a client sends or fails to send:
+
+- Every answer is valid HTTP for the client's version. HTTP/1.1 clients get streams in chunked
+  encoding; HTTP/1.0 clients get the stream raw, ended by closing the connection. A request
+  without a version (HTTP/0.9, ``GET /``) gets a 400 HTTP/1.1 answer and the connection is
+  closed: HTTP/0.9 has no status line or header that could carry an error, and nothing we serve
+  makes sense without one.
+- Every error is our JSON error body with our headers (``x-request-id``, the security headers)
+  and gets a request log record, also the errors found before there is an event:
+  a request the server cannot read (400, 414, 431, 505; code ``bad_http_request``) and the
+  server at its stream limit (429).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import email.utils
 import logging
+import re
 import socket
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Mapping
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from streamgate.errors import RateLimitError, StreamgateError
-from streamgate.handler import App, Response, error_response
+from streamgate.errors import (
+    HTTPProtocolError,
+    RateLimitError,
+    StreamgateError,
+)
+from streamgate.handler import App, Response
 
 logger = logging.getLogger(__name__)
 
 # Bytes of an over-limit upload read and thrown away so the client can read our 413 (past
 # Lambda's own 6 MB cap, so a 10 MB upload still gets its answer); larger ones are cut off.
 _DRAIN_LIMIT = 16 * 1024 * 1024
+# The request line and each header line: the standard library's limit, kept.
+_MAX_LINE = 65536
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2, what a method may be
 # Content types whose bodies a Function URL passes as text rather than base64.
 _TEXT_TYPES = ("text/", "application/json", "application/x-www-form-urlencoded")
 # CORS as the Function URL answers it in the cloud (template.yaml's FunctionUrlConfig.Cors; a
@@ -38,6 +61,19 @@ CORS_EXPOSE_HEADERS = ("retry-after", "retry-after-ms", "x-request-id",
                        "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens",
                        "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
 CORS_MAX_AGE = 600
+
+SERVER = "streamgate-dev"
+_REASONS = {s.value: s.phrase for s in HTTPStatus} | {499: "Client Closed Request"}
+# What the client learns about a request the standard library's parser refused.
+_PROTOCOL_MESSAGES = {
+    400: "The request line is not valid HTTP/1.1",
+    414: f"The request line is longer than {_MAX_LINE} bytes",
+    431: f"The request has more than 100 header fields or a header line longer than "
+         f"{_MAX_LINE} bytes",
+    505: "HTTP version not supported: use HTTP/1.1 (or HTTP/1.0)",
+}
+_HTTP09 = ("HTTP/0.9 requests (a request line without a version) are not supported: "
+           "send 'METHOD /path HTTP/1.1'")
 
 
 def build_event(
@@ -94,6 +130,17 @@ def build_event(
     return event
 
 
+def _head(status: int, headers: Mapping[str, str]) -> bytes:
+    """A response's status line and header block: always HTTP/1.1, which RFC 9110 §6.2 says
+    to answer any HTTP/1.x (and the version an unreadable request gets)."""
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n",
+             f"server: {SERVER}\r\n",
+             f"date: {email.utils.formatdate(usegmt=True)}\r\n"]
+    lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1", "replace")
+
+
 class DevServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -102,6 +149,10 @@ class DevServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], app: App, *, max_streams: int = 32,
                  cors_origins: tuple[str, ...] = (), request_timeout_s: float = 60) -> None:
+        for name, value in (("max_streams", max_streams), ("request_timeout_s",
+                            request_timeout_s)):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
         super().__init__(address, _RequestHandler)
         self.app = app
         # How long a silent client may hold a thread: reading its request, or not reading
@@ -126,10 +177,11 @@ class DevServer(ThreadingHTTPServer):
 
 
 class _RequestHandler(BaseHTTPRequestHandler):
+    """One connection: requests read within their limits, answered through the handler."""
+
     server: DevServer
     protocol_version = "HTTP/1.1"
-    server_version = "streamgate-dev"
-    cors: dict[str, str]  # CORS headers for this request's origin, set before any answer
+    server_version = SERVER
 
     def setup(self) -> None:
         super().setup()
@@ -137,42 +189,113 @@ class _RequestHandler(BaseHTTPRequestHandler):
         # Events are small writes that must leave at once: without this, Nagle's algorithm
         # holds the first event until the client ACKs the headers (~40 ms of delayed ACK).
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.cors: dict[str, str] = {}  # CORS headers for this request's origin
+        self.requestline = ""
+        self.http11 = True  # the request is HTTP/1.1 or later (chunked answers are allowed)
+
+    # -- reading a request's head ---------------------------------------------------------------
+
+    def handle_one_request(self) -> None:
+        """Read one request's line and headers, then serve it.
+
+        Replaces the standard library's version, which answers some errors without a status
+        line, and sends methods it has no ``do_*`` for to a 501 page: here every method reaches
+        the handler, which answers 405 (with ``Allow``) as the Function URL does.
+        """
+        self.cors = {}
+        self.requestline = ""
+        self.command = ""
+        self.http11 = True
+        self.close_connection = True
+        try:
+            line = self.rfile.readline(_MAX_LINE + 1)
+            if line in (b"\r\n", b"\n"):  # RFC 9112 §2.2: ignore an empty line before one
+                line = self.rfile.readline(_MAX_LINE + 1)
+            self.raw_requestline = line
+            if not line:  # the client is done
+                return
+            if len(line) > _MAX_LINE:
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                return
+            if not self.parse_request():
+                return
+        except OSError:  # a read stalled past request_timeout_s, or the client reset
+            self.close_connection = True
+            return
+        self._serve()
+
+    def parse_request(self) -> bool:
+        """The standard library's parsing, plus: no HTTP/0.9, a method must be a token, and an
+        HTTP/1.0 connection is never kept alive (its answers may end by closing it)."""
+        requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = len(requestline.split())
+        if words < 3:
+            self.requestline = requestline
+            self.send_error(HTTPStatus.BAD_REQUEST, _HTTP09 if words == 2 else None)
+            return False
+        if not super().parse_request():
+            return False
+        if not _TOKEN.fullmatch(self.command):
+            self.send_error(HTTPStatus.BAD_REQUEST)
+            return False
+        major, minor = self.request_version[len("HTTP/"):].split(".")
+        self.http11 = (int(major), int(minor)) >= (1, 1)
+        if not self.http11:
+            self.close_connection = True
+        return True
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """The standard library's protocol errors as ours: JSON, our headers, a log record."""
+        self.log_error("code %d, message %s", code, message or "")
+        if message != _HTTP09:
+            message = _PROTOCOL_MESSAGES.get(code, "The HTTP request could not be read")
+        self._refuse(HTTPProtocolError(message, status=int(code)))
+
+    # -- serving it -----------------------------------------------------------------------------
 
     def _serve(self) -> None:
-        app = self.server.app
+        server = self.server
         origin = self.headers.get("origin")
         if self.command == "OPTIONS" and self.headers.get("access-control-request-method"):
-            cors = self.server.cors_headers(origin, preflight=True)
+            cors = server.cors_headers(origin, preflight=True)
             if cors:  # a preflight the Function URL would answer itself
-                self.send_response(204)
-                for name, value in cors.items():
-                    self.send_header(name, value)
-                self.send_header("content-length", "0")
-                self.end_headers()
+                if self._announces_body():
+                    self.close_connection = True  # we do not read it
+                    cors["connection"] = "close"
+                with contextlib.suppress(OSError):
+                    self._send_head(204, cors)  # no Content-Length on a 204 (RFC 9110 §8.6)
                 return
-        self.cors = self.server.cors_headers(origin, preflight=False)
-        if not self.server.slots.acquire(blocking=False):
-            self.close_connection = True  # the request body is left unread
-            err = RateLimitError("The dev server is at its concurrency limit", retry_after=1)
-            self._write(error_response(err))
+        self.cors = server.cors_headers(origin, preflight=False)
+        if not server.slots.acquire(blocking=False):
+            self._refuse(RateLimitError("The dev server is at its concurrency limit",
+                                        retry_after=1))
             return
         try:
-            body = self._read_body(app.settings.max_body_bytes)
-            if body is None:
-                return
-            headers = {k.lower(): v for k, v in self.headers.items()}
+            self._handle()
+        finally:
+            server.slots.release()
+
+    def _handle(self) -> None:
+        """Body, event, handler, answer."""
+        server = self.server
+        body = self._read_body(server.app.settings.max_body_bytes)
+        if body is None:
+            return
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        try:
             event = build_event(self.command, self.path, headers, body,
                                 source_ip=self.client_address[0])
-            self._write(app.handle(event, None))
-        finally:
-            self.server.slots.release()
+        except ValueError:  # urlsplit: e.g. "http://[/" is no URL
+            self._refuse(HTTPProtocolError("The request target is not a valid URL"))
+            return
+        self._write(server.app.handle(event, None))
 
-    # Every method reaches the handler, which answers 405 (with Allow) as the Function URL
-    # does; http.server would answer 501 in HTML for a method without a do_* attribute.
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("do_"):
-            return self._serve
-        raise AttributeError(name)
+    # -- the body -------------------------------------------------------------------------------
+
+    def _announces_body(self) -> bool:
+        return bool(self.headers.get("transfer-encoding")) or \
+            self.headers.get("content-length", "0").strip() not in ("", "0")
 
     def _read_body(self, limit: int) -> bytes | None:
         """At most ``limit + 1`` bytes: enough for the handler to answer 413 on its own."""
@@ -199,7 +322,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             try:
                 size = int(line.split(b";", 1)[0].strip() or b"0", 16)
             except ValueError:
-                self.send_error(400, "Malformed chunked body")
+                self._refuse(HTTPProtocolError("Malformed chunked body"))
                 return None
             if size == 0:
                 while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
@@ -210,32 +333,56 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         return bytes(data)
 
+    # -- answering ------------------------------------------------------------------------------
+
+    def _refuse(self, err: StreamgateError) -> None:
+        """Answer an error found before there is an event; the connection is then closed."""
+        self.close_connection = True
+        response = self.server.app.refuse(err)
+        if self.command:  # for the request log record
+            response.outcome.method = self.command
+            with contextlib.suppress(ValueError):
+                response.outcome.path = urlsplit(self.path).path
+        self._write(response)
+
     def _write(self, response: Response) -> None:
-        """Status and headers, then each body item as its own chunk, flushed as it comes."""
+        """Status and headers, then the body: a stream's events each as its own chunk for
+        HTTP/1.1, or raw until the connection closes for HTTP/1.0, sent as they come."""
         streaming = response.headers.get("content-type") == "text/event-stream"
+        chunked = streaming and self.http11
+        if streaming and not chunked:
+            self.close_connection = True  # the end of the body is the end of the connection
+        headers = {**response.headers, **self.cors}
         try:
-            self.send_response(response.status)
-            for name, value in {**response.headers, **self.cors}.items():
-                self.send_header(name, value)
-            if streaming:
-                self.send_header("transfer-encoding", "chunked")
-                self.end_headers()
-                for item in response.body:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(item), item))
-                    self.wfile.flush()
-                self.wfile.write(b"0\r\n\r\n")
-            else:
+            if chunked:
+                headers["transfer-encoding"] = "chunked"
+            elif not streaming:
                 body = b"".join(response.body)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
+                headers["content-length"] = str(len(body))
+            if self.close_connection:
+                headers["connection"] = "close"
+            self._send_head(response.status, headers)
+            if not streaming:
                 if self.command != "HEAD":
                     self.wfile.write(body)
-            self.wfile.flush()
-        except (ConnectionError, TimeoutError):
-            # The client went away: stop generating and free the model for the next request.
+                return
+            for item in response.body:
+                if item:  # an empty chunk would end the body
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(item), item) if chunked else item)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            # The client went away or stalled: stop generating and free the model for the next
+            # request.
             self.close_connection = True
         finally:
             response.close()
+
+    def _send_head(self, status: int, headers: Mapping[str, str]) -> None:
+        self.log_request(status)
+        self.wfile.write(_head(status, headers))
+
+    # -- the access log -------------------------------------------------------------------------
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         logger.info("%s %s", self.address_string(), format % args)
