@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,3 +124,24 @@ def assert_our_error(response: RawResponse, status: int, code: str) -> dict[str,
     assert set(error) == {"message", "type", "param", "code"}
     return dict(error)
 
+
+@contextmanager
+def trickling(sock: socket.socket, *, every_s: float = 0.1) -> Iterator[None]:
+    """While in the block, send one byte every ``every_s``: no single read ever waits long,
+    yet a request never completes."""
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(every_s):
+            try:
+                sock.send(b"x")
+            except OSError:
+                return
+
+    sender = threading.Thread(target=trickle, name="trickle", daemon=True)
+    sender.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sender.join(5)

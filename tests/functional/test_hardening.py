@@ -16,6 +16,7 @@ import requests
 from streamgate.providers import Finish, TextDelta, Usage
 from tests.conftest import running_dev_server
 from tests.helpers import ScriptedProvider, body_bytes, chat_event, make_app
+from tests.raw_http import assert_our_error, closed_by_server, connect, read_response
 
 CHAT = "/v1/chat/completions"
 
@@ -60,17 +61,18 @@ def test_invalid_utf8_in_a_string_and_in_a_key_is_a_400() -> None:
             assert r.status_code == 400 and r.json()["error"]["message"] == "Invalid JSON body"
 
 
-def test_a_client_too_slow_to_send_is_cut_off_without_blocking_others() -> None:
-    with running_dev_server(make_app(), request_timeout_s=1) as url:
-        port = int(url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
-            slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                         b"Content-Length: 100\r\n\r\n{\"prompt\"")  # and then nothing
-            # others are served meanwhile
-            assert requests.post(url + CHAT, json={"prompt": "hi"}, timeout=10).ok
-            started = time.monotonic()
-            assert slow.recv(4096) == b""  # the server hung up on it
-            assert time.monotonic() - started < 5
+def test_a_client_too_slow_to_send_is_answered_408_and_cut_off_without_blocking_others(
+) -> None:
+    with running_dev_server(make_app(), request_timeout_s=1) as url, connect(url) as slow:
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"prompt\"")  # and then nothing
+        # others are served meanwhile
+        assert requests.post(url + CHAT, json={"prompt": "hi"}, timeout=10).ok
+        started = time.monotonic()
+        # it is told why, and the server hangs up on it
+        assert_our_error(read_response(slow), 408, "bad_http_request")
+        assert closed_by_server(slow)
+        assert time.monotonic() - started < 5
 
 
 def test_a_client_that_stops_reading_frees_the_model() -> None:

@@ -12,8 +12,15 @@ What it promises, whatever a client sends or fails to send:
   makes sense without one.
 - Every error is our JSON error body with our headers (``x-request-id``, the security headers)
   and gets a request log record, also the errors found before there is an event:
-  a request the server cannot read (400, 414, 431, 505; code ``bad_http_request``) and the
-  server at its stream limit (429).
+  a request the server cannot read (400, 408, 414, 431, 505; code ``bad_http_request``) and
+  the server at its stream limit (429).
+- The body must arrive within ``timeout_s`` of the request's head, a wall-clock limit
+  (:func:`streamgate.deadline.guard`): a socket timeout bounds one ``recv``, not a client that
+  trickles a byte a second. No single read or write may stall longer than
+  ``request_timeout_s``.
+- A body over the limit is refused 413 as soon as its size is announced (Content-Length, or
+  the chunk size that would pass the limit), without reading it: memory holds one body of at
+  most the limit.
 """
 
 from __future__ import annotations
@@ -35,8 +42,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from streamgate.deadline import guard
 from streamgate.errors import (
     HTTPProtocolError,
+    PayloadTooLargeError,
     RateLimitError,
     StreamgateError,
 )
@@ -44,11 +53,21 @@ from streamgate.handler import App, Response
 
 logger = logging.getLogger(__name__)
 
-# Bytes of an over-limit upload read and thrown away so the client can read our 413 (past
-# Lambda's own 6 MB cap, so a 10 MB upload still gets its answer); larger ones are cut off.
+# Bytes of a request we will not use (an over-limit upload, an unreadable request) still read
+# and thrown away after answering, so that closing does not reset the connection under our
+# answer before the client reads it (past Lambda's own 6 MB cap, so a 10 MB upload still gets
+# its 413); for at most _LINGER_S. Larger uploads are cut off.
 _DRAIN_LIMIT = 16 * 1024 * 1024
-# The request line and each header line: the standard library's limit, kept.
+_LINGER_S = 5.0
+# The request line and each header line (the standard library's limits, kept), a chunk-size
+# line with its extensions, and the trailer fields after the last chunk.
 _MAX_LINE = 65536
+_MAX_CHUNK_LINE = 4096
+_MAX_TRAILERS = 100
+# RFC 9112 §7.1: chunk-size (hex; 16 digits hold any size there is) [BWS] [chunk-ext] CRLF.
+# Strict on purpose: int(x, 16) would also take "-1", " 5", "0x10" and "1_0".
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
+_DIGITS = re.compile(r"[0-9]{1,18}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2, what a method may be
 # Content types whose bodies a Function URL passes as text rather than base64.
 _TEXT_TYPES = ("text/", "application/json", "application/x-www-form-urlencoded")
@@ -141,6 +160,16 @@ def _head(status: int, headers: Mapping[str, str]) -> bytes:
     return "".join(lines).encode("latin-1", "replace")
 
 
+class _BodyError(Exception):
+    """The request body could not be read: the error to answer, or only to record when the
+    connection is already cut (``send`` false)."""
+
+    def __init__(self, error: StreamgateError, *, send: bool = True) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.send = send
+
+
 class DevServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -148,16 +177,19 @@ class DevServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], app: App, *, max_streams: int = 32,
-                 cors_origins: tuple[str, ...] = (), request_timeout_s: float = 60) -> None:
+                 cors_origins: tuple[str, ...] = (), request_timeout_s: float = 60,
+                 timeout_s: float = 300) -> None:
         for name, value in (("max_streams", max_streams), ("request_timeout_s",
-                            request_timeout_s)):
+                            request_timeout_s), ("timeout_s", timeout_s)):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
         super().__init__(address, _RequestHandler)
         self.app = app
-        # How long a silent client may hold a thread: reading its request, or not reading
-        # our answer (a stalled write), after which the stream is closed and the model freed.
+        # How long one read or write may stall (a silent client, or one that does not read
+        # our answer), after which the request is answered 408 or the stream closed.
         self.request_timeout_s = request_timeout_s
+        # Wall clock for a request's body to arrive, counted from its head.
+        self.timeout_s = timeout_s
         self.slots = threading.BoundedSemaphore(max_streams)
         self.cors_origins = cors_origins
 
@@ -192,6 +224,14 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self.cors: dict[str, str] = {}  # CORS headers for this request's origin
         self.requestline = ""
         self.http11 = True  # the request is HTTP/1.1 or later (chunked answers are allowed)
+        self._cut = False  # a wall-clock limit shut the connection down
+
+    def finish(self) -> None:
+        try:
+            if not self._cut:
+                self._linger()
+        finally:
+            super().finish()
 
     # -- reading a request's head ---------------------------------------------------------------
 
@@ -252,6 +292,14 @@ class _RequestHandler(BaseHTTPRequestHandler):
             message = _PROTOCOL_MESSAGES.get(code, "The HTTP request could not be read")
         self._refuse(HTTPProtocolError(message, status=int(code)))
 
+    def handle_expect_100(self) -> bool:
+        """``100 Continue``, unless the announced body is over the limit: then the 413 comes
+        without the client sending the body first."""
+        length = self.headers.get("content-length", "").strip()
+        if _DIGITS.fullmatch(length) and int(length) > self.server.app.settings.max_body_bytes:
+            return True
+        return super().handle_expect_100()
+
     # -- serving it -----------------------------------------------------------------------------
 
     def _serve(self) -> None:
@@ -279,9 +327,19 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         """Body, event, handler, answer."""
         server = self.server
-        body = self._read_body(server.app.settings.max_body_bytes)
-        if body is None:
+        # The whole body must arrive within the time limit, however slowly it trickles.
+        self._guard = guard(self.connection, time.monotonic() + server.timeout_s)
+        try:
+            body = self._read_body(server.app.settings.max_body_bytes)
+        except _BodyError as e:
+            self._cut = self._guard.fired
+            self._refuse(e.error, send=e.send and not self._cut)
             return
+        except OSError:  # the client reset the connection
+            self.close_connection = True
+            return
+        finally:
+            self._guard.cancel()
         headers = {k.lower(): v for k, v in self.headers.items()}
         try:
             event = build_event(self.command, self.path, headers, body,
@@ -297,53 +355,110 @@ class _RequestHandler(BaseHTTPRequestHandler):
         return bool(self.headers.get("transfer-encoding")) or \
             self.headers.get("content-length", "0").strip() not in ("", "0")
 
-    def _read_body(self, limit: int) -> bytes | None:
-        """At most ``limit + 1`` bytes: enough for the handler to answer 413 on its own."""
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
-            return self._read_chunked(limit)
+    def _read_body(self, limit: int) -> bytes:
+        """The body, or :class:`_BodyError`. A body announced (by its Content-Length or a
+        chunk size) to exceed ``limit`` is refused 413 at once without reading it, as the
+        Function URL refuses a payload over Lambda's limit before the function runs."""
         try:
-            length = int(self.headers.get("content-length") or 0)
-        except ValueError:
-            length = 0
-        body = self.rfile.read(min(length, limit + 1)) if length > 0 else b""
-        if length > limit:
-            # Drain what a Lambda payload could hold so the client can read our 413; past that,
-            # hang up rather than read an unbounded upload.
-            left = length - len(body)
-            while 0 < left <= _DRAIN_LIMIT and (got := self.rfile.read(min(left, 1 << 16))):
-                left -= len(got)
-            self.close_connection = True
-        return body
+            return self._read_framed_body(limit)
+        except TimeoutError as e:
+            raise _BodyError(HTTPProtocolError(
+                f"No request body data arrived for {self.server.request_timeout_s:g} s",
+                status=408)) from e
+        except _BodyError as e:
+            if self._guard.fired:  # the wall-clock limit cut the read: nothing can be sent
+                raise _BodyError(HTTPProtocolError(
+                    f"The request body did not arrive within the request time limit "
+                    f"({self.server.timeout_s:g} s)", status=408), send=False) from e
+            raise
 
-    def _read_chunked(self, limit: int) -> bytes | None:
+    def _read_framed_body(self, limit: int) -> bytes:
+        te = self.headers.get_all("transfer-encoding") or []
+        cl = self.headers.get_all("content-length") or []
+        if te:  # RFC 9112 §6.1, §6.3
+            if cl:
+                raise self._malformed("A request may not have both Content-Length and "
+                                      "Transfer-Encoding")
+            if not self.http11:
+                raise self._malformed("Transfer-Encoding is not allowed in an HTTP/1.0 "
+                                      "request")
+            if [c.strip().lower() for v in te for c in str(v).split(",")] != ["chunked"]:
+                raise self._malformed("The only Transfer-Encoding the dev server reads is "
+                                      "chunked")
+            return self._read_chunked(limit)
+        if not cl:
+            return b""
+        values = {v.strip() for h in cl for v in str(h).split(",")}
+        value = values.pop() if len(values) == 1 else ""
+        if not _DIGITS.fullmatch(value):
+            raise self._malformed("Invalid Content-Length")
+        if int(value) > limit:
+            raise self._too_large(limit)
+        return self._read_exact(int(value))
+
+    def _read_chunked(self, limit: int) -> bytes:
+        """RFC 9112 §7.1, strictly: hex sizes, CRLF line ends, at most ``limit`` bytes."""
         data = bytearray()
-        while len(data) <= limit:
-            line = self.rfile.readline(65537)
-            try:
-                size = int(line.split(b";", 1)[0].strip() or b"0", 16)
-            except ValueError:
-                self._refuse(HTTPProtocolError("Malformed chunked body"))
-                return None
+        while True:
+            line = self.rfile.readline(_MAX_CHUNK_LINE + 1)
+            match = _CHUNK_SIZE.fullmatch(line)
+            if match is None:
+                if not line.endswith(b"\n") and len(line) <= _MAX_CHUNK_LINE:
+                    raise self._ended_early()
+                raise self._malformed("Malformed chunk size line in a chunked request body")
+            size = int(match[1], 16)
             if size == 0:
-                while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-                    pass
+                break
+            if len(data) + size > limit:
+                raise self._too_large(limit)
+            data += self._read_exact(size)
+            if self._read_exact(2) != b"\r\n":
+                raise self._malformed("Chunk data not followed by CRLF in a chunked request "
+                                      "body")
+        for _ in range(_MAX_TRAILERS + 1):  # trailer fields: read and ignored
+            line = self.rfile.readline(_MAX_LINE + 1)
+            if line == b"\r\n":
                 return bytes(data)
-            data += self.rfile.read(size)
-            self.rfile.readline(3)
-        self.close_connection = True
-        return bytes(data)
+            if not line.endswith(b"\n") and len(line) <= _MAX_LINE:
+                raise self._ended_early()
+            if not line.endswith(b"\r\n") or len(line) > _MAX_LINE:
+                raise self._malformed("Malformed trailer field in a chunked request body")
+        raise self._malformed("Too many trailer fields in a chunked request body")
+
+    def _read_exact(self, n: int) -> bytes:
+        data = self.rfile.read(n) if n > 0 else b""
+        if len(data) < n:
+            raise self._ended_early()
+        return data
+
+    def _too_large(self, limit: int) -> _BodyError:
+        # The handler's own words for a body over the limit (validation.decode_body).
+        return _BodyError(PayloadTooLargeError(
+            f"Request body exceeds maximum size of {limit} bytes"))
+
+    def _malformed(self, message: str) -> _BodyError:
+        return _BodyError(HTTPProtocolError(message))
+
+    def _ended_early(self) -> _BodyError:
+        return _BodyError(HTTPProtocolError("The request body ended before its declared "
+                                            "length"))
 
     # -- answering ------------------------------------------------------------------------------
 
-    def _refuse(self, err: StreamgateError) -> None:
-        """Answer an error found before there is an event; the connection is then closed."""
+    def _refuse(self, err: StreamgateError, *, send: bool = True) -> None:
+        """Answer (or, when the connection is already cut, only record) an error found before
+        there is an event; the connection is then closed."""
         self.close_connection = True
         response = self.server.app.refuse(err)
         if self.command:  # for the request log record
             response.outcome.method = self.command
             with contextlib.suppress(ValueError):
                 response.outcome.path = urlsplit(self.path).path
-        self._write(response)
+        if send:
+            self._write(response)
+        else:
+            self.log_error("%s: %s", err.status, err.message)
+            response.close()
 
     def _write(self, response: Response) -> None:
         """Status and headers, then the body: a stream's events each as its own chunk for
@@ -382,6 +497,21 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self.log_request(status)
         self.wfile.write(_head(status, headers))
 
+    def _linger(self) -> None:
+        """Before the connection closes: end our side, then read and drop what the client is
+        still sending (see ``_DRAIN_LIMIT``)."""
+        sock: socket.socket = self.connection
+        limit = guard(sock, time.monotonic() + _LINGER_S)
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            left = _DRAIN_LIMIT
+            while left > 0 and (got := sock.recv(min(left, 1 << 16))):
+                left -= len(got)
+        except OSError:
+            pass
+        finally:
+            limit.cancel()
+
     # -- the access log -------------------------------------------------------------------------
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
@@ -389,10 +519,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
 
 def serve(host: str, port: int, app: App, *, max_streams: int = 32,
-          cors_origins: tuple[str, ...] = (), request_timeout_s: float = 60) -> DevServer:
+          cors_origins: tuple[str, ...] = (), request_timeout_s: float = 60,
+          timeout_s: float = 300) -> DevServer:
     """A started server in a background thread; ``shutdown()`` stops it."""
     server = DevServer((host, port), app, max_streams=max_streams, cors_origins=cors_origins,
-                       request_timeout_s=request_timeout_s)
+                       request_timeout_s=request_timeout_s, timeout_s=timeout_s)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="devserver",
                      daemon=True).start()
     return server
