@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from streamgate.deadline import Deadline
-from streamgate.devserver import build_event
+from streamgate.devserver import build_event, build_parser
 from streamgate.providers import Delta, Finish, TextDelta, Usage
 from streamgate.validation import ChatRequest
 from tests.conftest import running_dev_server
@@ -140,6 +140,19 @@ def test_over_the_concurrency_limit_is_a_429_with_our_headers_and_a_request_log_
     assert record["request_id"] == request_id
     assert (record["method"], record["path"]) == ("POST", CHAT)
     assert record["error_code"] == "rate_limit_exceeded"
+
+
+def test_the_command_line_sets_each_limit_with_its_documented_default() -> None:
+    defaults = build_parser().parse_args([])
+    assert (defaults.max_streams, defaults.max_connections, defaults.header_timeout,
+            defaults.timeout) == (32, 256, 10, 300)
+    chosen = build_parser().parse_args(["--max-streams", "4", "--max-connections", "8",
+                                        "--header-timeout", "2.5", "--timeout", "60"])
+    assert (chosen.max_streams, chosen.max_connections, chosen.header_timeout,
+            chosen.timeout) == (4, 8, 2.5, 60)
+    for bad in (["--timeout", "0"], ["--max-connections", "-1"], ["--header-timeout", "inf"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(bad)
 
 
 def test_huge_upload_is_a_413_the_client_can_read() -> None:

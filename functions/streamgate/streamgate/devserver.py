@@ -12,15 +12,21 @@ What it promises, whatever a client sends or fails to send:
   makes sense without one.
 - Every error is our JSON error body with our headers (``x-request-id``, the security headers)
   and gets a request log record, also the errors found before there is an event:
-  a request the server cannot read (400, 408, 414, 431, 505; code ``bad_http_request``) and
-  the server at its stream limit (429).
-- The body must arrive within ``timeout_s`` of the request's head, a wall-clock limit
-  (:func:`streamgate.deadline.guard`): a socket timeout bounds one ``recv``, not a client that
-  trickles a byte a second. No single read or write may stall longer than
-  ``request_timeout_s``.
+  a request the server cannot read (400, 408, 414, 431, 505; code ``bad_http_request``), the
+  server at its stream limit (429) or at its connection limit (503).
+- No client holds a thread without limit. The request line and headers must arrive within
+  ``header_timeout_s`` (also how long a kept-alive connection may sit idle between requests);
+  the body, and then the answer, within the request's time limit ``timeout_s`` (what the
+  function timeout is on Lambda; writing the answer gets a few seconds' grace so the deadline
+  event can still go out). These are wall-clock limits (:func:`streamgate.deadline.guard`): a
+  socket timeout bounds one ``recv``, not a client that trickles a byte a second. No single
+  read or write may stall longer than ``request_timeout_s``. Past ``max_connections`` open
+  connections, a new one is answered 503 by the accepting thread itself and closed.
 - A body over the limit is refused 413 as soon as its size is announced (Content-Length, or
   the chunk size that would pass the limit), without reading it: memory holds one body of at
   most the limit.
+- A client that leaves while its request waits for the model frees its place at once: the
+  request's :class:`~streamgate.deadline.Deadline` asks the socket whether the client is there.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import contextlib
 import email.utils
 import logging
 import re
+import select
 import socket
 import sys
 import threading
@@ -42,11 +49,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from streamgate.deadline import guard
+from streamgate.deadline import Deadline, guard
 from streamgate.errors import (
     HTTPProtocolError,
     PayloadTooLargeError,
     RateLimitError,
+    ServiceUnavailableError,
     StreamgateError,
 )
 from streamgate.handler import App, Response
@@ -59,6 +67,9 @@ logger = logging.getLogger(__name__)
 # its 413); for at most _LINGER_S. Larger uploads are cut off.
 _DRAIN_LIMIT = 16 * 1024 * 1024
 _LINGER_S = 5.0
+# Writing the answer may run this long past the request's time limit: the handler stops
+# generation at the deadline and its deadline event must still reach the client.
+_DEADLINE_GRACE_S = 5.0
 # The request line and each header line (the standard library's limits, kept), a chunk-size
 # line with its extensions, and the trailer fields after the last chunk.
 _MAX_LINE = 65536
@@ -93,6 +104,11 @@ _PROTOCOL_MESSAGES = {
 }
 _HTTP09 = ("HTTP/0.9 requests (a request line without a version) are not supported: "
            "send 'METHOD /path HTTP/1.1'")
+# Control characters as \xNN in the access log (and backslash doubled, so an escape is never
+# ambiguous), as CPython 3.12's BaseHTTPRequestHandler.log_message does: a request line is
+# client input, and raw ESC sequences would reach whatever terminal shows the log.
+_LOG_ESCAPES = str.maketrans({c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+                             | {ord("\\"): "\\\\"})
 
 
 def build_event(
@@ -178,9 +194,11 @@ class DevServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], app: App, *, max_streams: int = 32,
                  cors_origins: tuple[str, ...] = (), request_timeout_s: float = 60,
-                 timeout_s: float = 300) -> None:
+                 header_timeout_s: float = 10, timeout_s: float = 300,
+                 max_connections: int = 256) -> None:
         for name, value in (("max_streams", max_streams), ("request_timeout_s",
-                            request_timeout_s), ("timeout_s", timeout_s)):
+                            request_timeout_s), ("header_timeout_s", header_timeout_s),
+                            ("timeout_s", timeout_s), ("max_connections", max_connections)):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
         super().__init__(address, _RequestHandler)
@@ -188,10 +206,15 @@ class DevServer(ThreadingHTTPServer):
         # How long one read or write may stall (a silent client, or one that does not read
         # our answer), after which the request is answered 408 or the stream closed.
         self.request_timeout_s = request_timeout_s
-        # Wall clock for a request's body to arrive, counted from its head.
+        # Wall clock for a request's line and headers, and for an idle kept-alive connection.
+        self.header_timeout_s = header_timeout_s
+        # A request's time limit, as the function timeout is on Lambda: its Deadline.
         self.timeout_s = timeout_s
+        self.max_connections = max_connections
         self.slots = threading.BoundedSemaphore(max_streams)
         self.cors_origins = cors_origins
+        self._connections = 0
+        self._connections_lock = threading.Lock()
 
     def cors_headers(self, origin: str | None, *, preflight: bool) -> dict[str, str]:
         """What the Function URL adds for an allowed ``Origin``; nothing for others."""
@@ -206,6 +229,62 @@ class DevServer(ThreadingHTTPServer):
         else:
             headers["access-control-expose-headers"] = ", ".join(CORS_EXPOSE_HEADERS)
         return headers
+
+    # -- the connection cap: runs in the accepting thread -------------------------------------
+
+    def process_request(self, request: socket.socket | tuple[bytes, socket.socket],
+                        client_address: Any) -> None:
+        """A thread for the connection, or, past ``max_connections``, a 503 written right here
+        (no thread) and the connection closed."""
+        with self._connections_lock:
+            admitted = self._connections < self.max_connections
+            if admitted:
+                self._connections += 1
+        if not admitted:
+            if isinstance(request, socket.socket):
+                self._refuse_connection(request, client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connection_closed()
+            raise
+
+    def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket],
+                               client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_closed()
+
+    def _connection_closed(self) -> None:
+        with self._connections_lock:
+            self._connections -= 1
+
+    def _refuse_connection(self, sock: socket.socket, client_address: Any) -> None:
+        """503 with ``Retry-After``, without reading the request: one non-blocking send (a new
+        connection's send buffer is empty, so it never waits), then what the client already
+        sent is read and dropped so that closing does not reset the connection under it."""
+        response = self.app.refuse(ServiceUnavailableError(
+            f"The dev server is at its connection limit ({self.max_connections} open "
+            "connections); retry shortly", retry_after=1))
+        try:
+            body = b"".join(response.body)
+            headers = {**response.headers, "content-length": str(len(body)),
+                       "connection": "close"}
+            sock.setblocking(False)
+            sock.send(_head(response.status, headers) + body)
+            for _ in range(16):  # up to 1 MB already in the receive buffer
+                if not sock.recv(1 << 16):
+                    break
+        except OSError:  # the client has gone, or has sent nothing more (BlockingIOError)
+            pass
+        finally:
+            response.close()
+        logger.info("%s refused: %d connections open (--max-connections)",
+                    client_address[0] if isinstance(client_address, tuple) else client_address,
+                    self.max_connections)
 
 
 class _RequestHandler(BaseHTTPRequestHandler):
@@ -224,40 +303,51 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self.cors: dict[str, str] = {}  # CORS headers for this request's origin
         self.requestline = ""
         self.http11 = True  # the request is HTTP/1.1 or later (chunked answers are allowed)
-        self._cut = False  # a wall-clock limit shut the connection down
+        # One wall-clock guard per connection, moved from phase to phase: the first request's
+        # head must arrive within the header timeout of the connection being accepted.
+        self._guard = guard(self.connection, time.monotonic() + self.server.header_timeout_s)
 
     def finish(self) -> None:
         try:
-            if not self._cut:
-                self._linger()
+            self._linger()
         finally:
+            self._guard.cancel()
             super().finish()
 
     # -- reading a request's head ---------------------------------------------------------------
 
     def handle_one_request(self) -> None:
-        """Read one request's line and headers, then serve it.
+        """Read one request's line and headers within the header timeout, then serve it.
 
-        Replaces the standard library's version, which answers some errors without a status
-        line, and sends methods it has no ``do_*`` for to a 501 page: here every method reaches
-        the handler, which answers 405 (with ``Allow``) as the Function URL does.
+        Replaces the standard library's version, which has no wall-clock limit, answers some
+        errors without a status line, and sends methods it has no ``do_*`` for to a 501 page:
+        here every method reaches the handler, which answers 405 (with ``Allow``) as the
+        Function URL does.
         """
         self.cors = {}
         self.requestline = ""
         self.command = ""
         self.http11 = True
         self.close_connection = True
+        self._guard.move(time.monotonic() + self.server.header_timeout_s)
         try:
             line = self.rfile.readline(_MAX_LINE + 1)
             if line in (b"\r\n", b"\n"):  # RFC 9112 §2.2: ignore an empty line before one
                 line = self.rfile.readline(_MAX_LINE + 1)
             self.raw_requestline = line
-            if not line:  # the client is done
+            if self._guard.fired or not line:
+                # Closed (idle keep-alive, or the client is done), or cut off mid-line.
+                if line:
+                    self._log_cut("request line")
                 return
             if len(line) > _MAX_LINE:
                 self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
                 return
             if not self.parse_request():
+                return
+            if self._guard.fired:  # the headers were cut off: what was read is not a request
+                self.close_connection = True
+                self._log_cut("headers")
                 return
         except OSError:  # a read stalled past request_timeout_s, or the client reset
             self.close_connection = True
@@ -325,21 +415,20 @@ class _RequestHandler(BaseHTTPRequestHandler):
             server.slots.release()
 
     def _handle(self) -> None:
-        """Body, event, handler, answer."""
+        """Body, event, handler, answer: all within the request's time limit."""
         server = self.server
+        limit = time.monotonic() + server.timeout_s
+        deadline = Deadline(limit, client_gone=self._client_gone)
         # The whole body must arrive within the time limit, however slowly it trickles.
-        self._guard = guard(self.connection, time.monotonic() + server.timeout_s)
+        self._guard.move(limit)
         try:
             body = self._read_body(server.app.settings.max_body_bytes)
         except _BodyError as e:
-            self._cut = self._guard.fired
-            self._refuse(e.error, send=e.send and not self._cut)
+            self._refuse(e.error, send=e.send and not self._guard.fired)
             return
         except OSError:  # the client reset the connection
             self.close_connection = True
             return
-        finally:
-            self._guard.cancel()
         headers = {k.lower(): v for k, v in self.headers.items()}
         try:
             event = build_event(self.command, self.path, headers, body,
@@ -347,7 +436,26 @@ class _RequestHandler(BaseHTTPRequestHandler):
         except ValueError:  # urlsplit: e.g. "http://[/" is no URL
             self._refuse(HTTPProtocolError("The request target is not a valid URL"))
             return
-        self._write(server.app.handle(event, None))
+        # A client reading one byte a second cannot hold the model past the time limit.
+        self._guard.move(limit + _DEADLINE_GRACE_S)
+        self._write(server.app.handle(event, None, deadline=deadline))
+
+    def _client_gone(self) -> bool:
+        """Whether the client has closed or reset its connection: a peek that never waits.
+        (A socket with a timeout waits in ``recv`` even with ``MSG_DONTWAIT``, hence the poll.)
+        A client that half-closes its side after the request counts as gone; HTTP clients
+        do not do that."""
+        sock: socket.socket = self.connection
+        try:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            if not poller.poll(0):
+                return False  # nothing to read: still there
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:  # reset, or the socket is already closed
+            return True
 
     # -- the body -------------------------------------------------------------------------------
 
@@ -487,8 +595,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
             if chunked:
                 self.wfile.write(b"0\r\n\r\n")
         except OSError:
-            # The client went away or stalled: stop generating and free the model for the next
-            # request.
+            # The client went away, stalled, or its time ran out (the guard): stop generating
+            # and free the model for the next request.
             self.close_connection = True
         finally:
             response.close()
@@ -499,46 +607,75 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def _linger(self) -> None:
         """Before the connection closes: end our side, then read and drop what the client is
-        still sending (see ``_DRAIN_LIMIT``)."""
+        still sending (see ``_DRAIN_LIMIT``), unless a limit already cut the connection."""
+        if self._guard.fired:
+            return
         sock: socket.socket = self.connection
-        limit = guard(sock, time.monotonic() + _LINGER_S)
         try:
             sock.shutdown(socket.SHUT_WR)
+            self._guard.move(time.monotonic() + _LINGER_S)
             left = _DRAIN_LIMIT
             while left > 0 and (got := sock.recv(min(left, 1 << 16))):
                 left -= len(got)
         except OSError:
             pass
-        finally:
-            limit.cancel()
 
     # -- the access log -------------------------------------------------------------------------
 
+    def _log_cut(self, what: str) -> None:
+        self.log_error("%s not received within %g s; connection closed", what,
+                       self.server.header_timeout_s)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        logger.info("%s %s", self.address_string(), format % args)
+        logger.info("%s %s", self.address_string(), (format % args).translate(_LOG_ESCAPES))
 
 
 def serve(host: str, port: int, app: App, *, max_streams: int = 32,
           cors_origins: tuple[str, ...] = (), request_timeout_s: float = 60,
-          timeout_s: float = 300) -> DevServer:
+          header_timeout_s: float = 10, timeout_s: float = 300,
+          max_connections: int = 256) -> DevServer:
     """A started server in a background thread; ``shutdown()`` stops it."""
     server = DevServer((host, port), app, max_streams=max_streams, cors_origins=cors_origins,
-                       request_timeout_s=request_timeout_s, timeout_s=timeout_s)
+                       request_timeout_s=request_timeout_s, header_timeout_s=header_timeout_s,
+                       timeout_s=timeout_s, max_connections=max_connections)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="devserver",
                      daemon=True).start()
     return server
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m streamgate.devserver", description=__doc__)
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m streamgate.devserver", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--max-streams", type=int, default=32,
+    parser.add_argument("--max-streams", type=_positive(int), default=32,
                         help="concurrent requests before answering 429 (default 32)")
+    parser.add_argument("--max-connections", type=_positive(int), default=256,
+                        help="open connections before answering 503 (default 256)")
+    parser.add_argument("--header-timeout", type=_positive(float), default=10,
+                        help="seconds for a request's line and headers to arrive, and for an "
+                             "idle kept-alive connection (default 10)")
+    parser.add_argument("--timeout", type=_positive(float), default=300,
+                        help="a request's time limit in seconds, like the function timeout "
+                             "on Lambda (default 300)")
     parser.add_argument("--cors-origins", default="",
                         help="comma-separated origins browsers may call from, or * "
                              "(default: none, like the template's CorsAllowOrigins)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         # EMF metrics are for CloudWatch; locally they would only bury the request log.
@@ -549,7 +686,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     origins = tuple(o.strip() for o in args.cors_origins.split(",") if o.strip())
     server = DevServer((args.host, args.port), app, max_streams=args.max_streams,
-                       cors_origins=origins)
+                       cors_origins=origins, header_timeout_s=args.header_timeout,
+                       timeout_s=args.timeout, max_connections=args.max_connections)
     model = app.default_model()
     print(
         f"Streamgate dev server on http://{args.host}:{server.server_port}/v1/chat/completions "
