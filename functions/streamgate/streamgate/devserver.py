@@ -654,8 +654,9 @@ def _positive(kind: type[int] | type[float]) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m streamgate.devserver", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The docstring's first paragraph: the promises below it are for readers of the code.
+    parser = argparse.ArgumentParser(prog="python -m streamgate.devserver",
+                                     description=(__doc__ or "").split("\n\n", 1)[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--max-streams", type=_positive(int), default=32,
