@@ -52,7 +52,9 @@ def main() -> int:
     sys.stdout = open("/dev/null", "w")  # noqa: SIM115 - for the life of the process
     app = App(load_settings({}, provider="local"),
               FastProvider(args.tokens, args.interval_ms / 1000))
-    server = DevServer(("127.0.0.1", 0), app, max_streams=args.max_streams)
+    # Never fewer connections than streams: a load past 256 clients must not meet the cap.
+    server = DevServer(("127.0.0.1", 0), app, max_streams=args.max_streams,
+                       max_connections=max(256, args.max_streams))
     print(f"port {server.server_port}", file=sys.__stdout__, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

@@ -10,10 +10,11 @@ import threading
 import time
 from collections.abc import Iterator
 
+import pytest
 import requests
 
 from streamgate.deadline import Deadline
-from streamgate.devserver import build_event
+from streamgate.devserver import build_event, build_parser
 from streamgate.providers import Delta, Finish, TextDelta, Usage
 from streamgate.validation import ChatRequest
 from tests.conftest import running_dev_server
@@ -104,7 +105,9 @@ def test_a_client_that_disconnects_stops_generation_and_frees_its_slot() -> None
         assert r.status_code == 200
 
 
-def test_over_the_concurrency_limit_is_a_429_with_retry_after() -> None:
+def test_over_the_concurrency_limit_is_a_429_with_our_headers_and_a_request_log_record(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a server with one stream slot, held by a stream
     release = threading.Event()
 
     class Holding(ScriptedProvider):
@@ -118,11 +121,38 @@ def test_over_the_concurrency_limit_is_a_429_with_retry_after() -> None:
         with requests.post(url + CHAT, json={"prompt": "hi", "stream": True}, stream=True,
                            timeout=10) as held:
             assert held.status_code == 200
+            capsys.readouterr()
+            # WHEN a second request comes
             second = requests.post(url + CHAT, json={"prompt": "hi"}, timeout=10)
             release.set()
-        assert second.status_code == 429
-        assert second.headers["retry-after"] == "1"
-        assert second.json()["error"]["type"] == "rate_limit_error"
+        out = capsys.readouterr().out
+    # THEN it gets a 429 with Retry-After, and the headers every response carries
+    assert second.status_code == 429
+    assert second.headers["retry-after"] == "1"
+    assert second.json()["error"]["type"] == "rate_limit_error"
+    assert second.headers["x-content-type-options"] == "nosniff"
+    assert "content-security-policy" in second.headers
+    assert "strict-transport-security" in second.headers
+    request_id = second.headers["x-request-id"]
+    # AND the request log record of any other response, under that request id
+    records = [json.loads(line) for line in out.splitlines() if line.startswith('{"level"')]
+    (record,) = [r for r in records if r["message"] == "request" and r["status"] == 429]
+    assert record["request_id"] == request_id
+    assert (record["method"], record["path"]) == ("POST", CHAT)
+    assert record["error_code"] == "rate_limit_exceeded"
+
+
+def test_the_command_line_sets_each_limit_with_its_documented_default() -> None:
+    defaults = build_parser().parse_args([])
+    assert (defaults.max_streams, defaults.max_connections, defaults.header_timeout,
+            defaults.timeout) == (32, 256, 10, 300)
+    chosen = build_parser().parse_args(["--max-streams", "4", "--max-connections", "8",
+                                        "--header-timeout", "2.5", "--timeout", "60"])
+    assert (chosen.max_streams, chosen.max_connections, chosen.header_timeout,
+            chosen.timeout) == (4, 8, 2.5, 60)
+    for bad in (["--timeout", "0"], ["--max-connections", "-1"], ["--header-timeout", "inf"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(bad)
 
 
 def test_huge_upload_is_a_413_the_client_can_read() -> None:

@@ -2,31 +2,84 @@
 handler Lambda runs, and the response is written as it is produced, one chunk per event.
 
 Run with ``python -m streamgate.devserver`` (``make dev``). Not shipped in the Lambda zip.
+
+What it promises, whatever a client sends or fails to send:
+
+- Every answer is valid HTTP for the client's version. HTTP/1.1 clients get streams in chunked
+  encoding; HTTP/1.0 clients get the stream raw, ended by closing the connection. A request
+  without a version (HTTP/0.9, ``GET /``) gets a 400 HTTP/1.1 answer and the connection is
+  closed: HTTP/0.9 has no status line or header that could carry an error, and nothing we serve
+  makes sense without one.
+- Every error is our JSON error body with our headers (``x-request-id``, the security headers)
+  and gets a request log record, also the errors found before there is an event:
+  a request the server cannot read (400, 408, 414, 431, 505; code ``bad_http_request``), the
+  server at its stream limit (429) or at its connection limit (503).
+- No client holds a thread without limit. The request line and headers must arrive within
+  ``header_timeout_s`` (also how long a kept-alive connection may sit idle between requests);
+  the body, and then the answer, within the request's time limit ``timeout_s`` (what the
+  function timeout is on Lambda; writing the answer gets a few seconds' grace so the deadline
+  event can still go out). These are wall-clock limits (:func:`streamgate.deadline.guard`): a
+  socket timeout bounds one ``recv``, not a client that trickles a byte a second. No single
+  read or write may stall longer than ``request_timeout_s``. Past ``max_connections`` open
+  connections, a new one is answered 503 by the accepting thread itself and closed.
+- A body over the limit is refused 413 as soon as its size is announced (Content-Length, or
+  the chunk size that would pass the limit), without reading it: memory holds one body of at
+  most the limit.
+- A client that leaves while its request waits for the model frees its place at once: the
+  request's :class:`~streamgate.deadline.Deadline` asks the socket whether the client is there.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import email.utils
 import logging
+import re
+import select
 import socket
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Mapping
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from streamgate.errors import RateLimitError, StreamgateError
-from streamgate.handler import App, Response, error_response
+from streamgate.deadline import Deadline, guard
+from streamgate.errors import (
+    HTTPProtocolError,
+    PayloadTooLargeError,
+    RateLimitError,
+    ServiceUnavailableError,
+    StreamgateError,
+)
+from streamgate.handler import App, Response
 
 logger = logging.getLogger(__name__)
 
-# Bytes of an over-limit upload read and thrown away so the client can read our 413 (past
-# Lambda's own 6 MB cap, so a 10 MB upload still gets its answer); larger ones are cut off.
+# Bytes of a request we will not use (an over-limit upload, an unreadable request) still read
+# and thrown away after answering, so that closing does not reset the connection under our
+# answer before the client reads it (past Lambda's own 6 MB cap, so a 10 MB upload still gets
+# its 413); for at most _LINGER_S. Larger uploads are cut off.
 _DRAIN_LIMIT = 16 * 1024 * 1024
+_LINGER_S = 5.0
+# Writing the answer may run this long past the request's time limit: the handler stops
+# generation at the deadline and its deadline event must still reach the client.
+_DEADLINE_GRACE_S = 5.0
+# The request line and each header line (the standard library's limits, kept), a chunk-size
+# line with its extensions, and the trailer fields after the last chunk.
+_MAX_LINE = 65536
+_MAX_CHUNK_LINE = 4096
+_MAX_TRAILERS = 100
+# RFC 9112 §7.1: chunk-size (hex; 16 digits hold any size there is) [BWS] [chunk-ext] CRLF.
+# Strict on purpose: int(x, 16) would also take "-1", " 5", "0x10" and "1_0".
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
+_DIGITS = re.compile(r"[0-9]{1,18}")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2, what a method may be
 # Content types whose bodies a Function URL passes as text rather than base64.
 _TEXT_TYPES = ("text/", "application/json", "application/x-www-form-urlencoded")
 # CORS as the Function URL answers it in the cloud (template.yaml's FunctionUrlConfig.Cors; a
@@ -38,6 +91,24 @@ CORS_EXPOSE_HEADERS = ("retry-after", "retry-after-ms", "x-request-id",
                        "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens",
                        "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
 CORS_MAX_AGE = 600
+
+SERVER = "streamgate-dev"
+_REASONS = {s.value: s.phrase for s in HTTPStatus} | {499: "Client Closed Request"}
+# What the client learns about a request the standard library's parser refused.
+_PROTOCOL_MESSAGES = {
+    400: "The request line is not valid HTTP/1.1",
+    414: f"The request line is longer than {_MAX_LINE} bytes",
+    431: f"The request has more than 100 header fields or a header line longer than "
+         f"{_MAX_LINE} bytes",
+    505: "HTTP version not supported: use HTTP/1.1 (or HTTP/1.0)",
+}
+_HTTP09 = ("HTTP/0.9 requests (a request line without a version) are not supported: "
+           "send 'METHOD /path HTTP/1.1'")
+# Control characters as \xNN in the access log (and backslash doubled, so an escape is never
+# ambiguous), as CPython 3.12's BaseHTTPRequestHandler.log_message does: a request line is
+# client input, and raw ESC sequences would reach whatever terminal shows the log.
+_LOG_ESCAPES = str.maketrans({c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+                             | {ord("\\"): "\\\\"})
 
 
 def build_event(
@@ -94,6 +165,27 @@ def build_event(
     return event
 
 
+def _head(status: int, headers: Mapping[str, str]) -> bytes:
+    """A response's status line and header block: always HTTP/1.1, which RFC 9110 §6.2 says
+    to answer any HTTP/1.x (and the version an unreadable request gets)."""
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n",
+             f"server: {SERVER}\r\n",
+             f"date: {email.utils.formatdate(usegmt=True)}\r\n"]
+    lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1", "replace")
+
+
+class _BodyError(Exception):
+    """The request body could not be read: the error to answer, or only to record when the
+    connection is already cut (``send`` false)."""
+
+    def __init__(self, error: StreamgateError, *, send: bool = True) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.send = send
+
+
 class DevServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -101,14 +193,28 @@ class DevServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], app: App, *, max_streams: int = 32,
-                 cors_origins: tuple[str, ...] = (), request_timeout_s: float = 60) -> None:
+                 cors_origins: tuple[str, ...] = (), request_timeout_s: float = 60,
+                 header_timeout_s: float = 10, timeout_s: float = 300,
+                 max_connections: int = 256) -> None:
+        for name, value in (("max_streams", max_streams), ("request_timeout_s",
+                            request_timeout_s), ("header_timeout_s", header_timeout_s),
+                            ("timeout_s", timeout_s), ("max_connections", max_connections)):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
         super().__init__(address, _RequestHandler)
         self.app = app
-        # How long a silent client may hold a thread: reading its request, or not reading
-        # our answer (a stalled write), after which the stream is closed and the model freed.
+        # How long one read or write may stall (a silent client, or one that does not read
+        # our answer), after which the request is answered 408 or the stream closed.
         self.request_timeout_s = request_timeout_s
+        # Wall clock for a request's line and headers, and for an idle kept-alive connection.
+        self.header_timeout_s = header_timeout_s
+        # A request's time limit, as the function timeout is on Lambda: its Deadline.
+        self.timeout_s = timeout_s
+        self.max_connections = max_connections
         self.slots = threading.BoundedSemaphore(max_streams)
         self.cors_origins = cors_origins
+        self._connections = 0
+        self._connections_lock = threading.Lock()
 
     def cors_headers(self, origin: str | None, *, preflight: bool) -> dict[str, str]:
         """What the Function URL adds for an allowed ``Origin``; nothing for others."""
@@ -124,12 +230,69 @@ class DevServer(ThreadingHTTPServer):
             headers["access-control-expose-headers"] = ", ".join(CORS_EXPOSE_HEADERS)
         return headers
 
+    # -- the connection cap: runs in the accepting thread -------------------------------------
+
+    def process_request(self, request: socket.socket | tuple[bytes, socket.socket],
+                        client_address: Any) -> None:
+        """A thread for the connection, or, past ``max_connections``, a 503 written right here
+        (no thread) and the connection closed."""
+        with self._connections_lock:
+            admitted = self._connections < self.max_connections
+            if admitted:
+                self._connections += 1
+        if not admitted:
+            if isinstance(request, socket.socket):
+                self._refuse_connection(request, client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connection_closed()
+            raise
+
+    def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket],
+                               client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_closed()
+
+    def _connection_closed(self) -> None:
+        with self._connections_lock:
+            self._connections -= 1
+
+    def _refuse_connection(self, sock: socket.socket, client_address: Any) -> None:
+        """503 with ``Retry-After``, without reading the request: one non-blocking send (a new
+        connection's send buffer is empty, so it never waits), then what the client already
+        sent is read and dropped so that closing does not reset the connection under it."""
+        response = self.app.refuse(ServiceUnavailableError(
+            f"The dev server is at its connection limit ({self.max_connections} open "
+            "connections); retry shortly", retry_after=1))
+        try:
+            body = b"".join(response.body)
+            headers = {**response.headers, "content-length": str(len(body)),
+                       "connection": "close"}
+            sock.setblocking(False)
+            sock.send(_head(response.status, headers) + body)
+            for _ in range(16):  # up to 1 MB already in the receive buffer
+                if not sock.recv(1 << 16):
+                    break
+        except OSError:  # the client has gone, or has sent nothing more (BlockingIOError)
+            pass
+        finally:
+            response.close()
+        logger.info("%s refused: %d connections open (--max-connections)",
+                    client_address[0] if isinstance(client_address, tuple) else client_address,
+                    self.max_connections)
+
 
 class _RequestHandler(BaseHTTPRequestHandler):
+    """One connection: requests read within their limits, answered through the handler."""
+
     server: DevServer
     protocol_version = "HTTP/1.1"
-    server_version = "streamgate-dev"
-    cors: dict[str, str]  # CORS headers for this request's origin, set before any answer
+    server_version = SERVER
 
     def setup(self) -> None:
         super().setup()
@@ -137,130 +300,383 @@ class _RequestHandler(BaseHTTPRequestHandler):
         # Events are small writes that must leave at once: without this, Nagle's algorithm
         # holds the first event until the client ACKs the headers (~40 ms of delayed ACK).
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.cors: dict[str, str] = {}  # CORS headers for this request's origin
+        self.requestline = ""
+        self.http11 = True  # the request is HTTP/1.1 or later (chunked answers are allowed)
+        # One wall-clock guard per connection, moved from phase to phase: the first request's
+        # head must arrive within the header timeout of the connection being accepted.
+        self._guard = guard(self.connection, time.monotonic() + self.server.header_timeout_s)
+
+    def finish(self) -> None:
+        try:
+            self._linger()
+        finally:
+            self._guard.cancel()
+            super().finish()
+
+    # -- reading a request's head ---------------------------------------------------------------
+
+    def handle_one_request(self) -> None:
+        """Read one request's line and headers within the header timeout, then serve it.
+
+        Replaces the standard library's version, which has no wall-clock limit, answers some
+        errors without a status line, and sends methods it has no ``do_*`` for to a 501 page:
+        here every method reaches the handler, which answers 405 (with ``Allow``) as the
+        Function URL does.
+        """
+        self.cors = {}
+        self.requestline = ""
+        self.command = ""
+        self.http11 = True
+        self.close_connection = True
+        self._guard.move(time.monotonic() + self.server.header_timeout_s)
+        try:
+            line = self.rfile.readline(_MAX_LINE + 1)
+            if line in (b"\r\n", b"\n"):  # RFC 9112 §2.2: ignore an empty line before one
+                line = self.rfile.readline(_MAX_LINE + 1)
+            self.raw_requestline = line
+            if self._guard.fired or not line:
+                # Closed (idle keep-alive, or the client is done), or cut off mid-line.
+                if line:
+                    self._log_cut("request line")
+                return
+            if len(line) > _MAX_LINE:
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                return
+            if not self.parse_request():
+                return
+            if self._guard.fired:  # the headers were cut off: what was read is not a request
+                self.close_connection = True
+                self._log_cut("headers")
+                return
+        except OSError:  # a read stalled past request_timeout_s, or the client reset
+            self.close_connection = True
+            return
+        self._serve()
+
+    def parse_request(self) -> bool:
+        """The standard library's parsing, plus: no HTTP/0.9, a method must be a token, and an
+        HTTP/1.0 connection is never kept alive (its answers may end by closing it)."""
+        requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = len(requestline.split())
+        if words < 3:
+            self.requestline = requestline
+            self.send_error(HTTPStatus.BAD_REQUEST, _HTTP09 if words == 2 else None)
+            return False
+        if not super().parse_request():
+            return False
+        if not _TOKEN.fullmatch(self.command):
+            self.send_error(HTTPStatus.BAD_REQUEST)
+            return False
+        major, minor = self.request_version[len("HTTP/"):].split(".")
+        self.http11 = (int(major), int(minor)) >= (1, 1)
+        if not self.http11:
+            self.close_connection = True
+        return True
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """The standard library's protocol errors as ours: JSON, our headers, a log record."""
+        self.log_error("code %d, message %s", code, message or "")
+        if message != _HTTP09:
+            message = _PROTOCOL_MESSAGES.get(code, "The HTTP request could not be read")
+        self._refuse(HTTPProtocolError(message, status=int(code)))
+
+    def handle_expect_100(self) -> bool:
+        """``100 Continue``, unless the announced body is over the limit: then the 413 comes
+        without the client sending the body first."""
+        length = self.headers.get("content-length", "").strip()
+        if _DIGITS.fullmatch(length) and int(length) > self.server.app.settings.max_body_bytes:
+            return True
+        return super().handle_expect_100()
+
+    # -- serving it -----------------------------------------------------------------------------
 
     def _serve(self) -> None:
-        app = self.server.app
+        server = self.server
         origin = self.headers.get("origin")
         if self.command == "OPTIONS" and self.headers.get("access-control-request-method"):
-            cors = self.server.cors_headers(origin, preflight=True)
+            cors = server.cors_headers(origin, preflight=True)
             if cors:  # a preflight the Function URL would answer itself
-                self.send_response(204)
-                for name, value in cors.items():
-                    self.send_header(name, value)
-                self.send_header("content-length", "0")
-                self.end_headers()
+                if self._announces_body():
+                    self.close_connection = True  # we do not read it
+                    cors["connection"] = "close"
+                with contextlib.suppress(OSError):
+                    self._send_head(204, cors)  # no Content-Length on a 204 (RFC 9110 §8.6)
                 return
-        self.cors = self.server.cors_headers(origin, preflight=False)
-        if not self.server.slots.acquire(blocking=False):
-            self.close_connection = True  # the request body is left unread
-            err = RateLimitError("The dev server is at its concurrency limit", retry_after=1)
-            self._write(error_response(err))
+        self.cors = server.cors_headers(origin, preflight=False)
+        if not server.slots.acquire(blocking=False):
+            self._refuse(RateLimitError("The dev server is at its concurrency limit",
+                                        retry_after=1))
             return
         try:
-            body = self._read_body(app.settings.max_body_bytes)
-            if body is None:
-                return
-            headers = {k.lower(): v for k, v in self.headers.items()}
+            self._handle()
+        finally:
+            server.slots.release()
+
+    def _handle(self) -> None:
+        """Body, event, handler, answer: all within the request's time limit."""
+        server = self.server
+        limit = time.monotonic() + server.timeout_s
+        deadline = Deadline(limit, client_gone=self._client_gone)
+        # The whole body must arrive within the time limit, however slowly it trickles.
+        self._guard.move(limit)
+        try:
+            body = self._read_body(server.app.settings.max_body_bytes)
+        except _BodyError as e:
+            self._refuse(e.error, send=e.send and not self._guard.fired)
+            return
+        except OSError:  # the client reset the connection
+            self.close_connection = True
+            return
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        try:
             event = build_event(self.command, self.path, headers, body,
                                 source_ip=self.client_address[0])
-            self._write(app.handle(event, None))
-        finally:
-            self.server.slots.release()
+        except ValueError:  # urlsplit: e.g. "http://[/" is no URL
+            self._refuse(HTTPProtocolError("The request target is not a valid URL"))
+            return
+        # A client reading one byte a second cannot hold the model past the time limit.
+        self._guard.move(limit + _DEADLINE_GRACE_S)
+        self._write(server.app.handle(event, None, deadline=deadline))
 
-    # Every method reaches the handler, which answers 405 (with Allow) as the Function URL
-    # does; http.server would answer 501 in HTML for a method without a do_* attribute.
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("do_"):
-            return self._serve
-        raise AttributeError(name)
-
-    def _read_body(self, limit: int) -> bytes | None:
-        """At most ``limit + 1`` bytes: enough for the handler to answer 413 on its own."""
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
-            return self._read_chunked(limit)
+    def _client_gone(self) -> bool:
+        """Whether the client has closed or reset its connection: a peek that never waits.
+        (A socket with a timeout waits in ``recv`` even with ``MSG_DONTWAIT``, hence the poll.)
+        A client that half-closes its side after the request counts as gone; HTTP clients
+        do not do that."""
+        sock: socket.socket = self.connection
         try:
-            length = int(self.headers.get("content-length") or 0)
-        except ValueError:
-            length = 0
-        body = self.rfile.read(min(length, limit + 1)) if length > 0 else b""
-        if length > limit:
-            # Drain what a Lambda payload could hold so the client can read our 413; past that,
-            # hang up rather than read an unbounded upload.
-            left = length - len(body)
-            while 0 < left <= _DRAIN_LIMIT and (got := self.rfile.read(min(left, 1 << 16))):
-                left -= len(got)
-            self.close_connection = True
-        return body
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            if not poller.poll(0):
+                return False  # nothing to read: still there
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:  # reset, or the socket is already closed
+            return True
 
-    def _read_chunked(self, limit: int) -> bytes | None:
+    # -- the body -------------------------------------------------------------------------------
+
+    def _announces_body(self) -> bool:
+        return bool(self.headers.get("transfer-encoding")) or \
+            self.headers.get("content-length", "0").strip() not in ("", "0")
+
+    def _read_body(self, limit: int) -> bytes:
+        """The body, or :class:`_BodyError`. A body announced (by its Content-Length or a
+        chunk size) to exceed ``limit`` is refused 413 at once without reading it, as the
+        Function URL refuses a payload over Lambda's limit before the function runs."""
+        try:
+            return self._read_framed_body(limit)
+        except TimeoutError as e:
+            raise _BodyError(HTTPProtocolError(
+                f"No request body data arrived for {self.server.request_timeout_s:g} s",
+                status=408)) from e
+        except _BodyError as e:
+            if self._guard.fired:  # the wall-clock limit cut the read: nothing can be sent
+                raise _BodyError(HTTPProtocolError(
+                    f"The request body did not arrive within the request time limit "
+                    f"({self.server.timeout_s:g} s)", status=408), send=False) from e
+            raise
+
+    def _read_framed_body(self, limit: int) -> bytes:
+        te = self.headers.get_all("transfer-encoding") or []
+        cl = self.headers.get_all("content-length") or []
+        if te:  # RFC 9112 §6.1, §6.3
+            if cl:
+                raise self._malformed("A request may not have both Content-Length and "
+                                      "Transfer-Encoding")
+            if not self.http11:
+                raise self._malformed("Transfer-Encoding is not allowed in an HTTP/1.0 "
+                                      "request")
+            if [c.strip().lower() for v in te for c in str(v).split(",")] != ["chunked"]:
+                raise self._malformed("The only Transfer-Encoding the dev server reads is "
+                                      "chunked")
+            return self._read_chunked(limit)
+        if not cl:
+            return b""
+        values = {v.strip() for h in cl for v in str(h).split(",")}
+        value = values.pop() if len(values) == 1 else ""
+        if not _DIGITS.fullmatch(value):
+            raise self._malformed("Invalid Content-Length")
+        if int(value) > limit:
+            raise self._too_large(limit)
+        return self._read_exact(int(value))
+
+    def _read_chunked(self, limit: int) -> bytes:
+        """RFC 9112 §7.1, strictly: hex sizes, CRLF line ends, at most ``limit`` bytes."""
         data = bytearray()
-        while len(data) <= limit:
-            line = self.rfile.readline(65537)
-            try:
-                size = int(line.split(b";", 1)[0].strip() or b"0", 16)
-            except ValueError:
-                self.send_error(400, "Malformed chunked body")
-                return None
+        while True:
+            line = self.rfile.readline(_MAX_CHUNK_LINE + 1)
+            match = _CHUNK_SIZE.fullmatch(line)
+            if match is None:
+                if not line.endswith(b"\n") and len(line) <= _MAX_CHUNK_LINE:
+                    raise self._ended_early()
+                raise self._malformed("Malformed chunk size line in a chunked request body")
+            size = int(match[1], 16)
             if size == 0:
-                while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-                    pass
+                break
+            if len(data) + size > limit:
+                raise self._too_large(limit)
+            data += self._read_exact(size)
+            if self._read_exact(2) != b"\r\n":
+                raise self._malformed("Chunk data not followed by CRLF in a chunked request "
+                                      "body")
+        for _ in range(_MAX_TRAILERS + 1):  # trailer fields: read and ignored
+            line = self.rfile.readline(_MAX_LINE + 1)
+            if line == b"\r\n":
                 return bytes(data)
-            data += self.rfile.read(size)
-            self.rfile.readline(3)
+            if not line.endswith(b"\n") and len(line) <= _MAX_LINE:
+                raise self._ended_early()
+            if not line.endswith(b"\r\n") or len(line) > _MAX_LINE:
+                raise self._malformed("Malformed trailer field in a chunked request body")
+        raise self._malformed("Too many trailer fields in a chunked request body")
+
+    def _read_exact(self, n: int) -> bytes:
+        data = self.rfile.read(n) if n > 0 else b""
+        if len(data) < n:
+            raise self._ended_early()
+        return data
+
+    def _too_large(self, limit: int) -> _BodyError:
+        # The handler's own words for a body over the limit (validation.decode_body).
+        return _BodyError(PayloadTooLargeError(
+            f"Request body exceeds maximum size of {limit} bytes"))
+
+    def _malformed(self, message: str) -> _BodyError:
+        return _BodyError(HTTPProtocolError(message))
+
+    def _ended_early(self) -> _BodyError:
+        return _BodyError(HTTPProtocolError("The request body ended before its declared "
+                                            "length"))
+
+    # -- answering ------------------------------------------------------------------------------
+
+    def _refuse(self, err: StreamgateError, *, send: bool = True) -> None:
+        """Answer (or, when the connection is already cut, only record) an error found before
+        there is an event; the connection is then closed."""
         self.close_connection = True
-        return bytes(data)
+        response = self.server.app.refuse(err)
+        if self.command:  # for the request log record
+            response.outcome.method = self.command
+            with contextlib.suppress(ValueError):
+                response.outcome.path = urlsplit(self.path).path
+        if send:
+            self._write(response)
+        else:
+            self.log_error("%s: %s", err.status, err.message)
+            response.close()
 
     def _write(self, response: Response) -> None:
-        """Status and headers, then each body item as its own chunk, flushed as it comes."""
+        """Status and headers, then the body: a stream's events each as its own chunk for
+        HTTP/1.1, or raw until the connection closes for HTTP/1.0, sent as they come."""
         streaming = response.headers.get("content-type") == "text/event-stream"
+        chunked = streaming and self.http11
+        if streaming and not chunked:
+            self.close_connection = True  # the end of the body is the end of the connection
+        headers = {**response.headers, **self.cors}
         try:
-            self.send_response(response.status)
-            for name, value in {**response.headers, **self.cors}.items():
-                self.send_header(name, value)
-            if streaming:
-                self.send_header("transfer-encoding", "chunked")
-                self.end_headers()
-                for item in response.body:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(item), item))
-                    self.wfile.flush()
-                self.wfile.write(b"0\r\n\r\n")
-            else:
+            if chunked:
+                headers["transfer-encoding"] = "chunked"
+            elif not streaming:
                 body = b"".join(response.body)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
+                headers["content-length"] = str(len(body))
+            if self.close_connection:
+                headers["connection"] = "close"
+            self._send_head(response.status, headers)
+            if not streaming:
                 if self.command != "HEAD":
                     self.wfile.write(body)
-            self.wfile.flush()
-        except (ConnectionError, TimeoutError):
-            # The client went away: stop generating and free the model for the next request.
+                return
+            for item in response.body:
+                if item:  # an empty chunk would end the body
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(item), item) if chunked else item)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            # The client went away, stalled, or its time ran out (the guard): stop generating
+            # and free the model for the next request.
             self.close_connection = True
         finally:
             response.close()
 
+    def _send_head(self, status: int, headers: Mapping[str, str]) -> None:
+        self.log_request(status)
+        self.wfile.write(_head(status, headers))
+
+    def _linger(self) -> None:
+        """Before the connection closes: end our side, then read and drop what the client is
+        still sending (see ``_DRAIN_LIMIT``), unless a limit already cut the connection."""
+        if self._guard.fired:
+            return
+        sock: socket.socket = self.connection
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            self._guard.move(time.monotonic() + _LINGER_S)
+            left = _DRAIN_LIMIT
+            while left > 0 and (got := sock.recv(min(left, 1 << 16))):
+                left -= len(got)
+        except OSError:
+            pass
+
+    # -- the access log -------------------------------------------------------------------------
+
+    def _log_cut(self, what: str) -> None:
+        self.log_error("%s not received within %g s; connection closed", what,
+                       self.server.header_timeout_s)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        logger.info("%s %s", self.address_string(), format % args)
+        logger.info("%s %s", self.address_string(), (format % args).translate(_LOG_ESCAPES))
 
 
 def serve(host: str, port: int, app: App, *, max_streams: int = 32,
-          cors_origins: tuple[str, ...] = (), request_timeout_s: float = 60) -> DevServer:
+          cors_origins: tuple[str, ...] = (), request_timeout_s: float = 60,
+          header_timeout_s: float = 10, timeout_s: float = 300,
+          max_connections: int = 256) -> DevServer:
     """A started server in a background thread; ``shutdown()`` stops it."""
     server = DevServer((host, port), app, max_streams=max_streams, cors_origins=cors_origins,
-                       request_timeout_s=request_timeout_s)
+                       request_timeout_s=request_timeout_s, header_timeout_s=header_timeout_s,
+                       timeout_s=timeout_s, max_connections=max_connections)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="devserver",
                      daemon=True).start()
     return server
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m streamgate.devserver", description=__doc__)
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # The docstring's first paragraph: the promises below it are for readers of the code.
+    parser = argparse.ArgumentParser(prog="python -m streamgate.devserver",
+                                     description=(__doc__ or "").split("\n\n", 1)[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--max-streams", type=int, default=32,
+    parser.add_argument("--max-streams", type=_positive(int), default=32,
                         help="concurrent requests before answering 429 (default 32)")
+    parser.add_argument("--max-connections", type=_positive(int), default=256,
+                        help="open connections before answering 503 (default 256)")
+    parser.add_argument("--header-timeout", type=_positive(float), default=10,
+                        help="seconds for a request's line and headers to arrive, and for an "
+                             "idle kept-alive connection (default 10)")
+    parser.add_argument("--timeout", type=_positive(float), default=300,
+                        help="a request's time limit in seconds, like the function timeout "
+                             "on Lambda (default 300)")
     parser.add_argument("--cors-origins", default="",
                         help="comma-separated origins browsers may call from, or * "
                              "(default: none, like the template's CorsAllowOrigins)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         # EMF metrics are for CloudWatch; locally they would only bury the request log.
@@ -271,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     origins = tuple(o.strip() for o in args.cors_origins.split(",") if o.strip())
     server = DevServer((args.host, args.port), app, max_streams=args.max_streams,
-                       cors_origins=origins)
+                       cors_origins=origins, header_timeout_s=args.header_timeout,
+                       timeout_s=args.timeout, max_connections=args.max_connections)
     model = app.default_model()
     print(
         f"Streamgate dev server on http://{args.host}:{server.server_port}/v1/chat/completions "
