@@ -1,17 +1,25 @@
 """openapi.yaml, the API document we ship, against the real dev server: schemathesis generates
 valid and invalid requests from it and checks every answer (never a 5xx, only documented
-statuses, content types, headers and bodies, invalid data refused). A second test keeps the
-document's routes equal to the handler's."""
+statuses, content types, headers and bodies, invalid data refused). Every streamed answer is
+also read event by event against the document's `Event` rules (framing, order, and each JSON
+payload against its `ChatCompletionChunk` / `Error` schema). Other tests keep the document's
+routes and request bounds equal to the handler's."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import jsonschema_rs
 import pytest
+import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
+from schemathesis.errors import FailureGroup
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     negative_data_rejection,
@@ -20,15 +28,132 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from streamgate.errors import RateLimitError, UpstreamError
 from streamgate.handler import _ROUTES
 from streamgate.keystore import load_template
+from streamgate.providers import Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
 from tests.conftest import running_dev_server
-from tests.helpers import ScriptedProvider, make_app
+from tests.helpers import ScriptedProvider, Step, default_script, make_app
 
 DOCUMENT = Path(__file__).resolve().parents[2] / "openapi.yaml"
 SCHEMA = schemathesis.openapi.from_path(DOCUMENT)
+CHAT = SCHEMA["/v1/chat/completions"]["POST"]
+
+# The payload schemas, straight from the document. jsonschema_rs is the validator schemathesis
+# itself depends on (the `jsonschema` package is here only through moto[server]).
+_COMPONENTS = load_template(DOCUMENT)["components"]
+
+
+def _validator(name: str) -> jsonschema_rs.Validator:
+    return jsonschema_rs.Draft202012Validator(
+        {"components": _COMPONENTS, "$ref": f"#/components/schemas/{name}"})
+
+
+# An event's JSON is one or the other (the document's `oneOf`; they exclude each other). Picking
+# by the `error` key lets a failure name the field at fault rather than "no branch matched".
+_CHUNK_SCHEMA = _validator("ChatCompletionChunk")
+_ERROR_SCHEMA = _validator("Error")
+# One event exactly as the document frames it: `data: `, a payload with no line break, a blank
+# line. Any other field, a comment, a CR or a missing blank line does not match.
+_EVENT = re.compile(r"data: ([^\r\n]*)\n\n")
+
+
+def event_stream_problems(status: int, body: bytes, *, complete: bool = True) -> list[str]:
+    """What in a text/event-stream answer breaks openapi.yaml's `Event` / `ErrorEvent` rules
+    (empty when nothing does). ``complete`` is false when the reader stopped early: the stream
+    then need not end yet."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return [f"not UTF-8: {e}"]
+    payloads: list[str] = []
+    position = 0
+    while position < len(text):
+        match = _EVENT.match(text, position)
+        if match is None:
+            return [f"character {position}: not a `data: <payload>\\n\\n` event: "
+                    f"{text[position:position + 80]!r}"]
+        payloads.append(match.group(1))
+        position = match.end()
+    if not payloads:
+        return ["no event at all"]
+    problems: list[str] = []
+    chunks: list[dict[str, Any]] = []
+    ended = False  # by [DONE] or an error event
+    for i, payload in enumerate(payloads):
+        last = i == len(payloads) - 1
+        if payload == "[DONE]":
+            ended = last
+            if not last:
+                problems.append(f"event {i}: [DONE] is not the last event")
+            if status != 200:
+                problems.append(f"event {i}: [DONE] in a {status} answer")
+            continue
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            problems.append(f"event {i}: not JSON nor [DONE]: {payload[:80]!r}")
+            continue
+        is_error = isinstance(doc, dict) and "error" in doc
+        errors = [f"event {i}: {'Error' if is_error else 'ChatCompletionChunk'} at "
+                  f"/{'/'.join(map(str, e.instance_path))}: {e.message}"
+                  for e in (_ERROR_SCHEMA if is_error else _CHUNK_SCHEMA).iter_errors(doc)]
+        if errors:
+            problems += errors
+        elif is_error:
+            ended = last
+            if not last:
+                problems.append(f"event {i}: events follow an error event")
+        elif status != 200:
+            problems.append(f"event {i}: a chunk in a {status} answer")
+        else:
+            chunks.append(doc)
+    if status != 200 and len(payloads) != 1:
+        problems.append(f"a {status} answer is one error event, not {len(payloads)} events")
+    if complete and not ended:
+        problems.append("the stream ends with neither [DONE] nor an error event")
+    return problems + _chunk_order_problems(chunks, done=payloads[-1] == "[DONE]")
+
+
+def _chunk_order_problems(chunks: list[dict[str, Any]], *, done: bool) -> list[str]:
+    """The rules that span chunks (DESIGN.md, "The OpenAI wire format we must match")."""
+    problems: list[str] = []
+    if len({(c["id"], c["created"], c["model"]) for c in chunks}) > 1:
+        problems.append("id, created and model differ between chunks")
+    if len({"usage" in c for c in chunks}) > 1:
+        problems.append("some chunks carry `usage` and others do not")
+    with_choice = [c["choices"][0] for c in chunks if c["choices"]]
+    roles = [i for i, choice in enumerate(with_choice) if "role" in choice["delta"]]
+    if with_choice and roles != [0]:
+        problems.append(f"the role is on choice chunks {roles}, not on the first only")
+    finishes = [i for i, choice in enumerate(with_choice) if choice["finish_reason"] is not None]
+    if finishes not in ([], [len(with_choice) - 1]):
+        problems.append(f"finish reasons on choice chunks {finishes}, not on the last only")
+    if done and not finishes:
+        problems.append("[DONE] without a finish reason")
+    usage = [i for i, c in enumerate(chunks) if not c["choices"]]
+    if usage not in ([], [len(chunks) - 1]):
+        problems.append(f"usage chunks at {usage}: one, after the last choice chunk, expected")
+    return problems
+
+
+def event_stream_conformance(ctx: object, response: schemathesis.Response,
+                             case: schemathesis.Case) -> bool | None:
+    """A schemathesis check: every text/event-stream answer, read event by event."""
+    content_type = (response.headers.get("content-type") or [""])[0]
+    if content_type.split(";")[0].strip().lower() != "text/event-stream":
+        return None
+    problems = event_stream_problems(response.status_code, response.content,
+                                     complete=not response.stream_cut_short)
+    if problems:
+        raise AssertionError("The event stream breaks openapi.yaml's Event rules:\n"
+                             + "\n".join(problems))
+    return True
+
+
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_headers_conformance, response_schema_conformance, negative_data_rejection]
+          response_headers_conformance, response_schema_conformance, negative_data_rejection,
+          event_stream_conformance]
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +168,163 @@ def base_url() -> Iterator[str]:
 def test_the_service_conforms_to_its_openapi_document(case: schemathesis.Case,
                                                       base_url: str) -> None:
     case.call_and_validate(base_url=base_url, checks=CHECKS, timeout=30)
+
+
+# Every kind of stream the handler writes, through the dev server: the document must describe
+# them all (the generated cases above only meet the default script's text stream, and only
+# because the document's request examples include streamed ones).
+_TOOL_CALLS: list[Step] = [
+    ToolCallDelta(0, "", id="call_1", name="get_weather"), ToolCallDelta(0, '{"city":'),
+    ToolCallDelta(0, '"Paris"}'), ToolCallDelta(1, "{}", id="call_2", name="now"),
+    Finish("tool_calls"), Usage(12, 9)]
+_REASONING: list[Step] = [
+    ReasoningDelta("Think"), ReasoningDelta("ing."), TextDelta("Hi"), Finish("stop"),
+    Usage(30, 3, cached_tokens=20, cache_write_tokens=8)]
+
+
+@pytest.mark.parametrize(
+    ("script", "include_usage", "status"),
+    [(default_script(), False, 200), (default_script(), True, 200), (_REASONING, True, 200),
+     (_TOOL_CALLS, True, 200), ([Finish("length"), Usage(4, 0)], True, 200),
+     ([TextDelta("x"), Finish("content_filter")], False, 200),
+     ([TextDelta("Hel"), UpstreamError("The model stream broke")], True, 200),
+     ([TextDelta("Hel"), Finish("stop")], False, 200),
+     ([RateLimitError("Slow down", retry_after=2)], False, 429)],
+    ids=["text", "text-usage", "reasoning-cache-usage", "tool-calls", "finish-only",
+         "content-filter", "error-mid-stream", "no-usage-reported", "error-before-first-byte"],
+)
+def test_every_kind_of_stream_the_service_writes_meets_the_document(
+        script: list[Step], include_usage: bool, status: int) -> None:
+    # GIVEN the dev server answering with this script
+    app = make_app(ScriptedProvider(script), metrics=False)
+    case = CHAT.Case(body={"prompt": "hi", "stream": True,
+                           "stream_options": {"include_usage": include_usage}},
+                     media_type="application/json")
+    with running_dev_server(app) as url:
+        # WHEN schemathesis reads the stream, THEN every check passes, the event check included
+        response = case.call_and_validate(base_url=url, checks=CHECKS, timeout=30)
+    assert response.status_code == status
+    assert response.headers["content-type"] == ["text/event-stream"]
+    assert not response.stream_cut_short
+
+
+def _event(doc: object) -> bytes:
+    return b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+
+def _chunk(delta: dict[str, Any] | None = None, finish: str | None = None,
+           **fields: Any) -> dict[str, Any]:
+    choice = {"index": 0, "delta": {"content": "lo"} if delta is None else delta,
+              "logprobs": None, "finish_reason": finish}
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+            "model": "scripted-1", "choices": [choice], **fields}
+
+
+_ROLE = _chunk({"role": "assistant", "content": "Hel"})
+_STOP = _chunk({}, "stop")
+_DONE = b"data: [DONE]\n\n"
+_ERROR = {"error": {"message": "Upstream failed", "type": "upstream_error", "param": None,
+                    "code": "upstream_error"}}
+_GOOD = _event(_ROLE) + _event(_chunk()) + _event(_STOP) + _DONE
+_USAGE = _chunk(usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})
+_USAGE["choices"] = []
+# status, body, what the check must say; those marked per-event break one event's schema, which
+# openapi.yaml itself states (schemathesis's own response check must refuse them too).
+MALFORMED: dict[str, tuple[int, bytes, str, bool]] = {
+    "chunk-without-choices": (200, _event(_ROLE) + _event({
+        k: v for k, v in _STOP.items() if k != "choices"}) + _DONE,
+        '"choices" is a required property', True),
+    "finish-reason-eos": (200, _event(_ROLE) + _event(_chunk({}, "eos")) + _DONE,
+                          "/choices/0/finish_reason", True),
+    "logprobs-not-null": (200, _event(_ROLE) + _event(_STOP | {"choices": [
+        {"index": 0, "delta": {}, "logprobs": {"content": []}, "finish_reason": "stop"}]})
+        + _DONE, "/choices/0/logprobs", True),
+    "unknown-chunk-field": (200, _event(_ROLE) + _event(_chunk(
+        {}, "stop", system_fingerprint="fp")) + _DONE, "system_fingerprint", True),
+    "role-not-assistant": (200, _event(_chunk({"role": "user", "content": "x"}, "stop"))
+                           + _DONE, "/choices/0/delta/role", True),
+    "tool-call-id-without-type": (200, _event(_chunk({"role": "assistant", "tool_calls": [
+        {"index": 0, "id": "call_1", "function": {"name": "f", "arguments": ""}}]}))
+        + _event(_chunk({}, "tool_calls")) + _DONE, "/choices/0/delta/tool_calls/0", True),
+    "usage-chunk-with-a-choice": (200, _event(_ROLE | {"usage": None}) + _event(
+        _chunk({}, "stop", usage=_USAGE["usage"])) + _DONE, "/choices", True),
+    "error-without-param": (200, _event(_ROLE) + _event({"error": {
+        "message": "x", "type": "upstream_error", "code": None}}),
+        '"param" is a required property', True),
+    "not-json": (200, b"data: Hello\n\n" + _DONE, "not JSON nor [DONE]", True),
+    "event-field": (200, b"event: chunk\n" + _GOOD, "not a `data: <payload>", True),
+    "text-after-done": (200, _GOOD + _event(_chunk()), "[DONE] is not the last event", False),
+    "junk-after-done": (200, _GOOD + b"Hello", "not a `data: <payload>", False),
+    "done-twice": (200, _GOOD + _DONE, "[DONE] is not the last event", False),
+    "event-after-error": (200, _event(_ROLE) + _event(_ERROR) + _event(_STOP),
+                          "events follow an error event", False),
+    "done-after-error": (200, _event(_ROLE) + _event(_ERROR) + _DONE,
+                         "events follow an error event", False),
+    "no-space-after-colon": (200, _GOOD.replace(b"data: ", b"data:"),
+                             "not a `data: <payload>", False),
+    "crlf": (200, _GOOD.replace(b"\n", b"\r\n"), "not a `data: <payload>", False),
+    "no-blank-line-at-the-end": (200, _GOOD[:-1], "not a `data: <payload>", False),
+    "comment": (200, b": keep-alive\n\n" + _GOOD, "not a `data: <payload>", False),
+    "ends-without-done": (200, _event(_ROLE) + _event(_STOP),
+                          "ends with neither [DONE] nor an error event", False),
+    "id-changes": (200, _event(_ROLE) + _event(_STOP | {"id": "chatcmpl-2"}) + _DONE,
+                   "id, created and model differ", False),
+    "role-twice": (200, _event(_ROLE) + _event(_ROLE) + _event(_STOP) + _DONE,
+                   "the role is on choice chunks [0, 1]", False),
+    "no-role": (200, _event(_chunk()) + _event(_STOP) + _DONE, "the role is on choice chunks []",
+                False),
+    "finish-before-the-last-chunk": (200, _event(_chunk({"role": "assistant"}, "stop"))
+                                     + _event(_chunk()) + _DONE,
+                                     "finish reasons on choice chunks [0]", False),
+    "done-without-finish": (200, _event(_ROLE) + _DONE, "[DONE] without a finish reason", False),
+    "usage-before-finish": (200, _event(_ROLE | {"usage": None}) + _event(_USAGE)
+                            + _event(_STOP | {"usage": None}) + _DONE, "usage chunks at [1]",
+                            False),
+    "usage-on-some-chunks": (200, _event(_ROLE) + _event(_STOP | {"usage": None}) + _DONE,
+                             "some chunks carry `usage`", False),
+    "chunk-in-an-error-answer": (400, _event(_ROLE), "a chunk in a 400 answer", False),
+    "done-in-an-error-answer": (400, _event(_ERROR) + _DONE, "[DONE] in a 400 answer", False),
+    "two-errors": (400, _event(_ERROR) + _event(_ERROR), "a 400 answer is one error event",
+                   False),
+    "empty": (200, b"", "no event at all", False),
+    "not-utf8": (200, b"data: \xff\n\n", "not UTF-8", False),
+}
+
+
+def _answer(status: int, body: bytes) -> schemathesis.Response:
+    """An SSE answer as schemathesis hands it to its checks."""
+    request = requests.Request("POST", "http://127.0.0.1/v1/chat/completions",
+                               json={"prompt": "hi", "stream": True}).prepare()
+    return schemathesis.Response(
+        status_code=status, headers={"content-type": ["text/event-stream"]}, content=body,
+        request=request, elapsed=0.0, verify=True, message="", http_version="1.1",
+        encoding="utf-8")
+
+
+def test_the_event_stream_check_passes_a_well_formed_stream() -> None:
+    stream = _event(_ROLE | {"usage": None}) + _event(_STOP | {"usage": None}) + _event(_USAGE)
+    for status, body in [(200, _GOOD), (200, stream + _DONE), (200, _event(_ROLE) + _event(
+            _ERROR)), (200, _event(_ERROR)), (400, _event(_ERROR))]:
+        assert event_stream_problems(status, body) == [], body
+        assert event_stream_conformance(None, _answer(status, body), CHAT.Case()) is True
+        CHAT.Case().validate_response(_answer(status, body), checks=[response_schema_conformance])
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_the_event_stream_check_refuses_a_malformed_stream(name: str) -> None:
+    # GIVEN a stream broken in one way
+    status, body, says, _ = MALFORMED[name]
+    # WHEN the check reads it, THEN it fails and says why
+    with pytest.raises(AssertionError, match=re.escape(says)):
+        event_stream_conformance(None, _answer(status, body), CHAT.Case())
+
+
+@pytest.mark.parametrize("name", [name for name, bad in MALFORMED.items() if bad[3]])
+def test_the_document_alone_refuses_a_malformed_event(name: str) -> None:
+    """schemathesis's own response check, with nothing but openapi.yaml's Event schema."""
+    status, body, _, _ = MALFORMED[name]
+    with pytest.raises(FailureGroup, match="SSE event"):
+        CHAT.Case().validate_response(_answer(status, body), checks=[response_schema_conformance])
 
 
 def test_the_document_lists_exactly_the_handlers_routes() -> None:

