@@ -99,24 +99,14 @@ class Upstream:
                 sock.do_handshake()
             if g.fired:
                 raise TimeoutError
-        except TimeoutError as e:
+        except OSError as e:  # refused, unreachable, DNS, TLS, or out of time
             _discard(sock, g)
-            deadline.check()
-            raise UpstreamTimeoutError(f"Could not connect to the upstream at {self.where} "
-                                       "in time", transient=True) from e
-        except ssl.SSLError as e:
-            _discard(sock, g)
-            if g is not None and g.fired:
+            if isinstance(e, TimeoutError) or (g is not None and g.fired):
                 deadline.check()
                 raise UpstreamTimeoutError(f"Could not connect to the upstream at {self.where} "
                                            "in time", transient=True) from e
-            raise UpstreamError(f"TLS with the upstream at {self.where} failed") from e
-        except OSError as e:  # refused, unreachable, DNS
-            _discard(sock, g)
-            if g is not None and g.fired:
-                deadline.check()
-                raise UpstreamTimeoutError(f"Could not connect to the upstream at {self.where} "
-                                           "in time", transient=True) from e
+            if isinstance(e, ssl.SSLError):
+                raise UpstreamError(f"TLS with the upstream at {self.where} failed") from e
             raise UpstreamError(f"Could not reach the upstream at {self.where}",
                                 transient=True) from e
         assert g is not None
@@ -133,30 +123,18 @@ class Upstream:
             conn.sock.settimeout(max(until - time.monotonic(), 0.001))
             conn.request(method, self._prefix + path, body=body, headers=dict(headers))
             response = conn.getresponse()
-        except (ConnectionError, http.client.RemoteDisconnected) as e:
-            g.cancel()
-            conn.close()
-            if g.fired:
-                deadline.check()
-                raise UpstreamTimeoutError(
-                    f"The upstream at {self.where} did not answer in time") from e
-            if not fresh:
-                raise _Stale from e
-            raise UpstreamError(f"The upstream at {self.where} closed the connection",
-                                transient=True) from e
-        except TimeoutError as e:
-            g.cancel()
-            conn.close()
-            deadline.check()
-            raise UpstreamTimeoutError(
-                f"The upstream at {self.where} did not answer in time") from e
         except (OSError, http.client.HTTPException) as e:
             g.cancel()
             conn.close()
-            if g.fired:
+            if g.fired or isinstance(e, TimeoutError):
                 deadline.check()
                 raise UpstreamTimeoutError(
                     f"The upstream at {self.where} did not answer in time") from e
+            if isinstance(e, ConnectionError):  # RemoteDisconnected is one too
+                if not fresh:
+                    raise _Stale from e
+                raise UpstreamError(f"The upstream at {self.where} closed the connection",
+                                    transient=True) from e
             raise UpstreamError(f"The upstream at {self.where} sent a broken response") from e
         return Exchange(self, conn, response, g)
 

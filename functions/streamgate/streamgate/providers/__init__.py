@@ -23,6 +23,7 @@ from streamgate.errors import (
     ConfigError,
     DeadlineExceededError,
     StreamgateError,
+    UpstreamError,
     UpstreamTimeoutError,
 )
 
@@ -143,6 +144,18 @@ class OutputTimer:
             return UpstreamTimeoutError(
                 f"{self._who} sent no output within {self._first_s:g} s")
         return UpstreamTimeoutError(f"{self._who} sent no output for {self._idle_s:g} s")
+
+
+def malformed_is_upstream_error(deltas: Iterator[Delta], who: str) -> list[Delta]:
+    """The deltas a provider maps from one upstream event, taken at once: whatever the event's
+    shape makes the mapping trip over (a list where a dict was due, a number too large) is
+    the upstream's fault, an ``upstream_error``, never a 500 of ours."""
+    try:
+        return list(deltas)
+    except StreamgateError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as e:
+        raise UpstreamError(f"{who} sent a malformed stream event") from e
 
 
 def create_provider(settings: Settings) -> Provider:

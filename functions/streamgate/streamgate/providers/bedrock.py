@@ -48,6 +48,7 @@ from streamgate.providers import (
     TextDelta,
     ToolCallDelta,
     Usage,
+    malformed_is_upstream_error,
 )
 from streamgate.retry import with_retries
 from streamgate.validation import CAP_IMAGES, CAP_TOOLS, Image
@@ -238,12 +239,7 @@ class _Blocks:
 
     def deltas(self, event: Any) -> list[Delta]:
         """The deltas of one event; a malformed one is Bedrock's fault, not a bug of ours."""
-        try:
-            return list(self._deltas(event))
-        except StreamgateError:
-            raise
-        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as e:
-            raise UpstreamError("Amazon Bedrock sent a malformed stream event") from e
+        return malformed_is_upstream_error(self._deltas(event), "Amazon Bedrock")
 
     def _deltas(self, event: dict[str, Any]) -> Iterator[Delta]:
         if "contentBlockStart" in event:

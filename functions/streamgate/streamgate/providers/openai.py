@@ -49,6 +49,7 @@ from streamgate.providers import (
     TextDelta,
     ToolCallDelta,
     Usage,
+    malformed_is_upstream_error,
 )
 from streamgate.retry import parse_retry_after, with_retries
 from streamgate.validation import (
@@ -264,12 +265,7 @@ class _Chunks:
         self._secrets = secrets
 
     def deltas(self, chunk: Any) -> list[Delta]:
-        try:
-            return list(self._deltas(chunk))
-        except StreamgateError:
-            raise
-        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as e:
-            raise UpstreamError("The upstream sent a malformed chunk") from e
+        return malformed_is_upstream_error(self._deltas(chunk), WHO)
 
     def _deltas(self, chunk: Any) -> Iterator[Delta]:
         if not isinstance(chunk, dict):
