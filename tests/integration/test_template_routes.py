@@ -29,7 +29,9 @@ def test_the_rest_api_has_every_route_the_handler_serves_and_nothing_else() -> N
     events = _function()["Events"]
     routes = {(e["Properties"]["Path"], e["Properties"]["Method"].upper())
               for e in events.values()}
-    assert routes == {(path, method) for path, method in handler._ROUTES.items()}
+    served = {(path, method) for path, method in handler._ROUTES.items()}
+    # every path also takes OPTIONS: CORS preflights reach the function, as on the URL
+    assert routes == served | {(path, "OPTIONS") for path in handler._ROUTES}
 
 
 def test_every_rest_route_streams() -> None:
@@ -47,6 +49,11 @@ def test_the_architecture_is_a_parameter_defaulting_to_arm64() -> None:
     assert parameter["Default"] == "arm64"
     assert parameter["AllowedValues"] == ["arm64", "x86_64"]
     assert _function()["Architectures"] == [{"Ref": "Architecture"}]
+
+
+def test_the_function_gets_the_cors_origins_the_function_url_has() -> None:
+    env = _function()["Environment"]["Variables"]
+    assert env["STREAMGATE_CORS_ALLOW_ORIGINS"] == {"Fn::Join": [",", {"Ref": "CorsAllowOrigins"}]}
 
 
 def _make(tmp_path: Path, *variables: str) -> subprocess.CompletedProcess[str]:
