@@ -300,13 +300,23 @@ class Engine:
         return _run([docker_cli(), "--host", self.docker_host, *args], timeout=timeout,
                     what=f"docker {args[0]}")
 
-    def down(self, timeout: float = DOCKERD_STOP_S) -> None:
-        """Leave the engine; stop it if no one else uses it and this module started it."""
+    def keep(self) -> None:
+        """Leave the engine running after this process (`samlocal.py up`) until ``down(force)``."""
+        (self.root / "keep").touch()
+
+    def down(self, timeout: float = DOCKERD_STOP_S, *, force: bool = False) -> None:
+        """Leave the engine; stop it if no one else uses it, no `up` asked to keep it (unless
+        ``force``) and this module started it."""
         with _flock(self.root / "start.lock", timeout=timeout + 60):
             if self._users is not None:
                 fcntl.flock(self._users, fcntl.LOCK_UN)
                 self._users.close()
                 self._users = None
+            if force:
+                (self.root / "keep").unlink(missing_ok=True)
+            elif (self.root / "keep").exists():
+                log("engine kept running (`python3 tools/samlocal.py down` stops it)")
+                return
             with open(self.root / "users.lock", "a") as users:
                 try:
                     fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -510,13 +520,26 @@ def wait_http(url: str, timeout: float, process: subprocess.Popen[Any] | None = 
         if process is not None and process.poll() is not None:
             raise Unavailable(f"{process.args!r} exited ({process.returncode})")
         try:
-            with urllib.request.urlopen(url, timeout=2):
+            # A server not up yet refuses at once; one that is up may take long to answer
+            # (a cold start under qemu): wait for that answer rather than queue more requests.
+            with urllib.request.urlopen(url, timeout=max(1.0, deadline - time.monotonic())):
                 return
         except urllib.error.HTTPError:
             return
         except OSError:
             time.sleep(0.2)
     raise Unavailable(f"{url} did not answer within {timeout:.0f} s")
+
+
+def sam_env(engine: Engine, arch: str) -> dict[str, str]:
+    """The environment for `sam build` and `sam local` against ``engine``.
+
+    AWS_EC2_METADATA_DISABLED: with no AWS credentials or region configured, SAM's boto3 asks
+    the EC2 metadata service (169.254.169.254) for them; where that address accepts the
+    connection but never answers, `sam local invoke` hangs (DESIGN.md's "hung 300 s once").
+    Credentials you do have (environment, ~/.aws) are still passed into the container."""
+    return {**engine.env(), "SAM_CLI_TELEMETRY": "0", "AWS_EC2_METADATA_DISABLED": "true",
+            "ARCHITECTURE": arch}
 
 
 def sam_parameters(arch: str, **params: str) -> str:
@@ -543,14 +566,20 @@ def serve(port: int, arch: str) -> int:
     """`make sam-local`: the engine and image, `sam build`, the embedded model behind the dev
     server on the bridge address, then `sam local start-api --port <port>` relaying it."""
     sam, python = ROOT / ".venv-sam/bin/sam", ROOT / ".venv/bin/python"
+    # Ctrl-C, and SIGTERM too, end in the cleanup below (a shell's `&` may have left SIGINT
+    # ignored); the children run in sessions of their own, so only we stop them.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         engine = up(arch)
     except Unavailable as e:
         log(f"cannot run sam local here: {e}")
         return 2
+    except KeyboardInterrupt:
+        return 130
     processes: list[subprocess.Popen[Any]] = []
     try:
-        env = {**engine.env(), "SAM_CLI_TELEMETRY": "0", "ARCHITECTURE": arch}
+        env = sam_env(engine, arch)
         log(f"sam build (Architecture={arch})")
         subprocess.run([str(sam), "build", "--parameter-overrides", f"Architecture={arch}"],
                        cwd=ROOT, env=env, check=True, timeout=900)
@@ -598,14 +627,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return serve(args.port, args.arch)
     if args.command == "down":
-        Engine().down()
+        Engine().down(force=True)
         return 0
     try:
         engine = up(args.arch)
     except Unavailable as e:
         log(str(e))
         return 2
-    # Leave it running for the commands that follow; `down` stops it.
+    engine.keep()  # for the commands that follow; `down` stops it
     print(f"export DOCKER_HOST={engine.docker_host}  # image {image_tag(args.arch)}, "
           f"host at {engine.gateway}")
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -63,7 +64,7 @@ class Tier:
     config: pytest.Config
 
     def env(self) -> dict[str, str]:
-        return {**self.engine.env(), "SAM_CLI_TELEMETRY": "0", "ARCHITECTURE": ARCH}
+        return samlocal.sam_env(self.engine, ARCH)
 
     def sam_args(self, upstream_url: str, **params: str) -> list[str]:
         """What every sam local command here shares. `--config-file` keeps samconfig.toml
@@ -158,6 +159,10 @@ class StartApi:
     def stop(self) -> None:
         samlocal.stop(self.process, timeout=60)  # on SIGTERM sam removes its containers
 
+    def containers(self) -> list[str]:
+        """The containers this sam local created (it logs each one's id)."""
+        return re.findall(r"SAM_CONTAINER_ID: (\w+)", self.output())
+
 
 @pytest.fixture(scope="module")
 def api(tier: Tier, upstream: FakeUpstream) -> Iterator[StartApi]:
@@ -170,7 +175,10 @@ def api(tier: Tier, upstream: FakeUpstream) -> Iterator[StartApi]:
         yield server
     finally:
         server.stop()
-    leftover = tier.engine.docker("ps", "--all", "--quiet", timeout=60).stdout.split()
+    existing = tier.engine.docker("ps", "--all", "--quiet", "--no-trunc", timeout=60).stdout
+    created = server.containers()
+    assert created, "sam local logged no container"
+    leftover = [c for c in created if c in existing.split()]
     assert not leftover, f"sam local left containers behind: {leftover}"
 
 
@@ -351,26 +359,48 @@ def test_a_bad_configuration_fails_init_as_sams_500_with_our_error_in_the_log(
 
 # --- sam local invoke -------------------------------------------------------------------------
 
+# SAM's invoke tries the container 3 times within ~0.35 s, through Docker's userland proxy,
+# which accepts before the emulator in the container listens. Under qemu the emulator starts
+# slower than that: SAM prints this, returns no result, and then waits out the function's
+# Timeout (a timer it never cancels) before it exits - the "hung 300 s" of DESIGN.md.
+NO_RESPONSE = "No response from invoke container"
+
+
 def _invoke(tier: Tier, event: str, upstream_url: str) -> tuple[dict[str, Any], str]:
-    """`sam local invoke -e events/<event>`: the function's result (stdout) and SAM's log."""
+    """`sam local invoke -e events/<event>`: the function's result (stdout) and SAM's log.
+    A hang or SAM's race above is stopped at once and retried once, and said so."""
     cmd = [str(SAM), "local", "invoke", "StreamgateFunction", "-e", f"events/{event}",
            *tier.sam_args(upstream_url)]
+    problem = ""
     for attempt in (1, 2):
-        process = subprocess.Popen(cmd, cwd=ROOT, env=tier.env(), stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            out, err = process.communicate(timeout=INVOKE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            samlocal.stop(process, timeout=30)
-            if attempt == 2:
-                raise
-            _say(tier.config, f"RETRY: sam local invoke -e events/{event} hung for "
-                              f"{INVOKE_TIMEOUT_S} s (the known sam local hang?)")
-            continue
-        assert process.returncode == 0, out + err
-        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-        return result, err
-    raise AssertionError("unreachable")
+        out_path = tier.logs / f"invoke-{event}-{attempt}.out"
+        err_path = tier.logs / f"invoke-{event}-{attempt}.log"
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            process = subprocess.Popen(cmd, cwd=ROOT, env=tier.env(), stdout=out, stderr=err,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + INVOKE_TIMEOUT_S
+        while process.poll() is None and time.monotonic() < deadline:
+            if NO_RESPONSE in err_path.read_text(errors="replace"):
+                break
+            time.sleep(0.5)
+        stopped = process.poll() is None
+        samlocal.stop(process, timeout=30)
+        log = err_path.read_text(errors="replace")
+        if stopped:  # unlike start-api, a stopped sam local invoke leaves its container
+            for container in re.findall(r"SAM_CONTAINER_ID: (\w+)", log):
+                tier.engine.docker("rm", "--force", container, timeout=60)
+        output = out_path.read_text(errors="replace").strip()
+        if process.returncode == 0 and output and NO_RESPONSE not in log:
+            result: dict[str, Any] = json.loads(output.splitlines()[-1])
+            return result, log
+        problem = (f"SAM's race: {NO_RESPONSE!r}" if NO_RESPONSE in log else
+                   f"no answer within {INVOKE_TIMEOUT_S} s" if stopped else
+                   f"exit {process.returncode}: {log[-2000:]}")
+        if attempt == 1:
+            _say(tier.config, f"RETRY: sam local invoke -e events/{event}: {problem}")
+    if NO_RESPONSE in problem and samlocal.host_arch() != ARCH:
+        pytest.xfail(f"sam local invoke under qemu lost SAM's race twice ({problem})")
+    raise AssertionError(f"sam local invoke -e events/{event} failed twice: {problem}")
 
 
 @pytest.mark.parametrize("event", ["function-url-prompt.json", "rest-api-prompt.json"])
