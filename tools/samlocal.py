@@ -13,7 +13,7 @@ What it promises (see ../shared/DESIGN.md, "sam local on a machine with no regis
   data root, exec root, config file and bridge (`sgdocker0`), iptables untouched, so it never
   meets a system Docker. Its state lives under ~/.cache/streamgate/docker and is reused. A
   running engine on our socket is reused; whoever stops using it last stops it (flock), and only
-  if this module started it (its pid file).
+  if this module started it (its pid file) and no `up` asked to keep it for later commands.
 - Image: a debootstrap'd Debian trixie with python3.13, built with `FROM scratch`, the real
   image's ENV and WORKDIR, tagged as SAM expects (`...python:3.13-<arch>`). The rootfs tarball
   is cached under ~/.cache/streamgate/images, keyed by a hash of everything that goes into it;
@@ -247,7 +247,11 @@ class Engine:
                 self._start(timeout)
             self._users = open(self.root / "users.lock", "a")  # noqa: SIM115 - held until down()
             fcntl.flock(self._users, fcntl.LOCK_SH)
-        self.gateway = self._gateway()
+        try:
+            self.gateway = self._gateway()
+        except BaseException:
+            self.down()
+            raise
         return self
 
     def _start(self, timeout: float) -> None:
@@ -264,19 +268,28 @@ class Engine:
                "--config-file", str(config), "--storage-driver", "overlay2",
                "--bridge", BRIDGE, "--iptables=false", "--ip-forward=false", "--ip-masq=false",
                "--exec-opt", "native.cgroupdriver=cgroupfs"]
+        if not shutil.which("setsid"):
+            raise Unavailable("no setsid (util-linux) to start dockerd as a daemon")
         log(f"starting dockerd ({self.docker_host}, bridge {BRIDGE} {cidr})")
         with open(self.logfile, "ab") as out:
-            process = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                       start_new_session=True)
+            offset = out.tell()
+            # A daemon, not our child: `setsid --fork` leaves it to init, so whichever process
+            # stops it last needs no child of its own to reap.
+            subprocess.run(["setsid", "--fork", *cmd], stdout=out, stderr=out,
+                           stdin=subprocess.DEVNULL, timeout=30, check=True)
         deadline = time.monotonic() + timeout
         while not self.ping():
-            if process.poll() is not None:
-                raise Unavailable(f"dockerd cannot start (exit {process.returncode}): "
-                                  f"{_tail(self.logfile.read_bytes())}")
+            with open(self.logfile, "rb") as f:
+                f.seek(offset)
+                started = f.read().decode(errors="replace")
+            pid = _read_pid(self.pidfile)
+            if "level=fatal" in started or (pid and not _alive(pid)):
+                raise Unavailable(f"dockerd cannot start: {_tail(started)}")
             if time.monotonic() > deadline:
-                _stop_pid(process.pid, DOCKERD_STOP_S)
+                if pid:
+                    _stop_pid(pid, DOCKERD_STOP_S)
                 raise Unavailable(f"dockerd did not answer within {timeout:.0f} s: "
-                                  f"{_tail(self.logfile.read_bytes())}")
+                                  f"{_tail(started)}")
             time.sleep(0.2)
         # Leftovers of a run that was killed: nothing can be using them, the engine just started.
         self.docker("container", "prune", "--force", timeout=60)
@@ -355,17 +368,18 @@ def _read_pid(path: Path) -> int | None:
 
 
 def _alive(pid: int) -> bool:
+    """``pid`` runs (a zombie, which a parent has yet to reap, counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    # A zombie child of ours counts as gone.
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
 
 
 def _stop_pid(pid: int, timeout: float) -> None:
