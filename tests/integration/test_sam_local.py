@@ -36,8 +36,9 @@ pytestmark = [pytest.mark.sam, pytest.mark.samlocal,
 ROOT = Path(__file__).resolve().parents[2]
 SAM = ROOT / ".venv-sam" / "bin" / "sam"
 ARCH = os.environ.get("STREAMGATE_SAM_LOCAL_ARCH") or samlocal.host_arch()
-# Bounds: the first request of a container under emulation takes ~15 s; one invoke once hung
-# for 300 s (DESIGN.md), so every wait has a limit and a timed-out call is retried once.
+# Bounds: the first request of a container under emulation takes ~15 s; an invoke can hang
+# for the function's Timeout (SAM's race, NO_RESPONSE below), so every wait has a limit and a
+# call that timed out or lost that race is retried once.
 REQUEST_TIMEOUT_S = 90
 START_TIMEOUT_S = 240
 INVOKE_TIMEOUT_S = 180
