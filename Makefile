@@ -14,7 +14,7 @@ SAM_VENV := .venv-sam
 SAM := $(SAM_VENV)/bin/sam
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: dev test lint bench bench-lambda bench-load build validate clean
+.PHONY: dev test lint bench bench-lambda bench-load build validate sam-local clean
 
 $(VENV)/.installed: requirements-dev.txt requirements-model.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,14 @@ build: $(SAM_VENV)/.installed ## sam build (arm64 / cp313 wheels), then the zip'
 	$(SAM) build
 	cd .aws-sam/build/StreamgateFunction && rm -f ../streamgate.zip && zip -qr ../streamgate.zip . \
 	  && echo "zip: $$(du -k ../streamgate.zip | cut -f1) KiB ($$(unzip -l ../streamgate.zip | tail -1 | awk '{print $$2}') files)"
+
+# SAM's local API on 127.0.0.1:$(PORT) with real tokens, offline: a private Docker engine and
+# a stand-in base image when needed (tools/samlocal.py; root), the embedded model behind the
+# dev server on the engine's bridge address, relayed by the function (Provider=openai).
+# ARCH=arm64 runs the deployed architecture under qemu-user-static (slower).
+ARCH ?= $(if $(filter aarch64 arm64,$(shell uname -m)),arm64,x86_64)
+sam-local: $(VENV)/.installed $(SAM_VENV)/.installed ## sam local start-api --port $(PORT), embedded model relayed
+	$(PYTHON) tools/samlocal.py serve --port $(PORT) --arch $(ARCH)
 
 bench: $(VENV)/.installed ## Pipeline and embedded-model figures (see README)
 	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) bench/bench_pipeline.py

@@ -11,9 +11,11 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-def start_server(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
-    """Serving on 127.0.0.1:<ephemeral> in a daemon thread; ``shutdown()`` returns fast."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+def start_server(handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1",
+                 ) -> ThreadingHTTPServer:
+    """Serving on ``host``:<ephemeral> (loopback unless a container must reach it through its
+    bridge address) in a daemon thread; ``shutdown()`` returns fast."""
+    server = ThreadingHTTPServer((host, 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                      daemon=True).start()

@@ -89,7 +89,8 @@ def error_reply(status: int, message: str, *, code: str | None = None, param: st
 
 class FakeUpstream:
     def __init__(self, replies: list[Reply] | None = None,
-                 models: tuple[str, ...] = ("upstream-model",)) -> None:
+                 models: tuple[str, ...] = ("upstream-model",), *,
+                 host: str = "127.0.0.1") -> None:
         self.replies = list(replies or [])
         self.models = models
         self.requests: list[tuple[str, dict[str, str], Any]] = []
@@ -135,8 +136,8 @@ class FakeUpstream:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass
 
-        self.server = start_server(Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        self.server = start_server(Handler, host)
+        self.url = f"http://{host}:{self.server.server_port}/v1"
 
     def chat_requests(self) -> list[Any]:
         return [body for path, _, body in self.requests if path == "/v1/chat/completions"]

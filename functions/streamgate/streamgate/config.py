@@ -37,6 +37,9 @@ class Settings:
     keys_timeout_s: float = 3.0
     # Model used when a request names none; empty means "the provider's default".
     default_model: str = ""
+    # Origins browsers may call the REST API from (the template's CorsAllowOrigins, or "*");
+    # the Function URL answers CORS itself, so only REST API events use this.
+    cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 1_048_576
     max_prompt_chars: int = 5_000
     # Caps on chat requests: how many messages, and how many characters of text in them all
@@ -106,6 +109,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "key_cache_ttl_s": ("STREAMGATE_KEY_CACHE_TTL_S", float),
     "keys_timeout_s": ("STREAMGATE_KEYS_TIMEOUT_S", float),
     "default_model": ("STREAMGATE_DEFAULT_MODEL", str),
+    "cors_origins": ("STREAMGATE_CORS_ALLOW_ORIGINS", tuple),
     "max_body_bytes": ("STREAMGATE_MAX_BODY_BYTES", int),
     "max_prompt_chars": ("STREAMGATE_MAX_PROMPT_CHARS", int),
     "max_messages": ("STREAMGATE_MAX_MESSAGES", int),

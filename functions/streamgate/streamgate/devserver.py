@@ -49,6 +49,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from streamgate import cors
 from streamgate.deadline import Deadline, guard
 from streamgate.errors import (
     HTTPProtocolError,
@@ -82,15 +83,12 @@ _DIGITS = re.compile(r"[0-9]{1,18}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2, what a method may be
 # Content types whose bodies a Function URL passes as text rather than base64.
 _TEXT_TYPES = ("text/", "application/json", "application/x-www-form-urlencoded")
-# CORS as the Function URL answers it in the cloud (template.yaml's FunctionUrlConfig.Cors; a
-# test keeps the two equal). Lambda adds these itself there, so the handler never does.
-CORS_ALLOW_METHODS = ("POST", "GET")
-CORS_ALLOW_HEADERS = ("content-type", "authorization", "accept")
-CORS_EXPOSE_HEADERS = ("retry-after", "retry-after-ms", "x-request-id",
-                       "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
-                       "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens",
-                       "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
-CORS_MAX_AGE = 600
+# CORS as the Function URL answers it in the cloud (streamgate.cors); Lambda adds these itself
+# there, so the handler never does for Function URL events.
+CORS_ALLOW_METHODS = cors.ALLOW_METHODS
+CORS_ALLOW_HEADERS = cors.ALLOW_HEADERS
+CORS_EXPOSE_HEADERS = cors.EXPOSE_HEADERS
+CORS_MAX_AGE = cors.MAX_AGE
 
 SERVER = "streamgate-dev"
 _REASONS = {s.value: s.phrase for s in HTTPStatus} | {499: "Client Closed Request"}
@@ -218,17 +216,7 @@ class DevServer(ThreadingHTTPServer):
 
     def cors_headers(self, origin: str | None, *, preflight: bool) -> dict[str, str]:
         """What the Function URL adds for an allowed ``Origin``; nothing for others."""
-        if not origin or not ("*" in self.cors_origins or origin in self.cors_origins):
-            return {}
-        headers = {"access-control-allow-origin": "*" if "*" in self.cors_origins else origin,
-                   "vary": "origin"}
-        if preflight:
-            headers.update({"access-control-allow-methods": ", ".join(CORS_ALLOW_METHODS),
-                            "access-control-allow-headers": ", ".join(CORS_ALLOW_HEADERS),
-                            "access-control-max-age": str(CORS_MAX_AGE)})
-        else:
-            headers["access-control-expose-headers"] = ", ".join(CORS_EXPOSE_HEADERS)
-        return headers
+        return cors.cors_headers(self.cors_origins, origin, preflight=preflight)
 
     # -- the connection cap: runs in the accepting thread -------------------------------------
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Protocol
 
-from streamgate import sse
+from streamgate import cors, sse
 from streamgate.auth import Admission, Caller, Gate
 from streamgate.chunks import ChunkBuilder, tool_call_object
 from streamgate.config import Settings, load_settings
@@ -174,9 +174,14 @@ class App:
         ``deadline`` defaults to the Lambda context's (none outside Lambda)."""
         outcome = Outcome(request_id=_request_id(event, context))
         try:
-            response, admission = self._handle(
-                event, context, outcome,
-                deadline if deadline is not None else _deadline(context, self.settings))
+            cors_headers, preflight = _rest_api_cors(self.settings, event, outcome)
+            if preflight:
+                response, admission = Response(204, {}, iter([]), outcome), None
+            else:
+                response, admission = self._handle(
+                    event, context, outcome,
+                    deadline if deadline is not None else _deadline(context, self.settings))
+            response.headers.update(cors_headers)
         except Exception:  # a bug: still an answer, never an exception in a driver
             logger.exception("unhandled error building the response")
             response = error_response(
@@ -405,6 +410,26 @@ def error_response(err: StreamgateError, *, sse_event: bool = False,
 
 def _json(status: int, doc: Mapping[str, Any], outcome: Outcome) -> Response:
     return Response(status, dict(JSON_HEADERS), iter([sse.json_bytes(doc)]), outcome)
+
+
+def _rest_api_cors(settings: Settings, event: Mapping[str, Any],
+                   outcome: Outcome) -> tuple[dict[str, str], bool]:
+    """CORS headers for a REST API (v1) event from an allowed origin, and whether it is a
+    preflight to answer with them alone. The Function URL adds its own (Function URL events
+    get none here); the REST API passes OPTIONS and CORS to the function."""
+    if (not settings.cors_origins or not isinstance(event, Mapping)
+            or "httpMethod" not in event):
+        return {}, False
+    try:
+        request = parse_event(event)
+    except StreamgateError:
+        return {}, False  # the pipeline answers it
+    preflight = cors.is_preflight(request.method, request.headers) and request.path in _ROUTES
+    headers = cors.cors_headers(settings.cors_origins, request.headers.get("origin"),
+                                preflight=preflight)
+    if preflight and headers:
+        outcome.method, outcome.path = request.method, request.path
+    return headers, preflight and bool(headers)
 
 
 def _accepts_sse(request: HttpRequest) -> bool:
