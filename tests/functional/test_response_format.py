@@ -1,6 +1,6 @@
 """response_format through every provider's wire format, with in-process fakes: the capability
-gate, the Bedrock mapping (outputConfig as Bedrock receives it, its refusals), and the OpenAI
-SDK's parse helpers against the dev server on the fake Bedrock."""
+gate, the Bedrock mapping (outputConfig as Bedrock receives it, its refusals), the upstream
+pass-through, and the OpenAI SDK's parse helpers against the dev server on the fake Bedrock."""
 
 from __future__ import annotations
 
@@ -14,13 +14,16 @@ from openai.lib._pydantic import to_strict_json_schema
 from pydantic import BaseModel
 
 from streamgate.config import load_settings
+from streamgate.credentials import ApiKey
 from streamgate.handler import App
 from streamgate.providers import Finish, TextDelta, Usage
 from streamgate.providers.bedrock import BedrockProvider
+from streamgate.providers.openai import OpenAIProvider, Upstream
 from streamgate.validation import CAP_JSON_OBJECT, CAP_JSON_SCHEMA, ResponseFormat
-from tests import fake_bedrock
+from tests import fake_bedrock, fake_openai
 from tests.conftest import running_dev_server
 from tests.fake_bedrock import FakeBedrock, finish_events, start_event, stream_exception, text_block
+from tests.fake_openai import FakeUpstream, completion_reply, error_reply, text_stream
 from tests.helpers import ScriptedProvider, body_bytes, chat_event, make_app, sse_json
 
 JSON = {"accept": "application/json"}
@@ -277,6 +280,76 @@ def test_openai_sdk_parse_raises_bad_request_for_json_object_on_bedrock(
     assert info.value.status_code == 400
     assert isinstance(info.value.body, dict) and info.value.body["param"] == "response_format"
     assert fake.requests == []
+
+
+# --- OpenAI-compatible upstream: passed through as sent ---------------------------------------
+
+_providers: list[OpenAIProvider] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_providers() -> Iterator[None]:
+    yield
+    while _providers:
+        _providers.pop().close()
+
+
+def _upstream_app(fake: FakeUpstream) -> App:
+    s = load_settings({}, provider="openai", upstream_base_url=fake.url)
+    provider = OpenAIProvider(s, ApiKey(None, 60, value="sk-test"),
+                              Upstream(fake.url, s.upstream_connect_timeout_s))
+    _providers.append(provider)
+    return App(s, provider)
+
+
+@pytest.mark.parametrize(
+    ("response_format", "forwarded"),
+    [
+        ({"type": "text"}, {"type": "text"}),
+        ({"type": "json_object"}, {"type": "json_object"}),
+        (_schema_format(description="Someone", strict=True), _schema_format(
+            description="Someone", strict=True)),
+        (_schema_format(strict=False), _schema_format(strict=False)),
+        # null fields are left out, as the client left them out
+        (_schema_format(description=None, strict=None), _schema_format()),
+        ({"type": "json_object", "json_schema": None}, {"type": "json_object"}),
+    ],
+    ids=["text", "json-object", "json-schema-strict", "json-schema-not-strict",
+         "json-schema-nulls", "json-object-null-field"],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_reaches_the_upstream_unchanged(
+    response_format: dict[str, Any], forwarded: dict[str, Any], stream: bool
+) -> None:
+    reply = (fake_openai.Reply(body=[text_stream('{"a": 1}')]) if stream
+             else completion_reply('{"a": 1}'))
+    with FakeUpstream([reply]) as fake:
+        response = _upstream_app(fake).handle(chat_event(
+            {"model": "upstream-model", "messages": USER, "stream": stream,
+             "response_format": response_format}))
+        assert response.status == 200
+        body_bytes(response)
+    assert fake.chat_requests()[0]["response_format"] == forwarded
+
+
+def test_no_response_format_is_not_invented_for_the_upstream() -> None:
+    with FakeUpstream([completion_reply("hi")]) as fake:
+        _upstream_app(fake).handle(chat_event({"model": "upstream-model", "messages": USER}))
+    assert "response_format" not in fake.chat_requests()[0]
+
+
+def test_the_upstreams_refusal_of_a_response_format_keeps_its_param() -> None:
+    refusal = error_reply(400, "response_format json_schema is not supported by this model",
+                          param="response_format", code="unsupported_parameter")
+    with FakeUpstream([refusal]) as fake:
+        response = _upstream_app(fake).handle(chat_event(
+            {"model": "upstream-model", "messages": USER, "response_format": _schema_format()},
+            headers=JSON))
+    assert response.status == 400
+    assert _error(response) == {
+        "message": "Upstream: response_format json_schema is not supported by this model",
+        "type": "invalid_request_error", "param": "response_format",
+        "code": "unsupported_parameter"}
 
 
 def test_a_scripted_json_answer_passes_the_pipeline_byte_for_byte() -> None:
