@@ -1,6 +1,6 @@
-"""response_format on the real embedded model: the official openai SDK's parse helpers against
-the dev server, unmodified, and the grammar's edges (stop sequences, max_tokens, the document
-frame's own stop, the token filter)."""
+"""response_format on the real embedded model: the official openai SDK's parse helpers and
+LangChain's structured output against the dev server, unmodified, and the grammar's edges
+(stop sequences, max_tokens, the document frame's own stop, the token filter)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import openai
 import pytest
+from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
 from streamgate.config import load_settings
@@ -92,6 +93,17 @@ def test_json_object_mode_answers_a_json_object(model_server: str, stream: bool)
             completion.choices[0].finish_reason
     assert finish == "stop"
     assert isinstance(json.loads(text), dict)
+
+
+def test_langchain_structured_output_with_json_schema(model_server: str) -> None:
+    # GIVEN LangChain's OpenAI chat model pointed at the dev server, unmodified
+    llm = ChatOpenAI(model=MODEL, base_url=f"{model_server}/v1", api_key="unused-locally",
+                     max_retries=0, seed=3, max_tokens=200)  # type: ignore[call-arg]
+    # WHEN it asks for a Pydantic model through response_format json_schema
+    person = llm.with_structured_output(Person, method="json_schema").invoke(
+        "Invent a person: give their name and age.")
+    # THEN it gets an instance of that model back
+    assert isinstance(person, Person)
 
 
 def test_openai_sdk_parse_through_the_openai_provider(model_server: str) -> None:
