@@ -15,11 +15,12 @@ from pydantic import BaseModel
 
 from streamgate.config import load_settings
 from streamgate.credentials import ApiKey
+from streamgate.errors import StreamgateError
 from streamgate.handler import App
 from streamgate.providers import Finish, TextDelta, Usage
-from streamgate.providers.bedrock import BedrockProvider
+from streamgate.providers.bedrock import BedrockProvider, converse_request
 from streamgate.providers.openai import OpenAIProvider, Upstream
-from streamgate.validation import CAP_JSON_OBJECT, CAP_JSON_SCHEMA, ResponseFormat
+from streamgate.validation import CAP_JSON_OBJECT, CAP_JSON_SCHEMA, ResponseFormat, parse_request
 from tests import fake_bedrock, fake_openai
 from tests.conftest import running_dev_server
 from tests.fake_bedrock import FakeBedrock, finish_events, start_event, stream_exception, text_block
@@ -140,6 +141,17 @@ def test_json_object_is_refused_for_bedrock_before_calling_it() -> None:
                    "type 'json_schema' with the schema the answer must follow",
         "type": "invalid_request_error", "param": "response_format", "code": None}
     assert fake.requests == []
+
+
+def test_the_bedrock_mapping_itself_refuses_json_object_too() -> None:
+    # A second line behind the capability gate: the mapping never sends json_object as text.
+    request = parse_request({"messages": USER, "response_format": {"type": "json_object"}},
+                            load_settings({}))
+    with pytest.raises(StreamgateError) as info:
+        converse_request(request, "us.amazon.nova-lite-v1:0", load_settings({}))
+    assert (info.value.status, info.value.param) == (400, "response_format")
+    assert info.value.message == ("'response_format' type 'json_object' is not supported by "
+                                  "Amazon Bedrock; send type 'json_schema'")
 
 
 def test_json_schema_and_tools_travel_together() -> None:
