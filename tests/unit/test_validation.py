@@ -12,13 +12,18 @@ from streamgate.config import load_settings
 from streamgate.errors import StreamgateError
 from streamgate.validation import (
     CAP_IMAGES,
+    CAP_JSON_OBJECT,
+    CAP_JSON_SCHEMA,
     CAP_PENALTIES,
     CAP_SEED,
     CAP_SEQUENTIAL_TOOLS,
     CAP_TOOLS,
+    MAX_SCHEMA_CHARS,
+    MAX_SCHEMA_DEPTH,
     ChatRequest,
     Image,
     Message,
+    ResponseFormat,
     Tool,
     ToolCall,
     check_supported,
@@ -202,8 +207,6 @@ def test_body_limit_is_configurable() -> None:
          "'functions' is not supported by this model", "functions"),
         ({"messages": USER, "logit_bias": {"50256": -100}},
          "'logit_bias' is not supported by this model", "logit_bias"),
-        ({"messages": USER, "response_format": {"type": "json_object"}},
-         "Only response_format type 'text' is supported", "response_format"),
     ],
 )
 def test_invalid_requests_get_a_400_naming_the_param(
@@ -344,3 +347,157 @@ def test_error_body_is_openai_shaped() -> None:
         "error": {"message": "Prompt cannot be empty", "type": "invalid_request_error",
                   "param": "prompt", "code": None}
     }
+
+
+# --- response_format -------------------------------------------------------------------------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"},
+                                           "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def _schema_format(**json_schema: Any) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON,
+                                                   **json_schema}}
+
+
+@pytest.mark.parametrize(
+    ("response_format", "parsed"),
+    [
+        (None, None),
+        ({"type": "text"}, ResponseFormat("text")),
+        ({"type": "json_object"}, ResponseFormat("json_object")),
+        (_schema_format(), ResponseFormat("json_schema", "person", None, PERSON)),
+        (_schema_format(description="A person", strict=True),
+         ResponseFormat("json_schema", "person", "A person", PERSON, True)),
+        (_schema_format(strict=False, description=None),
+         ResponseFormat("json_schema", "person", None, PERSON, False)),
+        # null fields say nothing, so they are no unknown field either
+        ({"type": "json_object", "json_schema": None}, ResponseFormat("json_object")),
+        ({"type": "json_schema", "json_schema": {
+            "name": "a" * 64, "schema": {}, "extra": None}},
+         ResponseFormat("json_schema", "a" * 64, None, {})),
+        ({"type": "json_schema", "json_schema": {"name": "A-z_0-9", "schema": PERSON}},
+         ResponseFormat("json_schema", "A-z_0-9", None, PERSON)),
+    ],
+)
+def test_response_format_is_parsed_exactly_as_sent(
+    response_format: Any, parsed: ResponseFormat | None
+) -> None:
+    request = parse_request({"messages": USER, "response_format": response_format}, SETTINGS)
+    assert request.response_format == parsed
+
+
+NAME_RULE = ("'response_format.json_schema.name' must be 1 to 64 characters of a-z, A-Z, "
+             "0-9, '_' and '-'")
+SCHEMA_RULE = "'response_format.json_schema.schema' must be a JSON Schema object"
+
+
+@pytest.mark.parametrize(
+    ("response_format", "message", "param"),
+    [
+        ("json", "'response_format' must be an object with a 'type'", "response_format"),
+        ({}, "'response_format' must be an object with a 'type'", "response_format"),
+        ({"type": None}, "'response_format' must be an object with a 'type'",
+         "response_format"),
+        ({"type": "json"},
+         "'response_format.type' must be 'text', 'json_object' or 'json_schema'; got 'json'",
+         "response_format.type"),
+        ({"type": "JSON_OBJECT"},
+         "'response_format.type' must be 'text', 'json_object' or 'json_schema'; got "
+         "'JSON_OBJECT'", "response_format.type"),
+        ({"type": "json_object", "schema": PERSON},
+         "'response_format' has an unknown field 'schema'; it takes 'type'",
+         "response_format.schema"),
+        ({"type": "text", "json_schema": {"name": "x", "schema": PERSON}},
+         "'response_format' has an unknown field 'json_schema'; it takes 'type'",
+         "response_format.json_schema"),
+        ({"type": "json_schema"},
+         "'response_format.json_schema' must be an object with 'name' and 'schema' when "
+         "'response_format.type' is 'json_schema'", "response_format.json_schema"),
+        ({"type": "json_schema", "json_schema": "person"},
+         "'response_format.json_schema' must be an object with 'name' and 'schema' when "
+         "'response_format.type' is 'json_schema'", "response_format.json_schema"),
+        ({"type": "json_schema", "json_schema": {"schema": PERSON}}, NAME_RULE,
+         "response_format.json_schema.name"),
+        (_schema_format(name=""), NAME_RULE, "response_format.json_schema.name"),
+        (_schema_format(name="a" * 65), NAME_RULE, "response_format.json_schema.name"),
+        (_schema_format(name="my schema"), NAME_RULE, "response_format.json_schema.name"),
+        (_schema_format(name="person.v2"), NAME_RULE, "response_format.json_schema.name"),
+        (_schema_format(name=7), NAME_RULE, "response_format.json_schema.name"),
+        ({"type": "json_schema", "json_schema": {"name": "person"}}, SCHEMA_RULE,
+         "response_format.json_schema.schema"),
+        (_schema_format(schema=json.dumps(PERSON)), SCHEMA_RULE,
+         "response_format.json_schema.schema"),
+        (_schema_format(schema=[PERSON]), SCHEMA_RULE, "response_format.json_schema.schema"),
+        (_schema_format(schema=True), SCHEMA_RULE, "response_format.json_schema.schema"),
+        (_schema_format(description=["a"]),
+         "'response_format.json_schema.description' must be a string",
+         "response_format.json_schema.description"),
+        (_schema_format(strict="true"), "'response_format.json_schema.strict' must be a boolean",
+         "response_format.json_schema.strict"),
+        (_schema_format(parameters=PERSON),
+         "'response_format.json_schema' has an unknown field 'parameters'; it takes 'name', "
+         "'description', 'schema', 'strict'", "response_format.json_schema.parameters"),
+        (_schema_format(schema={"type": "object", "description": "x" * MAX_SCHEMA_CHARS}),
+         "'response_format.json_schema.schema' exceeds the maximum of 100000 characters (as "
+         "compact JSON)", "response_format.json_schema.schema"),
+        (_schema_format(schema=json.loads('{"items":' * MAX_SCHEMA_DEPTH + "{}"
+                                          + "}" * MAX_SCHEMA_DEPTH)),
+         "'response_format.json_schema.schema' nests objects and arrays more than 32 levels "
+         "deep", "response_format.json_schema.schema"),
+    ],
+)
+def test_invalid_response_formats_get_a_400_naming_the_field(
+    response_format: Any, message: str, param: str
+) -> None:
+    err = _error(parse_request, {"messages": USER, "response_format": response_format},
+                 SETTINGS)
+    assert (err.status, err.message, err.param) == (400, message, param)
+
+
+def test_schema_caps_are_inclusive() -> None:
+    # GIVEN schemas exactly at the size and depth caps
+    padding = MAX_SCHEMA_CHARS - len('{"description":""}')
+    widest = {"description": "x" * padding}
+    deepest = json.loads('{"items":' * (MAX_SCHEMA_DEPTH - 1) + "{}" + "}" * (MAX_SCHEMA_DEPTH - 1))
+    for schema in (widest, deepest):
+        # WHEN each is sent THEN it is accepted
+        request = parse_request({"messages": USER,
+                                 "response_format": _schema_format(schema=schema)}, SETTINGS)
+        assert request.response_format is not None
+        assert request.response_format.schema == schema
+
+
+def test_the_schema_counts_toward_the_input_limit() -> None:
+    settings = load_settings({}, max_input_chars=1000)
+    schema = {"type": "object", "description": "x" * 1000}
+    err = _error(parse_request, {"messages": USER,
+                                 "response_format": _schema_format(schema=schema)}, settings)
+    assert (err.status, err.param, err.code) == (400, "messages", "input_too_long")
+
+
+@pytest.mark.parametrize(
+    ("response_format", "capabilities", "message"),
+    [
+        ({"type": "json_object"}, frozenset(),
+         "'response_format' type 'json_object' is not supported by this model"),
+        ({"type": "json_object"}, frozenset({CAP_JSON_SCHEMA}),
+         "'response_format' type 'json_object' is not supported by this model; send type "
+         "'json_schema' with the schema the answer must follow"),
+        (_schema_format(), frozenset({CAP_JSON_OBJECT}),
+         "'response_format' type 'json_schema' is not supported by this model"),
+    ],
+)
+def test_a_response_format_needs_a_provider_that_declares_it(
+    response_format: dict[str, Any], capabilities: frozenset[str], message: str
+) -> None:
+    request = parse_request({"messages": USER, "response_format": response_format}, SETTINGS)
+    err = _error(check_supported, request, capabilities)
+    assert (err.status, err.message, err.param) == (400, message, "response_format")
+    check_supported(request, capabilities | {response_format["type"]})
+
+
+def test_text_response_format_needs_no_capability() -> None:
+    check_supported(parse_request({"messages": USER, "response_format": {"type": "text"}},
+                                  SETTINGS), frozenset())

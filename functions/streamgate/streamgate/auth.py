@@ -320,7 +320,8 @@ class Admission:
 
 def estimate_prompt_tokens(chat: ChatRequest) -> int:
     images = sum(isinstance(part, Image) for message in chat.messages for part in message.parts)
-    return (math.ceil(input_chars(chat.messages, chat.tools) / _CHARS_PER_TOKEN)
+    return (math.ceil(input_chars(chat.messages, chat.tools, chat.response_format)
+                      / _CHARS_PER_TOKEN)
             + _TOKENS_PER_MESSAGE * len(chat.messages) + _TOKENS_PER_IMAGE * images)
 
 

@@ -30,12 +30,21 @@ CAP_SEED = "seed"
 CAP_TOOLS = "tools"  # tools, tool_choice, assistant tool_calls, tool messages
 CAP_IMAGES = "images"  # image_url content parts (data: URLs)
 CAP_SEQUENTIAL_TOOLS = "sequential_tools"  # parallel_tool_calls: false
+CAP_JSON_SCHEMA = "json_schema"  # response_format {"type": "json_schema", ...}
+CAP_JSON_OBJECT = "json_object"  # response_format {"type": "json_object"}
 
 MAX_TOOLS = 128  # OpenAI's limit
 # data:image/<type>;base64,<payload> -> the format name providers use.
 IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg",
                "image/gif": "gif", "image/webp": "webp"}
 TOOL_CHOICES = ("none", "auto", "required")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+# OpenAI's rule for response_format.json_schema.name.
+_SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+# Our caps on response_format.json_schema.schema: its compact JSON text, and how deeply its
+# objects and arrays nest (grammar converters and validators walk it recursively).
+MAX_SCHEMA_CHARS = 100_000
+MAX_SCHEMA_DEPTH = 32
 _SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 
 
@@ -60,6 +69,24 @@ class Tool:
     description: str | None = None
     parameters: Mapping[str, Any] | None = None  # JSON Schema of the arguments
     strict: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """``response_format``: ``text``, ``json_object``, or ``json_schema`` with the fields of
+    ``json_schema`` exactly as the client sent them (https://platform.openai.com/docs/guides/
+    structured-outputs)."""
+
+    type: str  # one of RESPONSE_FORMATS
+    name: str | None = None
+    description: str | None = None
+    schema: Mapping[str, Any] | None = None  # a JSON Schema object
+    strict: bool | None = None
+
+    @property
+    def constrained(self) -> bool:
+        """True unless this is plain text: the answer must be JSON."""
+        return self.type != "text"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +118,7 @@ class ChatRequest:
     tool_choice: str | None = None
     tool_choice_name: str | None = None
     parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
 
 def decode_body(body: bytes | None, settings: Settings) -> dict[str, Any]:
@@ -118,8 +146,10 @@ def decode_body(body: bytes | None, settings: Settings) -> dict[str, Any]:
     return data
 
 
-def input_chars(messages: Sequence[Message], tools: Sequence[Tool]) -> int:
-    """Characters of text a request sends the model (images not included)."""
+def input_chars(messages: Sequence[Message], tools: Sequence[Tool],
+                response_format: ResponseFormat | None = None) -> int:
+    """Characters of text a request sends the model (images not included; a response
+    format's schema included, since the backends show it to the model)."""
     chars = 0
     for message in messages:
         chars += len(message.content)
@@ -128,6 +158,8 @@ def input_chars(messages: Sequence[Message], tools: Sequence[Tool]) -> int:
     for tool in tools:
         chars += len(tool.name) + len(tool.description or "")
         chars += len(json.dumps(tool.parameters)) if tool.parameters else 0
+    if response_format is not None and response_format.schema is not None:
+        chars += len(_compact(response_format.schema))
     return chars
 
 
@@ -170,7 +202,8 @@ def parse_request(data: Mapping[str, Any], settings: Settings) -> ChatRequest:
     top_p = _number(data, "top_p", 0.0, 1.0)
     tools = _tools(data.get("tools"))
     tool_choice, tool_choice_name = _tool_choice(data.get("tool_choice"), tools)
-    if input_chars(parsed, tools) > settings.max_input_chars:
+    response_format = _response_format(data.get("response_format"))
+    if input_chars(parsed, tools, response_format) > settings.max_input_chars:
         raise RequestError(f"The input exceeds the maximum of {settings.max_input_chars} "
                            "characters across messages and tools", param="messages",
                            code="input_too_long")
@@ -191,6 +224,7 @@ def parse_request(data: Mapping[str, Any], settings: Settings) -> ChatRequest:
         tool_choice=tool_choice,
         tool_choice_name=tool_choice_name,
         parallel_tool_calls=_optional(data, "parallel_tool_calls", bool),
+        response_format=response_format,
     )
 
 
@@ -218,6 +252,12 @@ def check_supported(request: ChatRequest, capabilities: frozenset[str]) -> None:
             if any(isinstance(p, Image) for p in m.parts):
                 raise RequestError("Image inputs are not supported by this model",
                                    param=f"messages[{i}].content")
+    fmt = request.response_format
+    if fmt is not None and fmt.constrained and fmt.type not in capabilities:
+        hint = ("; send type 'json_schema' with the schema the answer must follow"
+                if CAP_JSON_SCHEMA in capabilities else "")
+        raise RequestError(f"'response_format' type '{fmt.type}' is not supported by this "
+                           f"model{hint}", param="response_format")
 
 
 def _prompt(prompt: object, settings: Settings) -> str:
@@ -445,10 +485,75 @@ def _reject_unsupported(data: Mapping[str, Any]) -> None:
             data[name] == value and type(data[name]) is type(value) for value in allowed
         ):
             raise RequestError(f"'{name}' is not supported by this model", param=name)
-    response_format = data.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise RequestError("Only response_format type 'text' is supported",
+
+
+def _response_format(value: object) -> ResponseFormat | None:
+    """``response_format`` by OpenAI's rules. A field we do not know inside it is refused, not
+    ignored: it would change the answer's shape (``{"type": "json_object", "schema": ...}``)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise RequestError("'response_format' must be an object with a 'type'",
                            param="response_format")
+    kind = value["type"]
+    if kind not in RESPONSE_FORMATS:
+        raise RequestError("'response_format.type' must be 'text', 'json_object' or "
+                           f"'json_schema'; got {kind!r}", param="response_format.type")
+    _known_fields(value, ("type", "json_schema") if kind == "json_schema" else ("type",),
+                  "response_format")
+    if kind != "json_schema":
+        return ResponseFormat(kind)
+    at = "response_format.json_schema"
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise RequestError(f"'{at}' must be an object with 'name' and 'schema' when "
+                           "'response_format.type' is 'json_schema'", param=at)
+    _known_fields(spec, ("name", "description", "schema", "strict"), at)
+    name = spec.get("name")
+    if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+        raise RequestError(f"'{at}.name' must be 1 to 64 characters of a-z, A-Z, 0-9, '_' "
+                           "and '-'", param=f"{at}.name")
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise RequestError(f"'{at}.schema' must be a JSON Schema object", param=f"{at}.schema")
+    if len(_compact(schema)) > MAX_SCHEMA_CHARS:
+        raise RequestError(f"'{at}.schema' exceeds the maximum of {MAX_SCHEMA_CHARS} "
+                           "characters (as compact JSON)", param=f"{at}.schema")
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise RequestError(f"'{at}.schema' nests objects and arrays more than "
+                           f"{MAX_SCHEMA_DEPTH} levels deep", param=f"{at}.schema")
+    return ResponseFormat(
+        kind, name,
+        _optional(spec, "description", str, name=f"{at}.description"),
+        schema,
+        _optional(spec, "strict", bool, name=f"{at}.strict"),
+    )
+
+
+def _known_fields(value: Mapping[str, Any], known: tuple[str, ...], at: str) -> None:
+    """400 for a field outside ``known`` (null fields say nothing and pass)."""
+    for key, item in value.items():
+        if key not in known and item is not None:
+            raise RequestError(f"'{at}' has an unknown field {key!r}; it takes "
+                               + ", ".join(repr(k) for k in known), param=f"{at}.{key}")
+
+
+def _compact(document: Any) -> str:
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+
+
+def _depth(document: Any) -> int:
+    """How deeply objects and arrays nest in a decoded JSON document (a scalar is 0)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(document, 0)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, dict | list):
+            level += 1
+            deepest = max(deepest, level)
+            stack.extend((item, level) for item in
+                         (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 def _model(data: Mapping[str, Any]) -> str | None:

@@ -51,12 +51,12 @@ from streamgate.providers import (
     malformed_is_upstream_error,
 )
 from streamgate.retry import with_retries
-from streamgate.validation import CAP_IMAGES, CAP_TOOLS, Image
+from streamgate.validation import CAP_IMAGES, CAP_JSON_SCHEMA, CAP_TOOLS, Image
 
 if TYPE_CHECKING:
     from streamgate.config import Settings
     from streamgate.deadline import Deadline
-    from streamgate.validation import ChatRequest, Message, Tool
+    from streamgate.validation import ChatRequest, Message, ResponseFormat, Tool
 
 logger = logging.getLogger(__name__)
 
@@ -98,11 +98,15 @@ _RETRY_AFTER_S = 2.0
 _TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _TOOL_ID = re.compile(r"[a-zA-Z0-9_.:-]{1,64}")
 _EMPTY_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
+# Words by which a ValidationException to a request with outputConfig is about that field.
+_OUTPUT_CONFIG_WORDS = ("outputconfig", "textformat", "output config", "output format",
+                        "structured output", "json schema", "jsonschema", "json_schema")
 
 
 class BedrockProvider:
     name = "bedrock"
-    capabilities: frozenset[str] = frozenset({CAP_TOOLS, CAP_IMAGES})
+    # response_format json_schema only: Converse has no JSON mode (see _output_config).
+    capabilities: frozenset[str] = frozenset({CAP_TOOLS, CAP_IMAGES, CAP_JSON_SCHEMA})
 
     def __init__(self, settings: Settings, client: Any = None) -> None:
         self._settings = settings
@@ -126,13 +130,14 @@ class BedrockProvider:
     def stream(self, request: ChatRequest, model: str, deadline: Deadline) -> Iterator[Delta]:
         kwargs = converse_request(request, model, self._settings)
         names = {tool_name(n): n for n in _tool_names(request)}
-        return with_retries(lambda: self._attempt(kwargs, names, deadline),
+        structured = "outputConfig" in kwargs
+        return with_retries(lambda: self._attempt(kwargs, names, deadline, structured),
                             attempts=self._settings.bedrock_max_attempts,
                             backoff_s=self._settings.bedrock_backoff_s, deadline=deadline,
                             upstream="Bedrock", honour_retry_after=False)
 
     def _attempt(self, kwargs: dict[str, Any], names: dict[str, str],
-                 deadline: Deadline) -> Iterator[Delta]:
+                 deadline: Deadline, structured: bool) -> Iterator[Delta]:
         s = self._settings
         deadline.check()
         timer = OutputTimer("Amazon Bedrock", s.bedrock_first_token_timeout_s,
@@ -150,10 +155,13 @@ class BedrockProvider:
                 for delta in blocks.deltas(event):
                     timer.saw(delta)
                     yield delta
-        except StreamgateError:
-            raise
         except Exception as e:
-            raise map_error(e) from e
+            err = e if isinstance(e, StreamgateError) else map_error(e)
+            if structured:
+                err = _output_config_refused(err)
+            if err is e:
+                raise
+            raise err from e
         finally:
             pump.close()  # client gone, timed out or failed: free the connection now
 
@@ -366,6 +374,9 @@ def converse_request(request: ChatRequest, model: str, settings: Settings) -> di
     tool_config = _tool_config(request)
     if tool_config:
         kwargs["toolConfig"] = tool_config
+    output_config = _output_config(request.response_format)
+    if output_config:
+        kwargs["outputConfig"] = output_config
     if request.user:
         kwargs["requestMetadata"] = {"user": request.user[:256]}
     if settings.bedrock_guardrail_id:
@@ -424,6 +435,38 @@ def _tool_spec(tool: Tool | None, name: str) -> dict[str, Any]:
     if tool is not None and tool.strict is not None:
         spec["strict"] = tool.strict
     return {"toolSpec": spec}
+
+
+def _output_config(fmt: ResponseFormat | None) -> dict[str, Any] | None:
+    """``response_format`` json_schema → ``outputConfig.textFormat``, whose ``schema`` is the
+    JSON Schema as a JSON *string* (botocore's ``JsonSchemaDefinition``). OpenAI's ``strict``
+    has no field there: Bedrock always decodes under the schema, which satisfies both values.
+
+    ``json_object`` has no honest mapping, so the capability gate refuses it before this: the
+    only ``textFormat.type`` is ``json_schema``, and an open ``{"type": "object"}`` schema does
+    not mean "any JSON object" on every model (structured outputs that require
+    ``additionalProperties: false`` refuse it, or would allow only ``{}``)."""
+    if fmt is None or not fmt.constrained:
+        return None
+    if fmt.type != "json_schema" or fmt.schema is None:
+        raise RequestError(f"'response_format' type '{fmt.type}' is not supported by Amazon "
+                           "Bedrock; send type 'json_schema'", param="response_format")
+    definition: dict[str, Any] = {
+        "name": fmt.name,
+        "schema": json.dumps(fmt.schema, ensure_ascii=False, separators=(",", ":")),
+    }
+    if fmt.description:
+        definition["description"] = fmt.description
+    return {"textFormat": {"type": "json_schema", "structure": {"jsonSchema": definition}}}
+
+
+def _output_config_refused(err: StreamgateError) -> StreamgateError:
+    """A 400 about the output config (a model without structured outputs, a schema it cannot
+    take) names ``response_format``; Bedrock's reason stays the message."""
+    if (type(err) is RequestError and err.param is None
+            and any(w in err.message.lower() for w in _OUTPUT_CONFIG_WORDS)):
+        return RequestError(err.message, param="response_format", code=err.code)
+    return err
 
 
 def map_error(exc: Exception) -> StreamgateError:

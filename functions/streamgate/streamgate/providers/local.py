@@ -11,6 +11,12 @@ deadline, and stops waiting as soon as the dev server sees its client leave. Clo
 iterator stops generation and releases the lock. A seeded request starts from an empty
 context (no prompt-prefix reuse), so the same request and seed give the same text whatever ran
 before it.
+
+``response_format`` (``json_object``, ``json_schema``) constrains generation with a grammar
+(:mod:`streamgate.providers.grammar`): the answer starts with ``{`` and ends, with finish reason
+``stop``, when the grammar is complete (the model may then only end its turn). The document
+format's own stop (``\nQuestion:``) does not apply to such an answer; the client's ``stop``
+sequences and ``max_tokens`` still do and may cut the JSON short, as they do on OpenAI.
 """
 
 from __future__ import annotations
@@ -29,14 +35,16 @@ from streamgate.errors import (
     ClientClosedError,
     ConfigError,
     RequestError,
+    UpstreamError,
     UpstreamUnavailableError,
 )
 from streamgate.providers import Delta, Finish, TextDelta, Usage
-from streamgate.validation import CAP_PENALTIES, CAP_SEED
+from streamgate.validation import CAP_JSON_OBJECT, CAP_JSON_SCHEMA, CAP_PENALTIES, CAP_SEED
 
 if TYPE_CHECKING:
     from streamgate.config import Settings
     from streamgate.deadline import Deadline
+    from streamgate.providers.grammar import GrammarFilter
     from streamgate.validation import ChatRequest, Message
 
 logger = logging.getLogger(__name__)
@@ -112,12 +120,13 @@ def _sha256(path: Path) -> str:
 
 class LocalProvider:
     name = "local"
-    capabilities = frozenset({CAP_PENALTIES, CAP_SEED})
+    capabilities = frozenset({CAP_PENALTIES, CAP_SEED, CAP_JSON_SCHEMA, CAP_JSON_OBJECT})
 
     def __init__(self, llm: Any, settings: Settings) -> None:
         self._llm = llm
         self._settings = settings
         self._lock = threading.Lock()
+        self._text_tokens: Any = None  # for grammars: see grammar.text_tokens
 
     def default_model(self) -> str:
         return MODEL_ID
@@ -131,10 +140,29 @@ class LocalProvider:
         return [MODEL_ID]
 
     def stream(self, request: ChatRequest, model: str, deadline: Deadline) -> Iterator[Delta]:
+        fmt = request.response_format
+        grammar = None
+        if fmt is not None and fmt.constrained:
+            from streamgate.providers.grammar import grammar_for
+
+            grammar = grammar_for(fmt)  # a schema it cannot express: 400 before any wait
         self._acquire(deadline)
+        constraint = None
         try:
-            yield from self._generate(request)
+            if grammar is not None:
+                from streamgate.providers.grammar import GrammarFilter, text_tokens
+
+                vocab = self._llm._model.vocab
+                if self._text_tokens is None:
+                    self._text_tokens = text_tokens(vocab)
+                constraint = GrammarFilter(vocab, grammar, usable=self._text_tokens,
+                                           likeliest=_TOP_K)
+            yield from self._generate(request, constraint)
         finally:
+            if constraint is not None:
+                logger.debug("grammar: %d whole-vocabulary checks",
+                             constraint.whole_vocabulary_checks)
+                constraint.close()
             self._lock.release()
 
     def _acquire(self, deadline: Deadline) -> None:
@@ -152,7 +180,8 @@ class LocalProvider:
                     "The embedded model is busy with other requests; retry shortly",
                     retry_after=5)
 
-    def _generate(self, request: ChatRequest) -> Iterator[Delta]:
+    def _generate(self, request: ChatRequest,
+                  constraint: GrammarFilter | None) -> Iterator[Delta]:
         import llama_cpp
 
         llm = self._llm
@@ -174,8 +203,9 @@ class LocalProvider:
             llm.set_seed(request.seed)
         else:
             llm.set_seed(int.from_bytes(os.urandom(4), "little"))
-        stops = (*request.stop, *_FORMAT_STOPS)
-        hold = max(len(s) for s in stops) - 1
+        # A grammar decides where JSON ends; the document's turn marker is not a stop in it.
+        stops = (*request.stop, *(() if constraint is not None else _FORMAT_STOPS))
+        hold = max((len(s) for s in stops), default=1) - 1
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         vocab = llm._model.vocab
         pending = ""  # decoded text not yet sent: it may be the start of a stop sequence
@@ -190,10 +220,15 @@ class LocalProvider:
             repeat_penalty=_REPEAT_PENALTY,
             frequency_penalty=request.frequency_penalty or 0.0,
             presence_penalty=request.presence_penalty or 0.0,
+            logits_processor=None if constraint is None else [constraint],
         ):
+            if constraint is not None and not constraint.allows(token):
+                raise UpstreamError("The embedded model left its grammar")
             if llama_cpp.llama_vocab_is_eog(vocab, token):
-                reason = "stop"
+                reason = "stop"  # with a grammar: only allowed once the JSON is complete
                 break
+            if constraint is not None:
+                constraint.accept(token)
             produced += 1
             pending += decoder.decode(llm.detokenize([token]))
             cut = _find_stop(pending, stops)

@@ -54,6 +54,8 @@ from streamgate.providers import (
 from streamgate.retry import parse_retry_after, with_retries
 from streamgate.validation import (
     CAP_IMAGES,
+    CAP_JSON_OBJECT,
+    CAP_JSON_SCHEMA,
     CAP_PENALTIES,
     CAP_SEED,
     CAP_SEQUENTIAL_TOOLS,
@@ -63,7 +65,7 @@ from streamgate.validation import (
 
 if TYPE_CHECKING:
     from streamgate.config import Settings
-    from streamgate.validation import ChatRequest, Message
+    from streamgate.validation import ChatRequest, Message, ResponseFormat
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +88,8 @@ class OpenAIProvider:
     name = "openai"
     # The upstream decides what it supports; what it refuses comes back as its own 400.
     capabilities: frozenset[str] = frozenset(
-        {CAP_PENALTIES, CAP_SEED, CAP_TOOLS, CAP_IMAGES, CAP_SEQUENTIAL_TOOLS})
+        {CAP_PENALTIES, CAP_SEED, CAP_TOOLS, CAP_IMAGES, CAP_SEQUENTIAL_TOOLS,
+         CAP_JSON_SCHEMA, CAP_JSON_OBJECT})
 
     def __init__(self, settings: Settings, key: ApiKey, http: Upstream | None = None) -> None:
         self._settings = settings
@@ -424,7 +427,20 @@ def upstream_body(request: ChatRequest, model: str) -> dict[str, Any]:
                                "function": {"name": request.tool_choice_name}}
     elif request.tool_choice is not None:
         body["tool_choice"] = request.tool_choice
+    if request.response_format is not None:
+        body["response_format"] = _response_format(request.response_format)
     return body
+
+
+def _response_format(fmt: ResponseFormat) -> dict[str, Any]:
+    """``response_format`` as the client sent it (fields it left out, or sent as null, stay
+    out); the upstream honours it or refuses it with its own 400."""
+    if fmt.type != "json_schema":
+        return {"type": fmt.type}
+    spec = {k: v for k, v in (("name", fmt.name), ("description", fmt.description),
+                              ("schema", fmt.schema), ("strict", fmt.strict))
+            if v is not None}
+    return {"type": "json_schema", "json_schema": spec}
 
 
 def _message(m: Message) -> dict[str, Any]:
