@@ -230,7 +230,7 @@ class _HeldModel(LocalProvider):
             with self._count:
                 self.waiting -= 1
 
-    def _generate(self, request: ChatRequest) -> Iterator[Delta]:
+    def _generate(self, request: ChatRequest, constraint: object) -> Iterator[Delta]:
         yield TextDelta("busy")
         self.release.wait(30)
         yield Finish("stop")
