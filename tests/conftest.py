@@ -14,11 +14,12 @@ from streamgate.providers import Provider
 
 
 @contextmanager
-def running_dev_server(app: App, *, max_streams: int = 32, cors_origins: tuple[str, ...] = (),
-                       request_timeout_s: float = 60, header_timeout_s: float = 10,
-                       timeout_s: float = 300, max_connections: int = 256) -> Iterator[str]:
-    """The dev server on 127.0.0.1:<ephemeral>; yields its base URL and always shuts it down."""
-    server = serve("127.0.0.1", 0, app, max_streams=max_streams, cors_origins=cors_origins,
+def running_dev_server(app: App, *, max_streams: int = 32, request_timeout_s: float = 60,
+                       header_timeout_s: float = 10, timeout_s: float = 300,
+                       max_connections: int = 256) -> Iterator[str]:
+    """The dev server on 127.0.0.1:<ephemeral>; yields its base URL and always shuts it down.
+    Its CORS origins are the app's (``make_app(cors_origins=...)``)."""
+    server = serve("127.0.0.1", 0, app, max_streams=max_streams,
                    request_timeout_s=request_timeout_s, header_timeout_s=header_timeout_s,
                    timeout_s=timeout_s, max_connections=max_connections)
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ PROVIDERS = ("bedrock", "openai", "local")
 # api_key: Bearer keys checked against the keys table; iam: the Function URL's AWS_IAM auth
 # (requests must carry a signed identity); none: anyone (local development).
 AUTH_MODES = ("api_key", "iam", "none")
+# What a browser sends as Origin (RFC 6454 §6.1): scheme://host[:port], nothing after it.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,13 @@ class Settings:
     keys_timeout_s: float = 3.0
     # Model used when a request names none; empty means "the provider's default".
     default_model: str = ""
+    # Origins browsers may call from (the template's CorsAllowOrigins, or "*"). A request
+    # carrying any other Origin is refused 403 before any work (the caller's own origin always
+    # passes); the Function URL answers CORS itself, the dev server from this list.
+    cors_origins: tuple[str, ...] = ()
+    # Serve the playground page at GET / (the dev server turns it on; the template's
+    # Playground parameter, off by default, on Lambda).
+    playground: bool = False
     max_body_bytes: int = 1_048_576
     max_prompt_chars: int = 5_000
     # Caps on chat requests: how many messages, and how many characters of text in them all
@@ -106,6 +116,8 @@ _ENV: dict[str, tuple[str, type]] = {
     "key_cache_ttl_s": ("STREAMGATE_KEY_CACHE_TTL_S", float),
     "keys_timeout_s": ("STREAMGATE_KEYS_TIMEOUT_S", float),
     "default_model": ("STREAMGATE_DEFAULT_MODEL", str),
+    "cors_origins": ("STREAMGATE_CORS_ALLOW_ORIGINS", tuple),
+    "playground": ("STREAMGATE_PLAYGROUND", bool),
     "max_body_bytes": ("STREAMGATE_MAX_BODY_BYTES", int),
     "max_prompt_chars": ("STREAMGATE_MAX_PROMPT_CHARS", int),
     "max_messages": ("STREAMGATE_MAX_MESSAGES", int),
@@ -212,6 +224,12 @@ def load_settings(
         raise ConfigError("STREAMGATE_KEYS_TIMEOUT_S must be more than 0")
     if settings.default_max_tokens > settings.max_tokens_cap:
         raise ConfigError("STREAMGATE_DEFAULT_MAX_TOKENS must not exceed STREAMGATE_MAX_TOKENS_CAP")
+    for origin in settings.cors_origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise ConfigError(
+                f"STREAMGATE_CORS_ALLOW_ORIGINS: {origin!r} is not an origin; write "
+                "scheme://host[:port] with no path or trailing slash "
+                "(http://localhost:3000), or *")
     return settings
 
 
