@@ -70,6 +70,9 @@ class Settings:
     local_context_tokens: int = 4_096
     # How long a request waits for the embedded model while another request holds it.
     local_queue_timeout_s: float = 120.0
+    # min_tokens for requests that set none: the base model ends many answers early (see
+    # providers/local.py); 0 lets it stop whenever it likes.
+    local_default_min_tokens: int = 384
     # Amazon Bedrock.
     # STREAMGATE_BEDROCK_REGION, else the function's own region (AWS_REGION on Lambda).
     bedrock_region: str = ""
@@ -133,6 +136,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "local_threads": ("STREAMGATE_LOCAL_THREADS", int),
     "local_context_tokens": ("STREAMGATE_LOCAL_CONTEXT_TOKENS", int),
     "local_queue_timeout_s": ("STREAMGATE_LOCAL_QUEUE_TIMEOUT_S", float),
+    "local_default_min_tokens": ("STREAMGATE_LOCAL_DEFAULT_MIN_TOKENS", int),
     "bedrock_region": ("STREAMGATE_BEDROCK_REGION", str),
     "bedrock_models": ("STREAMGATE_BEDROCK_MODELS", tuple),
     "bedrock_connect_timeout_s": ("STREAMGATE_BEDROCK_CONNECT_TIMEOUT_S", float),
