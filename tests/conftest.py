@@ -1,4 +1,5 @@
-"""Fixtures shared by the tiers: dev servers on ephemeral loopback ports, the embedded model."""
+"""Fixtures shared by the tiers: dev servers on ephemeral loopback ports, the embedded model;
+and the browser tier's duration in the summary (it must stay reasonable for CI)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,18 @@ def model_server(local_provider: Provider) -> Iterator[str]:
     app = App(load_settings({}, provider="local"), local_provider)
     with running_dev_server(app) as url:
         yield url
+
+
+_BROWSER_TIER: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "browser" in report.keywords:
+        _BROWSER_TIER[report.nodeid] = _BROWSER_TIER.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _BROWSER_TIER:
+        terminalreporter.write_line(
+            f"browser tier: {len(_BROWSER_TIER)} tests, {sum(_BROWSER_TIER.values()):.1f} s "
+            "(setup, calls and teardown)")
