@@ -15,8 +15,8 @@ before it.
 ``min_tokens`` (vLLM's extension) is honoured: until that many tokens are out, end-of-text
 cannot be sampled and the document's own turn marker (``\nQuestion:``) does not end the
 answer; the client's ``stop`` sequences and ``max_tokens`` always do. A request that sets
-none gets ``local_default_min_tokens``: left alone, the base model ends about one answer in
-five after a few hundred characters.
+none gets ``local_default_min_tokens``: left alone, the base model now and then ends an
+answer after a few hundred characters or fewer (README, Benchmarks).
 """
 
 from __future__ import annotations
