@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8080
+# Origins browsers may call the dev server from, comma-separated, or '*' (the playground's own
+# origin always works): make dev CORS_ORIGINS=http://localhost:3000
+CORS_ORIGINS ?=
 export PYTHONPATH := $(CURDIR)/functions/streamgate
 # llama-cpp-python compiles llama.cpp from source on first install (~6 min on 2 cores); pip
 # caches the built wheel, so later installs take seconds.
@@ -29,13 +32,15 @@ $(SAM_VENV)/.installed: requirements-sam.txt
 	touch $@
 
 dev: $(VENV)/.installed ## Dev server on $(HOST):$(PORT), embedded model unless STREAMGATE_PROVIDER says otherwise
-	$(PY) -m streamgate.devserver --host $(HOST) --port $(PORT)
+	$(PY) -m streamgate.devserver --host $(HOST) --port $(PORT) \
+	  $(if $(CORS_ORIGINS),--cors-origins '$(CORS_ORIGINS)')
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 test: lint $(SAM_VENV)/.installed ## Lint, types, then unit, functional and integration tests
+	$(PY) -m tests.integration.browser.setup  # Chromium (apt) and npm packages; never fails
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 validate: $(SAM_VENV)/.installed

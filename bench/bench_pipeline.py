@@ -3,8 +3,11 @@
     make bench    # PYTHONPATH=functions/streamgate .venv/bin/python bench/bench_pipeline.py
 
 1. The embedded model through the dev server, read like a user does (requests, `data:` lines),
-   prompt "Explain streaming APIs", default settings: time to first token p50/p95, tokens per
-   second, characters and chunks per answer.
+   prompt "Explain streaming APIs", default settings, 20 requests: time to first token p50/p95,
+   tokens per second, characters and chunks per answer (median and shortest: the seed's
+   contract is more than 1,375 characters in at least 5 chunks, every time), and the time a
+   whole answer takes. ``--min-tokens N`` sets the embedded model's default minimum
+   (``STREAMGATE_LOCAL_DEFAULT_MIN_TOKENS``) to compare; 0 is the model left alone.
 2. The pipeline's own cost with an instant provider: added time to first byte over calling the
    provider directly, and microseconds per chunk for validation + chunk building + SSE encoding.
 3. The upstream SSE decoder: one event of 2, 4, 8 and 16 MB fed in 64 KB reads (the cost must
@@ -39,14 +42,15 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def bench_model(requests_n: int) -> None:
+def bench_model(requests_n: int, min_tokens: int | None) -> None:
     from streamgate.providers import local
 
-    settings = load_settings({}, provider="local")
+    floor = {} if min_tokens is None else {"local_default_min_tokens": min_tokens}
+    settings = load_settings({}, provider="local", metrics=False, **floor)
     app = App(settings, local.create(settings))
     server = serve("127.0.0.1", 0, app)
     url = f"http://127.0.0.1:{server.server_port}/v1/chat/completions"
-    ttft, rates, chars, chunks, tokens = [], [], [], [], []
+    ttft, rates, chars, chunks, tokens, totals = [], [], [], [], [], []
     try:
         for _ in range(requests_n):
             start = time.perf_counter()
@@ -74,16 +78,22 @@ def bench_model(requests_n: int) -> None:
             chars.append(len("".join(text)))
             chunks.append(n)
             tokens.append(usage["completion_tokens"])
+            totals.append(end - start)
     finally:
         server.shutdown()
         server.server_close()
-    print(f"embedded model, {requests_n} requests, prompt {PROMPT!r}, default settings")
+    print(f"embedded model, {requests_n} requests, prompt {PROMPT!r}, default min_tokens "
+          f"{settings.local_default_min_tokens}")
     print(f"  time to first token   p50 {pct(ttft, .5):7.1f} ms   p95 {pct(ttft, .95):7.1f} ms")
     print(f"  tokens per second     median {statistics.median(rates):6.1f}"
           f"   min {min(rates):6.1f}")
-    print(f"  characters per answer median {statistics.median(chars):6.0f}   min {min(chars)}")
-    print(f"  chunks per answer     median {statistics.median(chunks):6.0f}   min {min(chunks)}")
-    print(f"  tokens per answer     median {statistics.median(tokens):6.0f}")
+    print(f"  characters per answer median {statistics.median(chars):6.0f}   shortest "
+          f"{min(chars)}   (contract: > 1375 every time: {min(chars) > 1375})")
+    print(f"  chunks per answer     median {statistics.median(chunks):6.0f}   fewest "
+          f"{min(chunks)}   (contract: >= 5)")
+    print(f"  tokens per answer     median {statistics.median(tokens):6.0f}   fewest {min(tokens)}")
+    print(f"  whole answer          median {statistics.median(totals):6.1f} s   longest "
+          f"{max(totals):.1f} s")
 
 
 class InstantProvider:
@@ -176,13 +186,17 @@ def bench_decoder() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--min-tokens", type=int, default=None,
+                        help="the embedded model's default min_tokens (default: the setting's)")
     parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--only-model", action="store_true")
     args = parser.parse_args()
-    bench_pipeline(rounds=2000, chunks_n=20_000)
-    bench_decoder()
+    if not args.only_model:
+        bench_pipeline(rounds=2000, chunks_n=20_000)
+        bench_decoder()
     if not args.skip_model:
-        bench_model(args.requests)
+        bench_model(args.requests, args.min_tokens)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Fixtures shared by the tiers: dev servers on ephemeral loopback ports, the embedded model."""
+"""Fixtures shared by the tiers: dev servers on ephemeral loopback ports, the embedded model;
+and the browser tier's duration in the summary (it must stay reasonable for CI)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from streamgate.providers import Provider
 
 
 @contextmanager
-def running_dev_server(app: App, *, max_streams: int = 32, cors_origins: tuple[str, ...] = (),
-                       request_timeout_s: float = 60, header_timeout_s: float = 10,
-                       timeout_s: float = 300, max_connections: int = 256) -> Iterator[str]:
-    """The dev server on 127.0.0.1:<ephemeral>; yields its base URL and always shuts it down."""
-    server = serve("127.0.0.1", 0, app, max_streams=max_streams, cors_origins=cors_origins,
+def running_dev_server(app: App, *, max_streams: int = 32, request_timeout_s: float = 60,
+                       header_timeout_s: float = 10, timeout_s: float = 300,
+                       max_connections: int = 256) -> Iterator[str]:
+    """The dev server on 127.0.0.1:<ephemeral>; yields its base URL and always shuts it down.
+    Its CORS origins are the app's (``make_app(cors_origins=...)``)."""
+    server = serve("127.0.0.1", 0, app, max_streams=max_streams,
                    request_timeout_s=request_timeout_s, header_timeout_s=header_timeout_s,
                    timeout_s=timeout_s, max_connections=max_connections)
     try:
@@ -44,3 +46,18 @@ def model_server(local_provider: Provider) -> Iterator[str]:
     app = App(load_settings({}, provider="local"), local_provider)
     with running_dev_server(app) as url:
         yield url
+
+
+_BROWSER_TIER: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "browser" in report.keywords:
+        _BROWSER_TIER[report.nodeid] = _BROWSER_TIER.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _BROWSER_TIER:
+        terminalreporter.write_line(
+            f"browser tier: {len(_BROWSER_TIER)} tests, {sum(_BROWSER_TIER.values()):.1f} s "
+            "(setup, calls and teardown)")

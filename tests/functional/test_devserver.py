@@ -204,7 +204,7 @@ def test_event_uses_base64_for_binary_bodies_like_function_urls() -> None:
 
 def test_cors_is_answered_as_the_function_url_would() -> None:
     allowed, other = "http://localhost:3000", "https://evil.example"
-    with running_dev_server(make_app(), cors_origins=(allowed,)) as url:
+    with running_dev_server(make_app(cors_origins=(allowed,))) as url:
         preflight = requests.options(f"{url}/v1/chat/completions", timeout=10, headers={
             "origin": allowed, "access-control-request-method": "POST",
             "access-control-request-headers": "authorization, content-type"})
@@ -221,9 +221,10 @@ def test_cors_is_answered_as_the_function_url_would() -> None:
     assert answer.status_code == 200
     assert answer.headers["access-control-allow-origin"] == allowed
     assert "x-request-id" in answer.headers["access-control-expose-headers"]
-    # an origin not on the list gets no CORS headers (its preflight falls through to a 405)
-    assert refused.status_code == 405 and "access-control-allow-origin" not in refused.headers
-    assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
+    # an origin not on the list gets no CORS headers, and is refused (the Origin rule)
+    assert refused.status_code == 403 and "access-control-allow-origin" not in refused.headers
+    assert plain.status_code == 403 and "access-control-allow-origin" not in plain.headers
+    assert plain.json()["error"]["code"] == "origin_not_allowed"
 
 
 def test_dev_server_cors_matches_the_template() -> None:

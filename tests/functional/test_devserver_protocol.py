@@ -105,7 +105,7 @@ def test_an_http_1_1_client_gets_a_chunked_stream_and_keeps_its_connection() -> 
 
 def test_a_cors_preflight_answer_has_no_content_length() -> None:
     origin = b"http://localhost:3000"
-    with running_dev_server(make_app(), cors_origins=(origin.decode(),)) as url, \
+    with running_dev_server(make_app(cors_origins=(origin.decode(),))) as url, \
             connect(url) as sock:
         sock.sendall(b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: %s\r\n"
                      b"Access-Control-Request-Method: POST\r\n\r\n" % origin)

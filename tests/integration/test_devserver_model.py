@@ -180,3 +180,50 @@ def test_stream_reader_without_accept_json_sees_the_error_as_an_event(model_serv
 def test_models_list_names_the_embedded_model(model_server: str) -> None:
     models = _client(model_server).models.list()
     assert [m.id for m in models.data] == [MODEL]
+
+
+def test_the_answer_starts_with_text_not_with_the_frames_newlines(model_server: str) -> None:
+    # GIVEN several samplings of the first tokens of an answer
+    for seed in (1, 2, 3, 4):
+        with requests.post(f"{model_server}/v1/chat/completions", stream=True, timeout=60,
+                           json={"prompt": "Explain streaming APIs", "stream": True,
+                                 "max_tokens": 3, "seed": seed}) as response:
+            data = [line[6:] for line in response.iter_lines(decode_unicode=True)
+                    if line.startswith("data: ")]
+        first = json.loads(data[0])["choices"][0]["delta"]["content"]
+        # THEN the very first content is text: the two newlines belong to the prompt's frame
+        assert first and not first[0].isspace(), (seed, first)
+
+
+def test_min_tokens_holds_end_of_text_and_the_next_question_back(model_server: str) -> None:
+    client = _client(model_server)
+    for seed in (7, 8):
+        # GIVEN min_tokens equal to max_tokens
+        completion = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Name a colour."}],
+            max_tokens=120, seed=seed, extra_body={"min_tokens": 120})
+        # THEN the base model may not stop early: exactly that many tokens, cut by the length
+        assert completion.usage is not None and completion.usage.completion_tokens == 120
+        assert completion.choices[0].finish_reason == "length"
+
+
+def test_min_tokens_past_max_tokens_is_refused(model_server: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        _client(model_server).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=10,
+            extra_body={"min_tokens": 11})
+    assert info.value.body == {"message": "'min_tokens' must not exceed max_tokens (10)",
+                               "type": "invalid_request_error", "param": "min_tokens",
+                               "code": None}
+
+
+def test_a_request_without_min_tokens_gets_the_embedded_models_default(
+        model_server: str) -> None:
+    from streamgate.config import load_settings
+
+    floor = load_settings({}).local_default_min_tokens
+    completion = _client(model_server).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Explain streaming APIs"}],
+        seed=11)
+    assert completion.usage is not None and completion.usage.completion_tokens >= floor
+    assert len(completion.choices[0].message.content or "") > 1000

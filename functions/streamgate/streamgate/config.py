@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ PROVIDERS = ("bedrock", "openai", "local")
 # api_key: Bearer keys checked against the keys table; iam: the Function URL's AWS_IAM auth
 # (requests must carry a signed identity); none: anyone (local development).
 AUTH_MODES = ("api_key", "iam", "none")
+# What a browser sends as Origin (RFC 6454 §6.1): scheme://host[:port], nothing after it.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,9 +40,14 @@ class Settings:
     keys_timeout_s: float = 3.0
     # Model used when a request names none; empty means "the provider's default".
     default_model: str = ""
-    # Origins browsers may call the REST API from (the template's CorsAllowOrigins, or "*");
-    # the Function URL answers CORS itself, so only REST API events use this.
+    # Origins browsers may call from (the template's CorsAllowOrigins, or "*"). A request
+    # carrying any other Origin is refused 403 before any work (the caller's own origin always
+    # passes). The Function URL answers CORS itself; the REST API's OPTIONS routes (through
+    # the handler) and the dev server answer it from this list.
     cors_origins: tuple[str, ...] = ()
+    # Serve the playground page at GET / (the dev server turns it on; the template's
+    # Playground parameter, off by default, on Lambda).
+    playground: bool = False
     max_body_bytes: int = 1_048_576
     max_prompt_chars: int = 5_000
     # Caps on chat requests: how many messages, and how many characters of text in them all
@@ -63,6 +71,9 @@ class Settings:
     local_context_tokens: int = 4_096
     # How long a request waits for the embedded model while another request holds it.
     local_queue_timeout_s: float = 120.0
+    # min_tokens for requests that set none: the base model ends many answers early (see
+    # providers/local.py); 0 lets it stop whenever it likes.
+    local_default_min_tokens: int = 384
     # Amazon Bedrock.
     # STREAMGATE_BEDROCK_REGION, else the function's own region (AWS_REGION on Lambda).
     bedrock_region: str = ""
@@ -110,6 +121,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "keys_timeout_s": ("STREAMGATE_KEYS_TIMEOUT_S", float),
     "default_model": ("STREAMGATE_DEFAULT_MODEL", str),
     "cors_origins": ("STREAMGATE_CORS_ALLOW_ORIGINS", tuple),
+    "playground": ("STREAMGATE_PLAYGROUND", bool),
     "max_body_bytes": ("STREAMGATE_MAX_BODY_BYTES", int),
     "max_prompt_chars": ("STREAMGATE_MAX_PROMPT_CHARS", int),
     "max_messages": ("STREAMGATE_MAX_MESSAGES", int),
@@ -125,6 +137,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "local_threads": ("STREAMGATE_LOCAL_THREADS", int),
     "local_context_tokens": ("STREAMGATE_LOCAL_CONTEXT_TOKENS", int),
     "local_queue_timeout_s": ("STREAMGATE_LOCAL_QUEUE_TIMEOUT_S", float),
+    "local_default_min_tokens": ("STREAMGATE_LOCAL_DEFAULT_MIN_TOKENS", int),
     "bedrock_region": ("STREAMGATE_BEDROCK_REGION", str),
     "bedrock_models": ("STREAMGATE_BEDROCK_MODELS", tuple),
     "bedrock_connect_timeout_s": ("STREAMGATE_BEDROCK_CONNECT_TIMEOUT_S", float),
@@ -216,6 +229,12 @@ def load_settings(
         raise ConfigError("STREAMGATE_KEYS_TIMEOUT_S must be more than 0")
     if settings.default_max_tokens > settings.max_tokens_cap:
         raise ConfigError("STREAMGATE_DEFAULT_MAX_TOKENS must not exceed STREAMGATE_MAX_TOKENS_CAP")
+    for origin in settings.cors_origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise ConfigError(
+                f"STREAMGATE_CORS_ALLOW_ORIGINS: {origin!r} is not an origin; write "
+                "scheme://host[:port] with no path or trailing slash "
+                "(http://localhost:3000), or *")
     return settings
 
 

@@ -50,6 +50,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from streamgate import cors
+from streamgate.config import Settings, load_settings
 from streamgate.deadline import Deadline, guard
 from streamgate.errors import (
     HTTPProtocolError,
@@ -83,8 +84,9 @@ _DIGITS = re.compile(r"[0-9]{1,18}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2, what a method may be
 # Content types whose bodies a Function URL passes as text rather than base64.
 _TEXT_TYPES = ("text/", "application/json", "application/x-www-form-urlencoded")
-# CORS as the Function URL answers it in the cloud (streamgate.cors); Lambda adds these itself
-# there, so the handler never does for Function URL events.
+# CORS as the Function URL answers it in the cloud (streamgate.cors; a test keeps it equal to
+# template.yaml's FunctionUrlConfig.Cors). Lambda adds these itself there, so the handler
+# never does; the origins are the app's (Settings.cors_origins), which its Origin rule uses.
 CORS_ALLOW_METHODS = cors.ALLOW_METHODS
 CORS_ALLOW_HEADERS = cors.ALLOW_HEADERS
 CORS_EXPOSE_HEADERS = cors.EXPOSE_HEADERS
@@ -191,7 +193,7 @@ class DevServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], app: App, *, max_streams: int = 32,
-                 cors_origins: tuple[str, ...] = (), request_timeout_s: float = 60,
+                 request_timeout_s: float = 60,
                  header_timeout_s: float = 10, timeout_s: float = 300,
                  max_connections: int = 256) -> None:
         for name, value in (("max_streams", max_streams), ("request_timeout_s",
@@ -210,13 +212,12 @@ class DevServer(ThreadingHTTPServer):
         self.timeout_s = timeout_s
         self.max_connections = max_connections
         self.slots = threading.BoundedSemaphore(max_streams)
-        self.cors_origins = cors_origins
         self._connections = 0
         self._connections_lock = threading.Lock()
 
     def cors_headers(self, origin: str | None, *, preflight: bool) -> dict[str, str]:
         """What the Function URL adds for an allowed ``Origin``; nothing for others."""
-        return cors.cors_headers(self.cors_origins, origin, preflight=preflight)
+        return cors.cors_headers(self.app.settings.cors_origins, origin, preflight=preflight)
 
     # -- the connection cap: runs in the accepting thread -------------------------------------
 
@@ -426,7 +427,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
             return
         # A client reading one byte a second cannot hold the model past the time limit.
         self._guard.move(limit + _DEADLINE_GRACE_S)
-        self._write(server.app.handle(event, None, deadline=deadline))
+        # The origin of the playground as this client reached it (the Origin rule's "own").
+        own_origin = cors.local_origin(headers.get("host")) or ""
+        self._write(server.app.handle(event, None, deadline=deadline, own_origin=own_origin))
 
     def _client_gone(self) -> bool:
         """Whether the client has closed or reset its connection: a peek that never waits.
@@ -619,11 +622,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
 
 def serve(host: str, port: int, app: App, *, max_streams: int = 32,
-          cors_origins: tuple[str, ...] = (), request_timeout_s: float = 60,
-          header_timeout_s: float = 10, timeout_s: float = 300,
+          request_timeout_s: float = 60, header_timeout_s: float = 10, timeout_s: float = 300,
           max_connections: int = 256) -> DevServer:
     """A started server in a background thread; ``shutdown()`` stops it."""
-    server = DevServer((host, port), app, max_streams=max_streams, cors_origins=cors_origins,
+    server = DevServer((host, port), app, max_streams=max_streams,
                        request_timeout_s=request_timeout_s, header_timeout_s=header_timeout_s,
                        timeout_s=timeout_s, max_connections=max_connections)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="devserver",
@@ -657,32 +659,52 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=_positive(float), default=300,
                         help="a request's time limit in seconds, like the function timeout "
                              "on Lambda (default 300)")
-    parser.add_argument("--cors-origins", default="",
-                        help="comma-separated origins browsers may call from, or * "
-                             "(default: none, like the template's CorsAllowOrigins)")
+    parser.add_argument("--cors-origins", default=None,
+                        help="comma-separated origins browsers may call from, or *; pages "
+                             "from any other origin are refused 403 (default: "
+                             "STREAMGATE_CORS_ALLOW_ORIGINS, else none, like the template's "
+                             "CorsAllowOrigins; the playground's own origin always works)")
     return parser
+
+
+# Where the dev server's defaults differ from Lambda's: the embedded model, no EMF metrics
+# (they are for CloudWatch; locally they would only bury the request log), the playground on.
+DEV_DEFAULTS = {"STREAMGATE_PROVIDER": "local", "STREAMGATE_METRICS": "false",
+                "STREAMGATE_PLAYGROUND": "true"}
+
+
+def dev_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """The command line over the environment over :data:`DEV_DEFAULTS`."""
+    overrides: dict[str, Any] = {}
+    if args.cors_origins is not None:
+        overrides["cors_origins"] = tuple(
+            o.strip() for o in args.cors_origins.split(",") if o.strip())
+    return load_settings(environ, defaults=DEV_DEFAULTS, **overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        # EMF metrics are for CloudWatch; locally they would only bury the request log.
-        app = App.from_env(defaults={"STREAMGATE_PROVIDER": "local", "STREAMGATE_METRICS": "false"})
+        app = App(dev_settings(args))
         provider = app.provider  # load the model now, not on the first request
     except StreamgateError as e:
         print(f"streamgate: {e.message}", file=sys.stderr)
         return 2
-    origins = tuple(o.strip() for o in args.cors_origins.split(",") if o.strip())
     server = DevServer((args.host, args.port), app, max_streams=args.max_streams,
-                       cors_origins=origins, header_timeout_s=args.header_timeout,
+                       header_timeout_s=args.header_timeout,
                        timeout_s=args.timeout, max_connections=args.max_connections)
     model = app.default_model()
+    base = f"http://{args.host}:{server.server_port}"
     print(
-        f"Streamgate dev server on http://{args.host}:{server.server_port}/v1/chat/completions "
+        f"Streamgate dev server on {base}/v1/chat/completions "
         f"(provider {provider.name}, model {model})",
         flush=True,
     )
+    if app.settings.playground:
+        print(f"Playground: {base}/", flush=True)
+    if app.settings.cors_origins:
+        print(f"Browsers may also call from: {', '.join(app.settings.cors_origins)}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -10,7 +10,8 @@ Hierarchy::
     ├── ConfigError                  bad server configuration (an init failure on Lambda)
     ├── AuthenticationError          401 missing, unknown or revoked API key
     ├── PermissionDeniedError        403 the backend refused us access
-    │   └── ModelNotAllowedError     403 the caller's key may not use that model
+    │   ├── ModelNotAllowedError     403 the caller's key may not use that model
+    │   └── OriginNotAllowedError    403 a browser page from an origin not allowed (cors.py)
     ├── RequestError                 400 invalid_request_error
     │   ├── NotFoundError            404 (unknown path, model_not_found)
     │   ├── MethodNotAllowedError    405
@@ -122,6 +123,10 @@ class PermissionDeniedError(StreamgateError):
 
 class ModelNotAllowedError(PermissionDeniedError):
     code = "model_not_allowed"
+
+
+class OriginNotAllowedError(PermissionDeniedError):
+    code = "origin_not_allowed"
 
 
 class NotFoundError(RequestError):

@@ -32,6 +32,9 @@ class HttpRequest:
     # The caller's IAM ARN when AWS_IAM auth signed the request (Function URL or REST API);
     # "" when nothing authenticated it.
     principal: str = ""
+    # The domain the request was sent to (requestContext.domainName): the Function URL's or
+    # the API's own, whose HTTPS origin is the origin of a page the function serves.
+    domain: str = ""
 
 
 def parse_event(event: Mapping[str, Any]) -> HttpRequest:
@@ -66,6 +69,7 @@ def parse_event(event: Mapping[str, Any]) -> HttpRequest:
         body=_body(event),
         request_id=_string(context.get("requestId") or "", "requestContext.requestId"),
         principal=_string(principal or "", "principal"),
+        domain=_string(context.get("domainName") or "", "requestContext.domainName"),
     )
     for name, value in (("method", request.method), ("path", request.path),
                         *request.headers.items()):

@@ -8,6 +8,10 @@ the body generator reports failures as one in-band SSE error event and records t
 ``Response.outcome`` so a driver can add trailers; it never raises, except ``GeneratorExit``
 when a driver closes it because the client went away.
 
+A request from a browser page of an origin that is neither the server's own nor allowed
+(``Settings.cors_origins``) is refused 403 before anything else is looked at (see cors.py): CORS
+only keeps such a page from reading the answer, not from spending the model.
+
 Nothing a client sends makes ``handle`` raise: whatever escapes the pipeline becomes a 500
 with an OpenAI body. Every request has a :class:`~streamgate.deadline.Deadline` (the Lambda
 deadline minus the margin, or the dev server's request timeout); a request whose deadline has
@@ -27,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Protocol
 
-from streamgate import cors, sse
+from streamgate import cors, playground, sse
 from streamgate.auth import Admission, Caller, Gate
 from streamgate.chunks import ChunkBuilder, tool_call_object
 from streamgate.config import Settings, load_settings
@@ -36,6 +40,7 @@ from streamgate.errors import (
     InternalError,
     MethodNotAllowedError,
     NotFoundError,
+    OriginNotAllowedError,
     StreamgateError,
     UpstreamError,
     from_exception,
@@ -61,6 +66,8 @@ CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
 HEALTH_PATH = "/health"
 _ROUTES = {CHAT_PATH: "POST", MODELS_PATH: "GET", HEALTH_PATH: "GET"}
+# Not part of the API (nor of openapi.yaml): the playground page, when Settings.playground.
+PLAYGROUND_PATH = "/"
 
 SSE_HEADERS = {
     "content-type": "text/event-stream",
@@ -68,7 +75,8 @@ SSE_HEADERS = {
     "x-accel-buffering": "no",
 }
 JSON_HEADERS = {"content-type": "application/json", "cache-control": "no-store"}
-# On every response: nothing here is a page to render, frame, sniff or refer from.
+# On every response: nothing here is a page to render, frame, sniff or refer from (the
+# playground brings its own Content-Security-Policy, which lets exactly that page run).
 SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
     "content-security-policy": "default-src 'none'; frame-ancestors 'none'",
@@ -169,9 +177,11 @@ class App:
         return self.settings.default_model or self.provider.default_model()
 
     def handle(self, event: Mapping[str, Any], context: LambdaContext | None = None, *,
-               deadline: Deadline | None = None) -> Response:
+               deadline: Deadline | None = None, own_origin: str | None = None) -> Response:
         """Run one request through the pipeline; see the module docstring for the contract.
-        ``deadline`` defaults to the Lambda context's (none outside Lambda)."""
+        ``deadline`` defaults to the Lambda context's (none outside Lambda); ``own_origin``,
+        the origin of the pages this server serves ("" for none), to the event's domain over
+        HTTPS (the Function URL's)."""
         outcome = Outcome(request_id=_request_id(event, context))
         try:
             cors_headers, preflight = _rest_api_cors(self.settings, event, outcome)
@@ -180,7 +190,8 @@ class App:
             else:
                 response, admission = self._handle(
                     event, context, outcome,
-                    deadline if deadline is not None else _deadline(context, self.settings))
+                    deadline if deadline is not None else _deadline(context, self.settings),
+                    own_origin)
             response.headers.update(cors_headers)
         except Exception:  # a bug: still an answer, never an exception in a driver
             logger.exception("unhandled error building the response")
@@ -198,7 +209,8 @@ class App:
 
     def _finalise(self, response: Response, outcome: Outcome,
                   admission: Admission | None) -> Response:
-        response.headers.update(SECURITY_HEADERS)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
         response.headers["x-request-id"] = outcome.request_id
         # Bound to the outcome, not the response: no reference cycle, so an abandoned response
         # is still closed (freeing the provider) as soon as it is dropped.
@@ -215,12 +227,27 @@ class App:
             self.telemetry.finish(status, outcome)
 
     def _handle(self, event: Mapping[str, Any], context: LambdaContext | None,
-                outcome: Outcome, deadline: Deadline) -> tuple[Response, Admission | None]:
+                outcome: Outcome, deadline: Deadline,
+                own_origin: str | None) -> tuple[Response, Admission | None]:
         wants_sse = False
         admission: Admission | None = None
         try:
             request = parse_event(event)
             outcome.method, outcome.path = request.method, request.path
+            # A page from another origin may send a simple POST without asking (cors.py):
+            # refused here, before any route, key lookup or model call.
+            origin = request.headers.get("origin")
+            own = (own_origin if own_origin is not None
+                   else cors.function_url_origin(request.domain))
+            if not cors.origin_allowed(self.settings.cors_origins, origin, own):
+                raise OriginNotAllowedError(
+                    f"Requests from the origin {origin!r} are not allowed: browsers may call "
+                    "this server only from its own pages and the allowed CORS origins")
+            if request.path == PLAYGROUND_PATH and self.settings.playground:
+                if request.method != "GET":
+                    raise MethodNotAllowedError(
+                        f"Method {request.method} is not allowed on /; use GET", allow="GET")
+                return _playground(outcome), None
             allowed = _ROUTES.get(request.path)
             if allowed is None:
                 raise NotFoundError(f"Unknown path {request.path!r}; try POST {CHAT_PATH}")
@@ -406,6 +433,13 @@ def error_response(err: StreamgateError, *, sse_event: bool = False,
     outcome = outcome or Outcome()
     outcome.error = err
     return Response(err.status, headers, iter([body]), outcome)
+
+
+def _playground(outcome: Outcome) -> Response:
+    html, policy = playground.page()
+    headers = {"content-type": "text/html; charset=utf-8", "cache-control": "no-cache",
+               "content-security-policy": policy}
+    return Response(200, headers, iter([html]), outcome)
 
 
 def _json(status: int, doc: Mapping[str, Any], outcome: Outcome) -> Response:

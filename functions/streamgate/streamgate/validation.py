@@ -27,6 +27,7 @@ ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 # Capabilities a provider may declare; each gates the request fields named here.
 CAP_PENALTIES = "penalties"  # frequency_penalty, presence_penalty
 CAP_SEED = "seed"
+CAP_MIN_TOKENS = "min_tokens"  # min_tokens (vLLM's extension) above 0
 CAP_TOOLS = "tools"  # tools, tool_choice, assistant tool_calls, tool messages
 CAP_IMAGES = "images"  # image_url content parts (data: URLs)
 CAP_SEQUENTIAL_TOOLS = "sequential_tools"  # parallel_tool_calls: false
@@ -106,6 +107,8 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     max_tokens: int | None = None
+    # vLLM's extension: end-of-text (and a frame's own stops) ignored until this many tokens.
+    min_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: tuple[str, ...] = ()
@@ -198,6 +201,7 @@ def parse_request(data: Mapping[str, Any], settings: Settings) -> ChatRequest:
                                        name="stream_options.include_usage"))
 
     max_tokens = _max_tokens(data, settings)
+    min_tokens = _min_tokens(data, max_tokens, settings)
     temperature = _number(data, "temperature", 0.0, 2.0)
     top_p = _number(data, "top_p", 0.0, 1.0)
     tools = _tools(data.get("tools"))
@@ -213,6 +217,7 @@ def parse_request(data: Mapping[str, Any], settings: Settings) -> ChatRequest:
         stream=bool(stream),
         include_usage=include_usage,
         max_tokens=max_tokens,
+        min_tokens=min_tokens,
         temperature=temperature,
         top_p=top_p,
         stop=_stop(data.get("stop")),
@@ -236,6 +241,8 @@ def check_supported(request: ChatRequest, capabilities: frozenset[str]) -> None:
                 raise RequestError(f"'{name}' is not supported by this model", param=name)
     if CAP_SEED not in capabilities and request.seed is not None:
         raise RequestError("'seed' is not supported by this model", param="seed")
+    if CAP_MIN_TOKENS not in capabilities and request.min_tokens:
+        raise RequestError("'min_tokens' is not supported by this model", param="min_tokens")
     if CAP_TOOLS not in capabilities:
         if request.tools:
             raise RequestError("'tools' is not supported by this model", param="tools")
@@ -576,6 +583,21 @@ def _max_tokens(data: Mapping[str, Any], settings: Settings) -> int | None:
         raise RequestError(f"'{name}' must be at least 1", param=name)
     if value > settings.max_tokens_cap:
         raise RequestError(f"'{name}' must be at most {settings.max_tokens_cap}", param=name)
+    return value
+
+
+def _min_tokens(data: Mapping[str, Any], max_tokens: int | None,
+                settings: Settings) -> int | None:
+    """vLLM's ``min_tokens``: 0 up to the request's ``max_tokens`` (or the default one)."""
+    value: int | None = _optional(data, "min_tokens", int)
+    if value is None:
+        return None
+    if value < 0:
+        raise RequestError("'min_tokens' must be at least 0", param="min_tokens")
+    limit = max_tokens if max_tokens is not None else settings.default_max_tokens
+    if value > limit:
+        raise RequestError(f"'min_tokens' must not exceed max_tokens ({limit})",
+                           param="min_tokens")
     return value
 
 

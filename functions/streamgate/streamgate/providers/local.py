@@ -17,6 +17,13 @@ before it.
 ``stop``, when the grammar is complete (the model may then only end its turn). The document
 format's own stop (``\nQuestion:``) does not apply to such an answer; the client's ``stop``
 sequences and ``max_tokens`` still do and may cut the JSON short, as they do on OpenAI.
+
+``min_tokens`` (vLLM's extension) is honoured: until that many tokens are out, end-of-text
+cannot be sampled and the document's own turn marker (``\nQuestion:``) does not end the
+answer; the client's ``stop`` sequences and ``max_tokens`` always do. A request that sets
+none gets ``local_default_min_tokens``: left alone, the base model now and then ends an
+answer after a few hundred characters or fewer (README, Benchmarks). A grammar decides where
+JSON ends, so a constrained answer has no minimum (asking for one is a 400).
 """
 
 from __future__ import annotations
@@ -39,7 +46,13 @@ from streamgate.errors import (
     UpstreamUnavailableError,
 )
 from streamgate.providers import Delta, Finish, TextDelta, Usage
-from streamgate.validation import CAP_JSON_OBJECT, CAP_JSON_SCHEMA, CAP_PENALTIES, CAP_SEED
+from streamgate.validation import (
+    CAP_JSON_OBJECT,
+    CAP_JSON_SCHEMA,
+    CAP_MIN_TOKENS,
+    CAP_PENALTIES,
+    CAP_SEED,
+)
 
 if TYPE_CHECKING:
     from streamgate.config import Settings
@@ -57,7 +70,9 @@ _FRAME = (
     "The following is a thorough, in-depth answer of several paragraphs, written by an expert."
     "\n\n"
 )
-_ANSWER = "Detailed answer:"
+# The model always began its answer with two newlines: they belong to the frame, so that the
+# first thing it writes is text.
+_ANSWER = "Detailed answer:\n\n"
 # The document format's own turn markers: the model writing the next question ends the answer.
 _FORMAT_STOPS = ("\nQuestion:",)
 # Sampling defaults where the request gives none: Gemma 3's recommended top_k/top_p, and a
@@ -79,7 +94,7 @@ def render_prompt(messages: tuple[Message, ...]) -> str:
         if message.role == "user":
             parts.append(f"Question: {message.content}\n\n")
         elif message.role == "assistant":
-            parts.append(f"{_ANSWER} {message.content}\n\n")
+            parts.append(f"{_ANSWER}{message.content}\n\n")
     parts.append(_ANSWER)
     return "".join(parts)
 
@@ -120,13 +135,15 @@ def _sha256(path: Path) -> str:
 
 class LocalProvider:
     name = "local"
-    capabilities = frozenset({CAP_PENALTIES, CAP_SEED, CAP_JSON_SCHEMA, CAP_JSON_OBJECT})
+    capabilities = frozenset({CAP_PENALTIES, CAP_SEED, CAP_MIN_TOKENS, CAP_JSON_SCHEMA,
+                              CAP_JSON_OBJECT})
 
     def __init__(self, llm: Any, settings: Settings) -> None:
         self._llm = llm
         self._settings = settings
         self._lock = threading.Lock()
         self._text_tokens: Any = None  # for grammars: see grammar.text_tokens
+        self._end_tokens: Any = None  # the vocabulary's end-of-generation token ids
 
     def default_model(self) -> str:
         return MODEL_ID
@@ -146,6 +163,10 @@ class LocalProvider:
             from streamgate.providers.grammar import grammar_for
 
             grammar = grammar_for(fmt)  # a schema it cannot express: 400 before any wait
+            if request.min_tokens:
+                raise RequestError("'min_tokens' cannot be combined with a JSON "
+                                   "'response_format' on this model: the grammar decides "
+                                   "where the answer ends", param="min_tokens")
         self._acquire(deadline)
         constraint = None
         try:
@@ -196,6 +217,13 @@ class LocalProvider:
             )
         max_tokens = min(request.max_tokens or self._settings.default_max_tokens,
                          n_ctx - len(prompt))
+        if constraint is not None:
+            floor = 0  # the grammar decides where the answer ends
+        elif request.min_tokens is None:
+            floor = self._settings.local_default_min_tokens
+        else:
+            floor = request.min_tokens
+        floor = min(floor, max_tokens)
         if request.seed is not None:
             # Reusing the cached prefix of the previous prompt changes how this one is
             # evaluated (other batches, other rounding), and so what a seed samples.
@@ -206,6 +234,7 @@ class LocalProvider:
         # A grammar decides where JSON ends; the document's turn marker is not a stop in it.
         stops = (*request.stop, *(() if constraint is not None else _FORMAT_STOPS))
         hold = max((len(s) for s in stops), default=1) - 1
+        started = False  # whether text has begun (whitespace before it is dropped)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         vocab = llm._model.vocab
         pending = ""  # decoded text not yet sent: it may be the start of a stop sequence
@@ -220,7 +249,8 @@ class LocalProvider:
             repeat_penalty=_REPEAT_PENALTY,
             frequency_penalty=request.frequency_penalty or 0.0,
             presence_penalty=request.presence_penalty or 0.0,
-            logits_processor=None if constraint is None else [constraint],
+            logits_processor=([constraint] if constraint is not None
+                              else [self._no_end_before(len(prompt), floor)] if floor else None),
         ):
             if constraint is not None and not constraint.allows(token):
                 raise UpstreamError("The embedded model left its grammar")
@@ -231,7 +261,10 @@ class LocalProvider:
                 constraint.accept(token)
             produced += 1
             pending += decoder.decode(llm.detokenize([token]))
-            cut = _find_stop(pending, stops)
+            if not started:
+                pending = pending.lstrip()
+                started = bool(pending)
+            cut = _find_stop(pending, stops if produced >= floor else request.stop)
             if cut is not None:
                 pending = pending[:cut]
                 reason = "stop"
@@ -248,6 +281,27 @@ class LocalProvider:
             yield TextDelta(pending)
         yield Finish(reason)
         yield Usage(prompt_tokens=len(prompt), completion_tokens=produced)
+
+    def _no_end_before(self, prompt_tokens: int, floor: int) -> Any:
+        """A logits processor that keeps end-of-generation tokens from being sampled until
+        ``floor`` tokens have been generated (vLLM's ``min_tokens``)."""
+        import numpy as np
+
+        if self._end_tokens is None:
+            import llama_cpp
+
+            vocab = self._llm._model.vocab
+            self._end_tokens = np.array(
+                [t for t in range(self._llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)],
+                dtype=np.intc)
+        ends = self._end_tokens
+
+        def processor(input_ids: Any, scores: Any) -> Any:
+            if len(input_ids) - prompt_tokens < floor:
+                scores[ends] = -np.inf
+            return scores
+
+        return processor
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -56,6 +56,7 @@ from streamgate.validation import (
     CAP_IMAGES,
     CAP_JSON_OBJECT,
     CAP_JSON_SCHEMA,
+    CAP_MIN_TOKENS,
     CAP_PENALTIES,
     CAP_SEED,
     CAP_SEQUENTIAL_TOOLS,
@@ -87,9 +88,10 @@ WHO = "The upstream"
 class OpenAIProvider:
     name = "openai"
     # The upstream decides what it supports; what it refuses comes back as its own 400.
+    # min_tokens is vLLM's (and SGLang's) extension: passed on; OpenAI itself refuses it.
     capabilities: frozenset[str] = frozenset(
         {CAP_PENALTIES, CAP_SEED, CAP_TOOLS, CAP_IMAGES, CAP_SEQUENTIAL_TOOLS,
-         CAP_JSON_SCHEMA, CAP_JSON_OBJECT})
+         CAP_JSON_SCHEMA, CAP_JSON_OBJECT, CAP_MIN_TOKENS})
 
     def __init__(self, settings: Settings, key: ApiKey, http: Upstream | None = None) -> None:
         self._settings = settings
@@ -407,6 +409,7 @@ def upstream_body(request: ChatRequest, model: str) -> dict[str, Any]:
         body["stream_options"] = {"include_usage": True}
     optional: dict[str, Any] = {
         "max_tokens": request.max_tokens,
+        "min_tokens": request.min_tokens or None,  # 0 asks for nothing: not sent
         "temperature": request.temperature,
         "top_p": request.top_p,
         "stop": list(request.stop) or None,
