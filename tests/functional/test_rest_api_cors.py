@@ -4,6 +4,7 @@ headers from us (Lambda adds them itself)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -78,12 +79,14 @@ def test_errors_carry_the_cors_headers_too() -> None:
      ((), PREFLIGHT)],  # CORS off
     ids=["other-origin", "cors-off"],
 )
-def test_other_rest_options_requests_get_the_handlers_405(
+def test_a_preflight_from_an_origin_not_allowed_is_refused_by_the_origin_rule(
     origins: tuple[str, ...], headers: dict[str, str]
 ) -> None:
+    # The Origin rule comes before routing: a page of another origin gets a 403 (and no CORS
+    # headers, so the browser fails its preflight), not the route's 405.
     response = make_app(cors_origins=origins).handle(rest_event("OPTIONS", headers))
-    assert response.status == 405
-    assert response.headers["allow"] == "POST"
+    assert response.status == 403
+    assert json.loads(b"".join(response.body))["error"]["code"] == "origin_not_allowed"
     assert not [k for k in response.headers if k.startswith("access-control")]
     response.close()
 
