@@ -29,6 +29,8 @@ COVERED_ELSEWHERE = {
     "export AWS_ENDPOINT_URL_DYNAMODB": "tests/integration/test_keys_e2e.py",
     "-m llama_cpp.server": "tests/integration/test_openai_upstream_real.py",
     'import OpenAI from "openai"': "tests/integration/test_browser.py (the SDK in Chromium)",
+    "make sam-local": "tests/integration/test_sam_local.py (SAM's start-api, the openai "
+                      "provider relaying, as make sam-local runs it)",
 }
 
 

@@ -5,7 +5,7 @@ LangChain's structured output against the dev server, unmodified, and the gramma
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import openai
@@ -35,7 +35,9 @@ class Person(BaseModel):
 
 
 class Recipe(BaseModel):
-    steps: list[str] = Field(min_length=3, max_length=3)
+    # Each step bounded too: a 270M model may otherwise write one step until max_tokens,
+    # whatever the seed (the grammar enforces maxLength).
+    steps: list[Annotated[str, Field(max_length=80)]] = Field(min_length=3, max_length=3)
 
 
 def _client(base_url: str) -> openai.OpenAI:
