@@ -569,10 +569,11 @@ def build_client(timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
     for each read, and no retries of its own (:meth:`KeyStore._call` makes the second attempt,
     within the budget). The standard ``AWS_ENDPOINT_URL_DYNAMODB`` variable points it at a
     local table."""
-    import boto3
     from botocore.config import Config
 
-    return boto3.client("dynamodb", config=Config(
+    from streamgate import aws
+
+    return aws.client("dynamodb", config=Config(
         connect_timeout=timeout_s / 2, read_timeout=timeout_s / 2,
         retries={"mode": "standard", "total_max_attempts": 1}))
 

@@ -517,8 +517,9 @@ def _is_context_overflow(message: str) -> bool:
 
 
 def _build_client(settings: Settings) -> Any:
-    import boto3
     from botocore.config import Config
+
+    from streamgate import aws
 
     config = Config(
         connect_timeout=settings.bedrock_connect_timeout_s,
@@ -529,8 +530,8 @@ def _build_client(settings: Settings) -> Any:
         # errors that arrive as the stream's first event, which botocore cannot.
         retries={"mode": "standard", "total_max_attempts": 1},
     )
-    return boto3.client("bedrock-runtime", region_name=settings.bedrock_region or None,
-                        config=config)
+    return aws.client("bedrock-runtime", region_name=settings.bedrock_region or None,
+                      config=config)
 
 
 def create(settings: Settings) -> BedrockProvider:
