@@ -15,6 +15,7 @@ still be answered.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import logging
@@ -87,14 +88,18 @@ def error_payload(error_type: str, message: str) -> dict[str, Any]:
 
 
 class RuntimeAPIClient:
-    """One keep-alive connection to the Runtime API, used for one request at a time."""
+    """One keep-alive connection to the Runtime API, used for one request at a time, by one
+    thread (each worker of the loop has its own); only :meth:`abort` may come from another."""
 
     def __init__(self, address: str) -> None:
         host, _, port = address.rpartition(":")
         self._host, self._port = host, int(port)
         self._conn: http.client.HTTPConnection | None = None
+        self._aborted = False
 
     def _connection(self) -> http.client.HTTPConnection:
+        if self._aborted:
+            raise ConnectionAbortedError("the runtime loop is stopping")
         if self._conn is None:
             conn = http.client.HTTPConnection(self._host, self._port)
             conn.connect()
@@ -124,7 +129,7 @@ class RuntimeAPIClient:
                 return response.status, response.headers, data
             except (ConnectionError, http.client.HTTPException):
                 self.close()
-                if attempt == 2:
+                if attempt == 2 or self._aborted:
                     raise
             except OSError:  # a timeout or a socket error: the connection is unusable
                 self.close()
@@ -135,6 +140,17 @@ class RuntimeAPIClient:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def abort(self) -> None:
+        """From another thread: end the call waiting on this connection (a long poll), which
+        then fails with ``OSError`` rather than retrying on a new connection; so does every
+        later call. Shut down, not closed: the owner closes it."""
+        self._aborted = True
+        conn = self._conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed, or never connected
+                sock.shutdown(socket.SHUT_RDWR)
 
     def next_invocation(self) -> Invocation:
         """Long-poll ``GET next``; raises RuntimeAPIError if the API says stop (e.g. 410),
