@@ -111,6 +111,7 @@ class FakeBedrock:
     def __init__(self, replies: list[Reply] | None = None) -> None:
         self.replies = list(replies or [])
         self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.headers: list[dict[str, str]] = []  # each request's headers, lower-cased names
         # Set when a client hung up while a reply was still being written.
         self.aborted = threading.Event()
         self._clients: list[Any] = []
@@ -123,6 +124,7 @@ class FakeBedrock:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 parts = self.path.split("/")  # /model/{modelId}/converse-stream
                 fake.requests.append((unquote(parts[2]), json.loads(body or b"{}")))
+                fake.headers.append({k.lower(): v for k, v in self.headers.items()})
                 reply = fake.replies.pop(0) if fake.replies else Reply(
                     500, "InternalServerException", "script exhausted")
                 if reply.status != 200:

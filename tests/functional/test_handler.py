@@ -44,7 +44,8 @@ def test_stream_event_gives_openai_chunks_then_usage_then_done(name: str) -> Non
     # THEN the status and SSE headers are right and the chunks follow OpenAI's order
     assert response.status == 200
     assert response.headers == {**SSE_HEADERS, **SECURITY_HEADERS,
-                                "x-request-id": "6f1c0e5a-0000-4000-8000-000000000001"}
+                                "x-request-id": "6f1c0e5a-0000-4000-8000-000000000001",
+                                "x-streamgate-backend": "scripted"}
     chunks = sse_json(raw)
     assert [c["choices"][0]["delta"] for c in chunks[:-1]] == [
         {"role": "assistant", "content": "Hello"}, {"content": ","}, {"content": " world"},

@@ -54,7 +54,8 @@ def test_streamed_response_has_streaming_headers_prelude_and_one_event_per_chunk
     prelude, events = _split(posted)
     assert prelude == {"statusCode": 200, "cookies": [], "headers": {
         "content-type": "text/event-stream", "cache-control": "no-cache",
-        "x-accel-buffering": "no", **SECURITY_HEADERS, "x-request-id": "req-1"}}
+        "x-accel-buffering": "no", **SECURITY_HEADERS, "x-request-id": "req-1",
+        "x-streamgate-backend": "scripted"}}
     assert all(e.startswith(b"data: ") and e.endswith(b"\n\n") and e.count(b"data: ") == 1
                for e in events)
     assert len(events) == 7  # 4 texts, finish, usage, [DONE]

@@ -42,10 +42,11 @@ def bedrock_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FakeBedroc
                             "STREAMGATE_BEDROCK_MAX_ATTEMPTS": "1"}.items():
             monkeypatch.setenv(name, value)
         app = App.from_env(defaults={"STREAMGATE_PROVIDER": "local"})
-        assert isinstance(app.provider, BedrockProvider)
+        provider = app.router.provider
+        assert isinstance(provider, BedrockProvider)
         with running_dev_server(app) as url:
             yield fake, url
-        app.provider.client.close()
+        provider.client.close()
 
 
 def _client(url: str) -> openai.OpenAI:

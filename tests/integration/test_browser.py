@@ -375,15 +375,17 @@ def test_an_in_band_error_ends_the_stream_as_an_error_after_the_text(browser: Br
 
 
 def test_a_429_is_rendered_with_its_retry_after(browser: Browser) -> None:
-    # GIVEN a dev server whose one stream slot is taken
+    # GIVEN a dev server whose two stream slots are both taken once the page has loaded (two,
+    # so that the page's own parallel loads of /health and /v1/models always fit)
     provider = ScriptedProvider([TextDelta("busy"), 3.0, Finish("stop"), Usage(1, 1)])
     app = App(load_settings({}, provider="local", playground=True, metrics=False), provider)
-    with running_dev_server(app, max_streams=1) as url:
+    with running_dev_server(app, max_streams=2) as url:
         _open_playground(browser, url)
-        holder = threading.Thread(target=requests.post, args=(f"{url}/v1/chat/completions",),
-                                  kwargs={"json": {"prompt": "hold", "stream": True},
-                                          "timeout": 30})
-        holder.start()
+        holders = [threading.Thread(target=requests.post, args=(f"{url}/v1/chat/completions",),
+                                    kwargs={"json": {"prompt": "hold", "stream": True},
+                                            "timeout": 30}) for _ in range(2)]
+        for holder in holders:
+            holder.start()
         try:
             time.sleep(0.5)
             # WHEN the page asks
@@ -391,7 +393,8 @@ def test_a_429_is_rendered_with_its_retry_after(browser: Browser) -> None:
             browser.wait_for("document.body.dataset.state === 'error'")
             errors = browser.evaluate(ERRORS)
         finally:
-            holder.join()
+            for holder in holders:
+                holder.join()
     # THEN it shows the 429 and when to retry
     assert len(errors) == 1 and errors[0]["status"] == "429", errors
     assert "rate_limit_error" in errors[0]["text"] and "Retry after 1 s." in errors[0]["text"]

@@ -177,6 +177,7 @@ def test_template_passes_sam_validate_lint() -> None:
 # The IAM action that authorises each AWS operation the providers call
 # (https://docs.aws.amazon.com/service-authorization/latest/reference/).
 IAM_ACTIONS = {"ConverseStream": "bedrock:InvokeModelWithResponseStream",
+               "AssumeRole": "sts:AssumeRole",
                "GetSecretValue": "secretsmanager:GetSecretValue",
                "GetParameter": "ssm:GetParameter",
                "GetItem": "dynamodb:GetItem", "UpdateItem": "dynamodb:UpdateItem",
@@ -227,10 +228,13 @@ def _aws_operations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 @pytest.mark.parametrize(
     ("scenario", "conditions"),
-    [("bedrock", {"IsBedrock"}), ("bedrock-guardrail", {"IsBedrock", "HasGuardrail"}),
-     ("bedrock-api-key", {"IsBedrock", "IsApiKey"}),
+    [("bedrock", {"IsBedrock", "CallsBedrock"}),
+     ("bedrock-guardrail", {"IsBedrock", "CallsBedrock", "HasGuardrail"}),
+     ("bedrock-api-key", {"IsBedrock", "CallsBedrock", "IsApiKey"}),
      ("openai-secret", {"IsOpenAI", "HasKeySecret"}),
-     ("openai-parameter", {"IsOpenAI", "HasKeyParameter"})],
+     ("openai-parameter", {"IsOpenAI", "HasKeyParameter"}),
+     ("routes", {"IsRoutes", "CallsBedrock", "HasRouteSecrets", "HasRouteRoles",
+                 "HasRouteGuardrails"})],
 )
 def test_iam_grants_exactly_what_the_provider_calls(
     scenario: str, conditions: set[str], monkeypatch: pytest.MonkeyPatch
@@ -249,10 +253,40 @@ def test_iam_grants_exactly_what_the_provider_calls(
     # GIVEN the provider configured as the template configures it, against fakes
     needed: set[str] = set()
     headers: dict[str, str] = {}
+    provider: Any
     with mock_aws(), FakeBedrock([Reply(frames=text_events("ok"))]) as bedrock, \
             FakeUpstream([completion_reply("ok")]) as upstream:
         operations = _aws_operations(monkeypatch)
-        if scenario.startswith("bedrock"):
+        if scenario == "routes":
+            # Bedrock in this account with a guardrail, Bedrock in another account through a
+            # role, and an OpenAI-compatible upstream whose key is a secret; the routes in SSM.
+            boto3.client("secretsmanager").create_secret(Name="k", SecretString="sk-1")
+            target = {"kind": "bedrock", "model": "m", "endpoint_url": bedrock.url,
+                      "max_attempts": 1}
+            routes = {"routes": {"a": [{**target, "name": "here", "guardrail_id": "abc123"}],
+                                 "b": [{**target, "name": "there",
+                                        "role_arn": "arn:aws:iam::222222222222:role/r"}],
+                                 "c": [{"kind": "openai", "base_url": upstream.url,
+                                        "model": "m", "api_key_secret": "k"}]}}
+            boto3.client("ssm").put_parameter(Name="/routes", Type="String",
+                                              Value=json.dumps(routes))
+            bedrock.replies += [Reply(frames=text_events("ok"))]
+            upstream.replies += [completion_reply("ok")]
+            settings = load_settings({}, provider="routes", routes_parameter="/routes")
+            operations.clear()  # only what the function itself calls
+            app = App(settings)
+            for model in ("a", "b", "c"):
+                response = app.handle(chat_event({"model": model, "prompt": "hi"}))
+                assert response.status == 200, model
+                response.close()
+            app.router.close()
+            # The Bedrock calls go through clients of their own (one under the assumed
+            # role), which the default session's hook does not see: count them here.
+            operations += ["ConverseStream"] * len(bedrock.requests)
+            if any("guardrailConfig" in body for _, body in bedrock.requests):
+                needed.add("bedrock:ApplyGuardrail")
+            provider = None
+        elif scenario.startswith("bedrock"):
             settings = load_settings({}, provider="bedrock", bedrock_guardrail_id=(
                 "abc123" if scenario == "bedrock-guardrail" else ""))
             client = bedrock.client()
@@ -275,16 +309,17 @@ def test_iam_grants_exactly_what_the_provider_calls(
                                      upstream_models=("m",), **key)
             operations.clear()  # only what the provider itself calls
             provider = create_provider(settings)
-        # WHEN it answers a request
-        response = App(settings, provider).handle(chat_event(
-            {"model": "m", "prompt": "hi"} if "openai" in scenario else {"prompt": "hi"},
-            headers=headers))
-        assert response.status == 200
-        response.close()  # records usage
-        if bedrock.requests and "guardrailConfig" in bedrock.requests[0][1]:
-            needed.add("bedrock:ApplyGuardrail")
-        if hasattr(provider, "close"):
-            provider.close()
+        if provider is not None:  # the routes scenario answered its requests above
+            # WHEN it answers a request
+            response = App(settings, provider).handle(chat_event(
+                {"model": "m", "prompt": "hi"} if "openai" in scenario else {"prompt": "hi"},
+                headers=headers))
+            assert response.status == 200
+            response.close()  # records usage
+            if bedrock.requests and "guardrailConfig" in bedrock.requests[0][1]:
+                needed.add("bedrock:ApplyGuardrail")
+            if hasattr(provider, "close"):
+                provider.close()
     needed |= {IAM_ACTIONS[op] for op in operations}
 
     # THEN the template grants those actions and no others, each on a narrow resource

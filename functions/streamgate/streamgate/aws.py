@@ -30,13 +30,14 @@ def expect_concurrency(invocations: int) -> None:
     _concurrency = max(1, invocations)
 
 
-def client(service: str, *, config: Any = None, **kwargs: Any) -> Any:
-    """``boto3.client(service, config=config, **kwargs)``, built under the lock, its pool
-    large enough for the expected concurrency."""
+def client(service: str, *, session: Any = None, config: Any = None, **kwargs: Any) -> Any:
+    """``session.client(service, config=config, **kwargs)`` (boto3's default session when
+    ``session`` is None), built under the lock, its pool large enough for the expected
+    concurrency."""
     import boto3
     from botocore.config import Config
 
     pool = Config(max_pool_connections=max(_BOTOCORE_POOL, _concurrency))
     with _lock:
-        return boto3.client(service, config=pool if config is None else config.merge(pool),
-                            **kwargs)
+        return (session or boto3).client(
+            service, config=pool if config is None else config.merge(pool), **kwargs)

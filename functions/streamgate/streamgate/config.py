@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from streamgate.errors import ConfigError
 
-PROVIDERS = ("bedrock", "openai", "local")
+# "routes": a routes document maps each public model to its backends (streamgate/routes.py).
+PROVIDERS = ("bedrock", "openai", "local", "routes")
 # api_key: Bearer keys checked against the keys table; iam: the Function URL's AWS_IAM auth
 # (requests must carry a signed identity); none: anyone (local development).
 AUTH_MODES = ("api_key", "iam", "none")
@@ -111,6 +112,20 @@ class Settings:
     upstream_max_idle_s: float = 60.0
     # Largest upstream SSE event (or line) read; past it the stream ends with upstream_error.
     upstream_max_event_chars: int = 1_048_576
+    # Model routes (streamgate/routes.py): the document inline, or "@path" to a file (local
+    # use); or the name of an SSM parameter holding it, re-read after routes_ttl_s. Either one
+    # makes the deployment routed, whatever the provider setting says.
+    routes: str = field(default="", repr=False)
+    routes_parameter: str = ""
+    routes_ttl_s: float = 60.0
+    # How long a backend that failed (throttled, unavailable, 5xx, unreachable, too slow to its
+    # first token) is skipped by this container (a routes document may set its own).
+    route_cooldown_s: float = 30.0
+
+    @property
+    def routed(self) -> bool:
+        """Whether a routes document decides which backend serves each model."""
+        return bool(self.routes or self.routes_parameter)
 
 
 _ENV: dict[str, tuple[str, type]] = {
@@ -162,6 +177,10 @@ _ENV: dict[str, tuple[str, type]] = {
     "upstream_backoff_s": ("STREAMGATE_UPSTREAM_BACKOFF_S", float),
     "upstream_max_idle_s": ("STREAMGATE_UPSTREAM_MAX_IDLE_S", float),
     "upstream_max_event_chars": ("STREAMGATE_UPSTREAM_MAX_EVENT_CHARS", int),
+    "routes": ("STREAMGATE_ROUTES", str),
+    "routes_parameter": ("STREAMGATE_ROUTES_PARAMETER", str),
+    "routes_ttl_s": ("STREAMGATE_ROUTES_TTL_S", float),
+    "route_cooldown_s": ("STREAMGATE_ROUTE_COOLDOWN_S", float),
 }
 
 
@@ -226,6 +245,11 @@ def load_settings(
     if settings.bedrock_max_attempts < 1 or settings.upstream_max_attempts < 1:
         raise ConfigError("STREAMGATE_BEDROCK_MAX_ATTEMPTS and STREAMGATE_UPSTREAM_MAX_ATTEMPTS "
                           "must be at least 1")
+    if settings.routes and settings.routes_parameter:
+        raise ConfigError("Set only one of STREAMGATE_ROUTES and STREAMGATE_ROUTES_PARAMETER")
+    if settings.provider == "routes" and not (settings.routes or settings.routes_parameter):
+        raise ConfigError("STREAMGATE_PROVIDER=routes needs STREAMGATE_ROUTES (the document, or "
+                          "@file) or STREAMGATE_ROUTES_PARAMETER (an SSM parameter holding it)")
     if settings.keys_timeout_s <= 0:
         raise ConfigError("STREAMGATE_KEYS_TIMEOUT_S must be more than 0")
     if settings.default_max_tokens > settings.max_tokens_cap:

@@ -38,7 +38,8 @@ ALLOW_HEADERS = (
 EXPOSE_HEADERS = ("retry-after", "retry-after-ms", "x-request-id",
                   "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
                   "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens",
-                  "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
+                  "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens",
+                  "x-streamgate-backend")
 MAX_AGE = 600
 
 

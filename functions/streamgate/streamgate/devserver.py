@@ -687,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         app = App(dev_settings(args))
-        provider = app.provider  # load the model now, not on the first request
+        served = app.router.kinds()  # load the model (or read the routes) now, not later
     except StreamgateError as e:
         print(f"streamgate: {e.message}", file=sys.stderr)
         return 2
@@ -698,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://{args.host}:{server.server_port}"
     print(
         f"Streamgate dev server on {base}/v1/chat/completions "
-        f"(provider {provider.name}, model {model})",
+        f"({'routes' if app.settings.routed else 'provider'} {', '.join(sorted(served))}, "
+        f"model {model})",
         flush=True,
     )
     if app.settings.playground:

@@ -57,6 +57,7 @@ from streamgate.providers import (
     Usage,
 )
 from streamgate.providers import create_provider as _create_provider
+from streamgate.routes import Route, Router
 from streamgate.telemetry import Telemetry
 from streamgate.validation import ChatRequest, check_supported, decode_body, parse_request
 
@@ -75,6 +76,8 @@ SSE_HEADERS = {
     "x-accel-buffering": "no",
 }
 JSON_HEADERS = {"content-type": "application/json", "cache-control": "no-store"}
+# Which of the model's backends (a route target's name) served the answer.
+BACKEND_HEADER = "x-streamgate-backend"
 # On every response: nothing here is a page to render, frame, sniff or refer from (the
 # playground brings its own Content-Security-Policy, which lets exactly that page run).
 SECURITY_HEADERS = {
@@ -108,6 +111,9 @@ class Outcome:
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     trace: Any = None  # the provider call's X-Ray subsegment, when tracing
+    # The route's target that answered, and the targets skipped or failed before it.
+    backend: str | None = None
+    fallbacks: list[dict[str, str]] = field(default_factory=list)
     # Only with STREAMGATE_LOG_CONTENT (debugging): the text in and out.
     prompt_text: str | None = None
     completion_text: list[str] = field(default_factory=list)
@@ -150,12 +156,13 @@ class Response:
 
 
 class App:
-    """One configured service: settings plus a provider built on first use."""
+    """One configured service: settings plus a router (the routes document's, or the one
+    provider's models as one-target routes) built on first use."""
 
     def __init__(self, settings: Settings, provider: Provider | None = None, *,
-                 gate: Gate | None = None) -> None:
+                 gate: Gate | None = None, router: Router | None = None) -> None:
         self.settings = settings
-        self._provider = provider
+        self._router = router or (Router(settings, provider) if provider is not None else None)
         self.gate = gate or Gate(settings)
         self.telemetry = Telemetry(settings)
         self._lock = threading.Lock()
@@ -165,16 +172,19 @@ class App:
         return cls(load_settings(defaults=defaults))
 
     @property
-    def provider(self) -> Provider:
-        if self._provider is None:
+    def router(self) -> Router:
+        if self._router is None:
             with self._lock:
-                if self._provider is None:
-                    self._provider = _create_provider(self.settings)
-        return self._provider
+                if self._router is None:
+                    s = self.settings
+                    self._router = (Router(s) if s.routed
+                                    else Router(s, _create_provider(s)))
+        return self._router
 
     def default_model(self) -> str:
-        """The model used when a request names none: configuration, else the provider's."""
-        return self.settings.default_model or self.provider.default_model()
+        """The model used when a request names none: configuration, else the first route's
+        (the provider's default without routes)."""
+        return self.settings.default_model or self.router.default_model()
 
     def handle(self, event: Mapping[str, Any], context: LambdaContext | None = None, *,
                deadline: Deadline | None = None, own_origin: str | None = None) -> Response:
@@ -270,7 +280,7 @@ class App:
             outcome.stream = chat.stream
             if self.settings.log_content:
                 outcome.prompt_text = "\n".join(m.content for m in chat.messages)
-            model = self._resolve_model(chat)
+            model, route = self._resolve_model(chat)
             self.gate.authorize(caller, model)
             if chat.max_tokens is None:
                 chat = replace(chat, max_tokens=self.settings.default_max_tokens)
@@ -278,7 +288,7 @@ class App:
             deadline.check()  # no time left: admit nothing, start no model call
             admission = self.gate.admission(caller, chat, model)
             admission.take()
-            response = self._chat(chat, model, deadline, outcome)
+            response = self._chat(chat, route, deadline, outcome)
         except Exception as e:
             err = from_exception(e)
             if not isinstance(e, StreamgateError):
@@ -289,45 +299,43 @@ class App:
         return response, admission
 
     def _models(self, caller: Caller) -> dict[str, Any]:
-        provider = self.provider
+        router = self.router
         return {
             "object": "list",
             "data": [
-                {"id": m, "object": "model", "created": 0, "owned_by": provider.name}
-                for m in self.gate.allowed_models(caller, provider.models())
+                {"id": m, "object": "model", "created": 0,
+                 "owned_by": router.owner(router.route(m))}
+                for m in self.gate.allowed_models(caller, router.models())
             ],
         }
 
-    def _resolve_model(self, chat: ChatRequest) -> str:
-        provider = self.provider
+    def _resolve_model(self, chat: ChatRequest) -> tuple[str, Route]:
+        """The public model and its route (404 if none), the request checked against what
+        the route's first target honours."""
         model = chat.model or self.default_model()
-        if model not in provider.models():
-            raise NotFoundError(
-                f"The model `{model}` does not exist or you do not have access to it.",
-                param="model",
-                code="model_not_found",
-            )
-        check_supported(chat, provider.capabilities)
-        return model
+        route = self.router.route(model)
+        check_supported(chat, self.router.capabilities(route))
+        return model, route
 
-    def _chat(self, chat: ChatRequest, model: str, deadline: Deadline,
+    def _chat(self, chat: ChatRequest, route: Route, deadline: Deadline,
               outcome: Outcome) -> Response:
-        builder = ChunkBuilder(model, include_usage=chat.include_usage)
-        outcome.trace = self.telemetry.begin_provider_call(model)
-        deltas = self.provider.stream(chat, model, deadline)
+        builder = ChunkBuilder(route.name, include_usage=chat.include_usage)
+        outcome.trace = self.telemetry.begin_provider_call(route.name)
+        # The route's targets are tried until one gives its first delta: a failure before
+        # that (throttled, bad model, unreachable) becomes a real HTTP error.
+        deltas = self.router.open(route, chat, deadline, attempts=outcome.fallbacks)
+        outcome.backend = deltas.target.name
+        headers = {BACKEND_HEADER: deltas.target.name}
         try:
-            # Read the first delta before committing the status: a provider that fails here
-            # (throttled, bad model, unreachable) becomes a real HTTP error.
             first = next(deltas, None)
             if not chat.stream:
                 body = _complete(first, deltas, builder, outcome, deadline)
-                return Response(200, dict(JSON_HEADERS), iter([body]), outcome)
+                return Response(200, {**JSON_HEADERS, **headers}, iter([body]), outcome)
         except BaseException:
             _close(deltas)
             raise
-        return Response(
-            200, dict(SSE_HEADERS), _stream(first, deltas, builder, outcome, deadline), outcome
-        )
+        return Response(200, {**SSE_HEADERS, **headers},
+                        _stream(first, deltas, builder, outcome, deadline), outcome)
 
 
 def _observe(

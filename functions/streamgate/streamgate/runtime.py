@@ -79,6 +79,7 @@ from streamgate.config import (
 )
 from streamgate.errors import ConfigError, StreamgateError
 from streamgate.handler import App, Response
+from streamgate.routes import Router
 from streamgate.runtime_api import (
     Invocation,
     InvocationError,
@@ -145,8 +146,11 @@ def run(
         if app is None:
             aws.expect_concurrency(env.max_concurrency)
             try:
-                app = App(_deployable(load_settings(environ), env))
-                _ = app.provider  # build the provider now: its failure is an init error
+                settings = _deployable(load_settings(environ), env)
+                # Read the routes and build the providers now: a failure is an init error.
+                app = App(settings, router=Router(settings, allow_local=False)
+                          if settings.routed else None)
+                app.router.kinds()
             except Exception as e:
                 logger.exception("init failed")
                 try:

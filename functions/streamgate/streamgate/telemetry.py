@@ -8,8 +8,9 @@ the failure paths are recorded like the rest. Prompt and completion text are nev
 
 Metrics (namespace ``Streamgate``, dimension ``service``): ``Requests``, ``Duration``,
 ``TimeToFirstToken``, ``TokensPerSecond``, ``InputTokens``, ``OutputTokens``, ``Errors``,
-``Throttles``, ``Disconnects``; and, in blobs of their own, ``Responses`` by ``Status`` (what the
-client saw) and ``ErrorsByType`` by ``ErrorType``.
+``Throttles``, ``Disconnects``, ``Fallbacks`` (route targets skipped or failed); and, in blobs
+of their own, ``Responses`` by ``Status`` (what the client saw) and ``ErrorsByType`` by
+``ErrorType``.
 
 With ``STREAMGATE_TRACING`` the provider call is an X-Ray subsegment (``provider``) of the
 invocation's trace; the X-Ray SDK is imported only then.
@@ -200,6 +201,10 @@ class Telemetry:
             "error_type": err.type if err else None, "error_code": err.code if err else None,
             "disconnected": disconnected,
         }
+        if outcome.backend is not None:
+            record["backend"] = outcome.backend  # the route target that answered
+        if outcome.fallbacks:
+            record["fallbacks"] = outcome.fallbacks  # targets skipped or failed before it
         if self.log_content:
             record["prompt"] = outcome.prompt_text
             record["completion"] = "".join(outcome.completion_text)
@@ -228,6 +233,7 @@ class Telemetry:
         metrics.add_metric("Errors", MetricUnit.Count, 0 if err is None else 1)
         metrics.add_metric("Throttles", MetricUnit.Count, 1 if throttled else 0)
         metrics.add_metric("Disconnects", MetricUnit.Count, 1 if disconnected else 0)
+        metrics.add_metric("Fallbacks", MetricUnit.Count, len(outcome.fallbacks))
         if ttft_ms is not None:
             metrics.add_metric("TimeToFirstToken", MetricUnit.Milliseconds, ttft_ms)
         usage = outcome.usage

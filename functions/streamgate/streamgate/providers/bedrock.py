@@ -26,6 +26,7 @@ import re
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from streamgate.errors import (
@@ -108,17 +109,21 @@ class BedrockProvider:
     # response_format json_schema only: Converse has no JSON mode (see _output_config).
     capabilities: frozenset[str] = frozenset({CAP_TOOLS, CAP_IMAGES, CAP_JSON_SCHEMA})
 
-    def __init__(self, settings: Settings, client: Any = None) -> None:
+    def __init__(self, settings: Settings, client: Any = None, *,
+                 access: BedrockAccess | None = None) -> None:
         self._settings = settings
         self._client = client
+        self._access = access or BedrockAccess()
         self._lock = threading.Lock()
 
     @property
     def client(self) -> Any:
+        """The boto3 client, built on first use (importing boto3 costs ~150 ms); shared by
+        every request of the container (botocore clients are thread-safe)."""
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    self._client = _build_client(self._settings)
+                    self._client = _build_client(self._settings, self._access)
         return self._client
 
     def default_model(self) -> str:
@@ -142,9 +147,11 @@ class BedrockProvider:
         deadline.check()
         timer = OutputTimer("Amazon Bedrock", s.bedrock_first_token_timeout_s,
                             s.bedrock_idle_timeout_s, deadline)
-        pump = _EventPump(self.client, kwargs)
+        pump: _EventPump | None = None
         blocks = _Blocks(names)
         try:
+            # Building the client can fail too (an assumed role refused, no credentials).
+            pump = _EventPump(self.client, kwargs)
             while True:
                 try:
                     event = pump.get(timer.remaining())
@@ -163,7 +170,8 @@ class BedrockProvider:
                 raise
             raise err from e
         finally:
-            pump.close()  # client gone, timed out or failed: free the connection now
+            if pump is not None:
+                pump.close()  # client gone, timed out or failed: free the connection now
 
 
 class _EventPump:
@@ -516,7 +524,17 @@ def _is_context_overflow(message: str) -> bool:
     return "too long" in lowered or "context length" in lowered or "too many tokens" in lowered
 
 
-def _build_client(settings: Settings) -> Any:
+@dataclass(frozen=True, slots=True)
+class BedrockAccess:
+    """Where and as whom to call Bedrock, beyond the function's own region and role: another
+    endpoint (a VPC endpoint, a test's fake), or another account's role assumed through STS."""
+
+    endpoint_url: str = ""
+    role_arn: str = ""
+    external_id: str = field(default="", repr=False)
+
+
+def _build_client(settings: Settings, access: BedrockAccess) -> Any:
     from botocore.config import Config
 
     from streamgate import aws
@@ -530,8 +548,41 @@ def _build_client(settings: Settings) -> Any:
         # errors that arrive as the stream's first event, which botocore cannot.
         retries={"mode": "standard", "total_max_attempts": 1},
     )
-    return aws.client("bedrock-runtime", region_name=settings.bedrock_region or None,
-                      config=config)
+    region = settings.bedrock_region or None
+    session = None if not access.role_arn else assumed_role_session(
+        access.role_arn, access.external_id, region)
+    return aws.client("bedrock-runtime", session=session, region_name=region, config=config,
+                      endpoint_url=access.endpoint_url or None)
+
+
+def assumed_role_session(role_arn: str, external_id: str, region: str | None) -> Any:
+    """A boto3 session whose credentials come from ``sts:AssumeRole`` on ``role_arn``, kept in
+    memory and renewed by botocore before they expire (its refresh windows: 15 minutes
+    ahead, and at the latest 10). Errors reach the caller when the role is first used."""
+    import boto3
+    import botocore.session
+    from botocore.config import Config
+    from botocore.credentials import RefreshableCredentials
+
+    from streamgate import aws
+
+    sts = aws.client("sts", region_name=region, config=Config(
+        connect_timeout=2, read_timeout=5, retries={"mode": "standard", "total_max_attempts": 2}))
+
+    def fetch() -> dict[str, str]:
+        kwargs = {"RoleArn": role_arn, "RoleSessionName": "streamgate"}
+        if external_id:
+            kwargs["ExternalId"] = external_id
+        credentials = sts.assume_role(**kwargs)["Credentials"]
+        return {"access_key": credentials["AccessKeyId"],
+                "secret_key": credentials["SecretAccessKey"],
+                "token": credentials["SessionToken"],
+                "expiry_time": credentials["Expiration"].isoformat()}
+
+    botocore_session = botocore.session.get_session()
+    botocore_session._credentials = RefreshableCredentials.create_from_metadata(
+        metadata=fetch(), refresh_using=fetch, method="sts-assume-role")
+    return boto3.Session(botocore_session=botocore_session, region_name=region)
 
 
 def create(settings: Settings) -> BedrockProvider:

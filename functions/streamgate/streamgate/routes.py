@@ -1,0 +1,547 @@
+"""Model routes: one public model name, an ordered list of backends ("targets") that may serve it.
+
+The document (JSON; YAML too where PyYAML is installed, as it is for local development but not
+in the Lambda package)::
+
+    {"cooldown_s": 30,
+     "routes": {
+       "claude": {"targets": [
+          {"name": "claude-east", "kind": "bedrock", "model": "us.anthropic.claude-...",
+           "region": "us-east-1"},
+          {"name": "claude-partner", "kind": "bedrock", "model": "anthropic.claude-...",
+           "region": "eu-west-1", "role_arn": "arn:aws:iam::222222222222:role/streamgate"},
+          {"name": "openai", "kind": "openai", "base_url": "https://api.openai.com/v1",
+           "model": "gpt-4o-mini", "api_key_secret": "arn:aws:secretsmanager:..."}]},
+       "llama": {"targets": [{"kind": "openai", "base_url": "http://vllm:8000/v1",
+                              "model": "meta-llama/Llama-3.1-8B-Instruct"}]}}}
+
+It comes from ``STREAMGATE_ROUTES`` (the text, or ``@path``) or from the SSM parameter
+``STREAMGATE_ROUTES_PARAMETER``, re-read after ``STREAMGATE_ROUTES_TTL_S`` so a change needs no
+deployment (a document that no longer parses keeps the last good one, with an error logged).
+Without either, the configured provider is the one-target route of each of its models.
+
+Serving a request (:meth:`Router.open`): its targets are tried in order until one produces its
+first delta; nothing has reached the client until then. A target is skipped while it cools
+down after a failure that another backend may not share (throttled, unavailable, 5xx,
+unreachable, first-token timeout, the backend refusing our access); a client error (400, 404,
+context too long) ends the request there, unless the route says ``fallback_on_client_errors``
+- except on a fallback target, whose own refusal means only that it cannot honour this
+request, so it is skipped. A fallback target whose capabilities cannot honour the request is
+skipped too: the request was checked against the first target's. After the first byte there
+is no fallback. When every target fails, the answer is the most meaningful of their errors:
+429 (with the shortest Retry-After) if all were throttled, else 504 if all timed out, else 503
+if any was unavailable, else 502: never a generic 500.
+
+Shared state (several requests at once): the table is replaced whole, never changed in place;
+providers are built once per distinct backend (kind and settings, not model) and shared by
+every route that names it, their clients being thread-safe; cooldowns are a dict under a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from streamgate.errors import (
+    ConfigError,
+    DeadlineExceededError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    RequestError,
+    StreamgateError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from streamgate.providers import Delta, Provider, create_provider
+from streamgate.validation import check_supported
+
+if TYPE_CHECKING:
+    from streamgate.config import Settings
+    from streamgate.deadline import Deadline
+    from streamgate.validation import ChatRequest
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("bedrock", "openai", "local")
+# The settings a target may carry, by kind (anything else is a typo, refused at load).
+_COMMON = {"kind", "name", "model", "connect_timeout_s", "first_token_timeout_s",
+           "idle_timeout_s", "max_attempts"}
+_FIELDS: dict[str, frozenset[str]] = {
+    "bedrock": frozenset(_COMMON | {"region", "endpoint_url", "role_arn", "external_id",
+                                    "guardrail_id", "guardrail_version"}),
+    "openai": frozenset(_COMMON | {"base_url", "api_key_secret", "api_key_parameter",
+                                   "api_key"}),
+    "local": frozenset(_COMMON),
+}
+_ROUTE_FIELDS = frozenset({"targets", "fallback_on_client_errors"})
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One backend of a route: a provider kind, its settings, and the model it is asked for."""
+
+    name: str
+    kind: str
+    model: str
+    # Settings of the backend itself (region, base URL, key source, timeouts...): targets with
+    # equal settings share one provider, whatever model they ask it for.
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def backend(self) -> str:
+        return json.dumps([self.kind, self.options], sort_keys=True, default=str)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    targets: tuple[Target, ...]
+    fallback_on_client_errors: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    routes: Mapping[str, Route]  # in the document's order: /v1/models lists them so
+    cooldown_s: float
+    source: str = ""
+
+
+def parse_routes(text: str, source: str, *, default_cooldown_s: float) -> RouteTable:
+    """A routes document → :class:`RouteTable`; :class:`ConfigError` naming what is wrong."""
+    doc = _load(text, source)
+    if not isinstance(doc, dict) or not isinstance(doc.get("routes"), dict) or not doc["routes"]:
+        raise ConfigError(f"{source}: a routes document is an object with a non-empty "
+                          "\"routes\" object (public model name -> route)")
+    unknown = set(doc) - {"routes", "cooldown_s"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}")
+    cooldown = doc.get("cooldown_s", default_cooldown_s)
+    if (isinstance(cooldown, bool) or not isinstance(cooldown, (int, float))
+            or not 0 <= cooldown <= 3600):
+        raise ConfigError(f"{source}: \"cooldown_s\" must be a number of seconds from 0 to 3600")
+    routes: dict[str, Route] = {}
+    for public, spec in doc["routes"].items():
+        routes[public] = _route(str(public), spec, source)
+    return RouteTable(routes, float(cooldown), source)
+
+
+def _load(text: str, source: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as json_error:
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{source} is not valid JSON ({json_error}); YAML needs PyYAML, "
+                              "which the Lambda package does not include") from None
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source} is neither valid JSON nor valid YAML: {e}") from None
+
+
+def _route(public: str, spec: Any, source: str) -> Route:
+    where = f"{source}: route {public!r}"
+    if not public.strip() or len(public) > 256:
+        raise ConfigError(f"{where}: a public model name is 1 to 256 characters")
+    if isinstance(spec, list):
+        spec = {"targets": spec}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be an object with \"targets\" (or a list of targets)")
+    unknown = set(spec) - _ROUTE_FIELDS
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    targets = spec.get("targets")
+    if not isinstance(targets, list) or not targets:
+        raise ConfigError(f"{where}: \"targets\" must be a non-empty list")
+    fallback = spec.get("fallback_on_client_errors", False)
+    if not isinstance(fallback, bool):
+        raise ConfigError(f"{where}: \"fallback_on_client_errors\" must be true or false")
+    built = tuple(_target(public, i, t, where) for i, t in enumerate(targets))
+    names = [t.name for t in built]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: target names must differ ({', '.join(names)})")
+    return Route(public, built, fallback)
+
+
+def _target(public: str, index: int, spec: Any, where: str) -> Target:
+    at = f"{where}, target {index + 1}"
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{at} must be an object")
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        raise ConfigError(f"{at}: \"kind\" must be one of {', '.join(KINDS)}")
+    unknown = set(spec) - _FIELDS[kind]
+    if unknown:
+        raise ConfigError(f"{at}: unknown field(s) for kind {kind}: {', '.join(sorted(unknown))}")
+    for key, value in spec.items():
+        if key in ("connect_timeout_s", "first_token_timeout_s", "idle_timeout_s"):
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or value <= 0):
+                raise ConfigError(f"{at}: {key!r} must be a positive number of seconds")
+        elif key == "max_attempts":
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10:
+                raise ConfigError(f"{at}: 'max_attempts' must be an integer from 1 to 10")
+        elif not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{at}: {key!r} must be a non-empty string")
+    name = spec.get("name") or f"{public}#{index + 1}"
+    model = spec.get("model", "")
+    if kind != "local" and not model:
+        raise ConfigError(f"{at}: \"model\" is required for kind {kind}")
+    if kind == "openai":
+        if not spec.get("base_url", "").startswith(("http://", "https://")):
+            raise ConfigError(f"{at}: \"base_url\" must be an http:// or https:// URL")
+        sources = [k for k in ("api_key_secret", "api_key_parameter", "api_key") if k in spec]
+        if len(sources) > 1:
+            raise ConfigError(f"{at}: set only one of {', '.join(sources)}")
+    if kind == "bedrock" and "external_id" in spec and "role_arn" not in spec:
+        raise ConfigError(f"{at}: \"external_id\" goes with \"role_arn\"")
+    if kind == "bedrock" and "guardrail_version" in spec and "guardrail_id" not in spec:
+        raise ConfigError(f"{at}: \"guardrail_version\" goes with \"guardrail_id\"")
+    options = tuple(sorted((k, v) for k, v in spec.items() if k not in ("kind", "name", "model")))
+    return Target(str(name), kind, str(model), options)
+
+
+def build_provider(settings: Settings, target: Target) -> Provider:
+    """The provider for a target's backend: the configured settings with the target's own."""
+    o = dict(target.options)
+    common = {"first_token_timeout_s", "idle_timeout_s", "connect_timeout_s", "max_attempts"}
+    if target.kind == "bedrock":
+        from streamgate.providers import bedrock
+
+        s = replace(settings, provider="bedrock", default_model=target.model,
+                    bedrock_region=o.get("region", settings.bedrock_region),
+                    bedrock_guardrail_id=o.get("guardrail_id", ""),
+                    bedrock_guardrail_version=o.get("guardrail_version", ""),
+                    **{f"bedrock_{k}": o[k] for k in common if k in o})
+        access = bedrock.BedrockAccess(endpoint_url=o.get("endpoint_url", ""),
+                                       role_arn=o.get("role_arn", ""),
+                                       external_id=o.get("external_id", ""))
+        return bedrock.BedrockProvider(s, access=access)
+    if target.kind == "openai":
+        s = replace(settings, provider="openai", upstream_base_url=o["base_url"],
+                    upstream_models=(), default_model=target.model,
+                    upstream_api_key_secret=o.get("api_key_secret", ""),
+                    upstream_api_key_parameter=o.get("api_key_parameter", ""),
+                    upstream_api_key=o.get("api_key", ""),
+                    **{f"upstream_{k}": o[k] for k in common if k in o})
+        return create_provider(s)
+    return create_provider(replace(settings, provider="local"))
+
+
+@dataclass
+class Attempt:
+    """What happened to one target of a request, for the log: skipped or failed, and why."""
+
+    target: str
+    outcome: str  # "cooling", "cannot_honour", or the error code
+
+    def record(self) -> dict[str, str]:
+        return {"target": self.target, "outcome": self.outcome}
+
+
+@dataclass
+class RoutedStream:
+    """The deltas of the target that answered (``target``), its first already read."""
+
+    target: Target
+    first: Delta | None
+    rest: Iterator[Delta]
+    _started: bool = field(default=False, repr=False)
+
+    def __iter__(self) -> RoutedStream:
+        return self
+
+    def __next__(self) -> Delta:
+        if not self._started:
+            self._started = True
+            if self.first is not None:
+                return self.first
+            raise StopIteration
+        return next(self.rest)
+
+    def close(self) -> None:
+        close = getattr(self.rest, "close", None)
+        if close is not None:
+            close()
+
+
+class Router:
+    """Public model names → routes → the providers of their targets; see the module docstring.
+
+    ``provider``: the one configured provider, every model of it a one-target route.
+    Otherwise the routes come from ``settings.routes`` / ``settings.routes_parameter``.
+    """
+
+    def __init__(self, settings: Settings, provider: Provider | None = None, *,
+                 build: Callable[[Settings, Target], Provider] = build_provider,
+                 read_parameter: Callable[[str], tuple[str, str]] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 allow_local: bool = True) -> None:
+        self._settings = settings
+        self._single = provider
+        self._build = build
+        self._read_parameter = read_parameter or _read_parameter
+        self._clock = clock
+        self._allow_local = allow_local  # the embedded model: development only, never Lambda
+        self._refreshing = threading.Lock()  # one request re-reads the routes; others go on
+        self._providers_lock = threading.RLock()
+        self._cooling_lock = threading.Lock()
+        self._providers: dict[str, Provider] = {}
+        self._cooling: dict[str, float] = {}  # target backend + model -> until (monotonic)
+        self._table: RouteTable | None = None
+        self._version = ""
+        self._refresh_at = math.inf
+        if provider is None:
+            self._load_initial()
+
+    # -- the table --------------------------------------------------------------------------
+
+    def _load_initial(self) -> None:
+        s = self._settings
+        if s.routes_parameter:
+            text, self._version = self._read_parameter(s.routes_parameter)
+            source = f"SSM parameter {s.routes_parameter}"
+            self._refresh_at = self._clock() + s.routes_ttl_s
+        elif s.routes.startswith("@"):
+            path = s.routes[1:]
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as e:
+                raise ConfigError(f"STREAMGATE_ROUTES names {path}, which cannot be read: "
+                                  f"{e.strerror}") from None
+            source = path
+        else:
+            text, source = s.routes, "STREAMGATE_ROUTES"
+        table = self._parse(text, source)
+        for route in table.routes.values():  # build now: a bad key source fails the init
+            for target in route.targets:
+                self._provider_for(target)
+        self._table = table
+
+    def _parse(self, text: str, source: str) -> RouteTable:
+        table = parse_routes(text, source, default_cooldown_s=self._settings.route_cooldown_s)
+        if not self._allow_local:
+            for route in table.routes.values():
+                if any(t.kind == "local" for t in route.targets):
+                    raise ConfigError(
+                        f"{source}: route {route.name!r} targets the embedded model (kind "
+                        "local), which is for local development and not in the Lambda package")
+        return table
+
+    def _current(self) -> RouteTable:
+        """The routes in force, re-read from SSM once the TTL has passed (by one request;
+        the others keep using the table they have). A failed read keeps the old table."""
+        if self._table is None:
+            return self._single_table()
+        if self._clock() < self._refresh_at or not self._refreshing.acquire(blocking=False):
+            return self._table
+        try:
+            name = self._settings.routes_parameter
+            self._refresh_at = self._clock() + self._settings.routes_ttl_s
+            text, version = self._read_parameter(name)
+            if version != self._version:
+                table = self._parse(text, f"SSM parameter {name}")
+                for route in table.routes.values():
+                    for target in route.targets:
+                        self._provider_for(target)
+                self._table, self._version = table, version
+                logger.info("routes re-read from %s (version %s)", name, version)
+        except StreamgateError as e:
+            logger.error("routes not re-read; keeping the ones in force: %s", e.message)
+        except Exception:  # noqa: BLE001 - a failed refresh must not fail requests
+            logger.exception("routes not re-read; keeping the ones in force")
+        finally:
+            self._refreshing.release()
+        return self._table
+
+    def _single_table(self) -> RouteTable:
+        provider = self._single
+        assert provider is not None
+        return RouteTable({m: Route(m, (Target(provider.name, provider.name, m),))
+                           for m in provider.models()}, self._settings.route_cooldown_s)
+
+    def _provider_for(self, target: Target) -> Provider:
+        if self._single is not None:
+            return self._single
+        key = target.backend
+        provider = self._providers.get(key)
+        if provider is None:
+            with self._providers_lock:
+                provider = self._providers.get(key)
+                if provider is None:
+                    provider = self._providers[key] = self._build(self._settings, target)
+        return provider
+
+    @property
+    def provider(self) -> Provider | None:
+        """The one provider, when there are no routes."""
+        return self._single
+
+    # -- what the pipeline asks -------------------------------------------------------------
+
+    def kinds(self) -> set[str]:
+        """The provider kinds the routes in force use (builds the single provider)."""
+        if self._single is not None:
+            return {self._single.name}
+        return {t.kind for r in self._current().routes.values() for t in r.targets}
+
+    def models(self) -> list[str]:
+        return list(self._current().routes)
+
+    def default_model(self) -> str:
+        if self._single is not None:
+            return self._single.default_model()
+        return next(iter(self._current().routes))
+
+    def route(self, model: str) -> Route:
+        route = self._current().routes.get(model)
+        if route is None:
+            raise NotFoundError(
+                f"The model `{model}` does not exist or you do not have access to it.",
+                param="model", code="model_not_found")
+        return route
+
+    def owner(self, route: Route) -> str:
+        """Who serves a route, for ``/v1/models``: the first target's kind."""
+        return self._provider_for(route.targets[0]).name
+
+    def capabilities(self, route: Route) -> frozenset[str]:
+        """What the route honours: its first target's capabilities."""
+        return self._provider_for(route.targets[0]).capabilities
+
+    def open(self, route: Route, chat: ChatRequest, deadline: Deadline, *,
+             attempts: list[dict[str, str]] | None = None) -> RoutedStream:
+        """The first target that produces a first delta, per the module docstring's rules;
+        raises the most meaningful error when none does. What was skipped or failed on the
+        way is appended to ``attempts`` (for the request's log), whatever the outcome."""
+        tried: list[dict[str, str]] = attempts if attempts is not None else []
+        cooldown = self._current().cooldown_s
+        order = [t for t in route.targets if not self._cooling_down(t)]
+        if not order:  # every target cooling: try them all rather than fail outright
+            order = list(route.targets)
+        tried += [Attempt(t.name, "cooling").record() for t in route.targets if t not in order]
+        failures: list[StreamgateError] = []
+        for position, target in enumerate(order):
+            deadline.check()
+            provider = self._provider_for(target)
+            fallback = position > 0 or target is not route.targets[0]
+            if fallback:
+                try:
+                    check_supported(chat, provider.capabilities)
+                except RequestError:
+                    tried.append(Attempt(target.name, "cannot_honour").record())
+                    continue
+            deltas = provider.stream(chat, target.model, deadline)
+            try:
+                first = next(deltas, None)
+            except StreamgateError as e:
+                _close(deltas)
+                if isinstance(e, DeadlineExceededError):
+                    raise
+                if not _worth_another_backend(e, route):
+                    if fallback and isinstance(e, RequestError):
+                        tried.append(Attempt(target.name, e.code or "invalid_request").record())
+                        continue  # this backend cannot honour what the first one could
+                    raise
+                self._cool(target, cooldown)
+                tried.append(Attempt(target.name, e.code or e.type).record())
+                failures.append(e)
+                logger.warning("route %s: target %s failed (%s); %s", route.name, target.name,
+                               e.code, "trying the next" if position + 1 < len(order)
+                               else "no target left")
+                continue
+            except BaseException:
+                _close(deltas)
+                raise
+            return RoutedStream(target, first, deltas)
+        if not failures:
+            raise UpstreamUnavailableError(
+                f"No backend of model `{route.name}` can serve this request now",
+                retry_after=1)
+        raise _most_meaningful(failures)
+
+    def close(self) -> None:
+        for provider in {id(p): p for p in self._providers.values()}.values():
+            close = getattr(provider, "close", None)
+            if close is not None:
+                close()
+
+    # -- cooldowns ----------------------------------------------------------------------------
+
+    def _cooling_down(self, target: Target) -> bool:
+        with self._cooling_lock:
+            until = self._cooling.get(_cooling_key(target))
+        return until is not None and self._clock() < until
+
+    def _cool(self, target: Target, cooldown_s: float) -> None:
+        if cooldown_s <= 0:
+            return
+        with self._cooling_lock:
+            self._cooling[_cooling_key(target)] = self._clock() + cooldown_s
+
+
+def _cooling_key(target: Target) -> str:
+    return target.backend + "\0" + target.model
+
+
+def _worth_another_backend(err: StreamgateError, route: Route) -> bool:
+    """Whether another backend may well succeed where this one failed."""
+    if isinstance(err, (RateLimitError, UpstreamError, PermissionDeniedError)):
+        return True  # throttled, unavailable, 5xx, unreachable, timed out, access refused
+    return route.fallback_on_client_errors and isinstance(err, RequestError)
+
+
+def _most_meaningful(failures: list[StreamgateError]) -> StreamgateError:
+    """All throttled: the 429 with the shortest wait; all timed out: a 504; any unavailable
+    or throttled: a 503 with the shortest wait; else the last failure (a 502, or a 403)."""
+    def wait(e: StreamgateError) -> float:
+        return e.retry_after if e.retry_after is not None else math.inf
+
+    throttled = [e for e in failures if isinstance(e, RateLimitError)]
+    if len(throttled) == len(failures):
+        return min(throttled, key=wait)
+    if all(isinstance(e, UpstreamTimeoutError) for e in failures):
+        return failures[-1]
+    waiting = [e for e in failures if isinstance(e, (RateLimitError, UpstreamUnavailableError))]
+    if waiting:
+        best = min(waiting, key=wait)
+        if isinstance(best, UpstreamUnavailableError):
+            return best
+        return UpstreamUnavailableError(
+            "Every backend of this model is throttled or failing; retry shortly",
+            retry_after=best.retry_after)
+    return failures[-1]
+
+
+def _close(deltas: Iterator[Delta]) -> None:
+    close = getattr(deltas, "close", None)
+    if close is not None:
+        close()
+
+
+def _read_parameter(name: str) -> tuple[str, str]:
+    """An SSM parameter's value and version, bounded in time (the request path waits)."""
+    from botocore.config import Config
+
+    from streamgate import aws
+
+    client = aws.client("ssm", config=Config(
+        connect_timeout=2, read_timeout=3, retries={"mode": "standard", "total_max_attempts": 2}))
+    try:
+        parameter = client.get_parameter(Name=name, WithDecryption=True)["Parameter"]
+    except Exception as e:
+        code = str(getattr(e, "response", {}).get("Error", {}).get("Code", type(e).__name__))
+        if code == "ParameterNotFound":
+            raise ConfigError(f"SSM parameter {name} (the routes) does not exist") from None
+        raise ConfigError(f"Could not read the routes from SSM parameter {name}: {code}") from None
+    return str(parameter["Value"]), str(parameter.get("Version", ""))
