@@ -6,21 +6,25 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
-from streamgate.config import trace_id
+from streamgate import runtime, telemetry
+from streamgate.config import LambdaEnvironment, trace_id
 from streamgate.deadline import Deadline
 from streamgate.errors import UpstreamError
 from streamgate.handler import App, LambdaContext, Response
 from streamgate.providers import Delta, Finish, TextDelta, Usage
 from streamgate.runtime import run
+from streamgate.runtime_api import Invocation, RuntimeAPIClient
 from streamgate.validation import ChatRequest
 from tests.fake_runtime_api import FakeRuntimeAPI, Invoke, Posted
 from tests.helpers import ScriptedProvider, Step, chat_event, make_app, sse_json
@@ -365,3 +369,120 @@ def test_concurrent_provider_calls_are_subsegments_of_their_own_invocations_trac
         assert segment["name"] == "provider"
         assert segment["trace_id"] == f"1-5759e988-bd862e3fe1be46a99427000{i}"
         assert segment["parent_id"] == f"53995c3f42cd8ad{i}"
+
+
+def test_a_stop_never_drops_an_invocation_a_worker_has_received(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN eight workers and seven invocations handed out together: the eighth poll gets the
+    # Runtime API's 410 while the others' invocations are arriving, and stops every worker
+    received: set[str] = set()
+    lock = threading.Lock()
+    original = RuntimeAPIClient.next_invocation
+
+    def recording(self: RuntimeAPIClient) -> Invocation:
+        invocation = original(self)
+        with lock:
+            received.add(invocation.request_id)
+        return invocation
+
+    monkeypatch.setattr(RuntimeAPIClient, "next_invocation", recording)
+    lost: list[str] = []
+    for _ in range(25):  # the race is between threads: give it many chances
+        received.clear()
+        with FakeRuntimeAPI([_chat(f"p{i}") for i in range(7)], hold_until_polls=8) as api:
+            # WHEN the loop runs until the stop
+            assert run(make_app(), environ=_env(api, 8)) == 0
+            answered = {p.path.split("/")[-2] for p in api.posted}
+        # THEN every invocation a worker received got its answer: the stop cut only polls
+        # still waiting, never one whose invocation had arrived
+        lost += sorted(received - answered)
+    assert lost == []
+
+
+def test_an_oversized_event_is_reported_even_when_a_stop_comes_while_it_arrives() -> None:
+    # GIVEN a 16 MiB + 1 event among seven, for eight workers, the eighth poll told to stop
+    events: list[Any] = [_chat(f"p{i}") for i in range(7)]
+    events.insert(3, Invoke(b"x" * ((16 << 20) + 1)))
+    with FakeRuntimeAPI(events, hold_until_polls=8) as api:
+        # WHEN the loop runs until the stop
+        assert run(make_app(), environ=_env(api, 8)) == 0
+        posted = {p.path.split("/")[-2]: p.path.rsplit("/", 1)[-1] for p in api.posted}
+    # THEN the oversized one got its /error (it had arrived), the others their responses
+    assert posted.pop("req-4") == "error"
+    assert sorted(posted.values()) == ["response"] * 7
+
+
+def test_run_always_returns_when_a_stop_meets_polls_still_connecting() -> None:
+    # GIVEN 64 workers whose first poll is answered 410 at once, while the Runtime API holds
+    # every other poll for an hour (some of them still connecting when the stop comes)
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        polls = 0
+        lock = threading.Lock()
+
+        def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+            with Handler.lock:
+                Handler.polls += 1
+                first = Handler.polls == 1
+            if first:
+                self.send_response(410)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+                return
+            time.sleep(3600)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass
+
+    blocked = 0
+    for _ in range(8):
+        Handler.polls = 0
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        result: list[int] = []
+        env = {"AWS_LAMBDA_RUNTIME_API": f"127.0.0.1:{server.server_port}",
+               "AWS_LAMBDA_MAX_CONCURRENCY": "64"}
+        # WHEN the loop runs
+        loop = threading.Thread(target=lambda out=result, env=env: out.append(
+            run(make_app(), environ=env)), daemon=True)
+        loop.start()
+        loop.join(10)
+        blocked += loop.is_alive()
+        server.shutdown()
+        server.server_close()
+    # THEN it returned every time: no poll connecting at the stop was left waiting
+    assert blocked == 0
+
+
+def test_lines_a_worker_logs_between_invocations_carry_no_earlier_trace_id(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN a worker thread that has served a traced invocation
+    class Client:
+        def stream_response(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    def worker() -> None:
+        telemetry.logger()
+        invocation = Invocation(
+            "req-1", int(time.time() * 1000) + 60_000, "",
+            "Root=1-5759e988-bd862e3fe1be46a994270001;Sampled=1", None, None,
+            json.dumps(_chat("a")).encode())
+        runtime._invoke(Client(), make_app(), LambdaEnvironment(runtime_api="127.0.0.1:9"),  # type: ignore[arg-type]
+                        invocation, concurrent=True)
+        # WHEN it logs a line of its own before its next invocation
+        logging.getLogger("streamgate.runtime").error("invocation req-2 cannot be served")
+
+    capsys.readouterr()
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(10)
+    # THEN that line names neither the earlier request nor its trace
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+               if line.startswith("{")]
+    [line] = [r for r in records if r.get("message") == "invocation req-2 cannot be served"]
+    assert line.get("xray_trace_id") is None
+    assert line.get("function_request_id") is None

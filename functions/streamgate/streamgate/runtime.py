@@ -174,7 +174,6 @@ class _Workers:
                                    for _ in range(env.max_concurrency - 1)]
         self.concurrent = env.max_concurrency > 1
         self._polls_left = max_invocations
-        self._polling = [False] * len(self.clients)
         self._lock = threading.Lock()
         self._stopping = False
         self._status = 0
@@ -224,30 +223,26 @@ class _Workers:
                     logger.error("runtime loop ends: GET next failed (%s)", type(e).__name__)
                     self._stop(1)
                 return
-            finally:
-                with self._lock:
-                    self._polling[i] = False
             _invoke(client, self.app, self.env, invocation, concurrent=self.concurrent)
 
     def _poll_allowed(self, i: int) -> bool:
-        """Whether worker ``i`` may poll ``next`` again; if so it counts as polling."""
+        """Whether worker ``i`` may poll ``next`` again (and one poll fewer is left)."""
         with self._lock:
             if self._stopping or self._polls_left == 0:
                 return False
             if self._polls_left is not None:
                 self._polls_left -= 1
-            self._polling[i] = True
             return True
 
     def _stop(self, status: int) -> None:
         """Stop every worker: no more polls, and the polls waiting now are cut (a worker in a
-        stream finishes it). The exit status is the worst given."""
+        stream finishes it, and so does one whose poll has just brought an invocation). The
+        exit status is the worst given."""
         with self._lock:
             self._stopping = True
             self._status = max(self._status, status)
-            for client, polling in zip(self.clients, self._polling, strict=True):
-                if polling:
-                    client.abort()
+        for client in self.clients:
+            client.stop_polling()
 
 
 def _invoke(
@@ -288,6 +283,7 @@ def _invoke(
             response.close()
         if concurrent:
             telemetry.bind_request(None)
+            set_trace_id(None, process_wide=False)  # lines between invocations name none
 
 
 def _report(client: RuntimeAPIClient, request_id: str, kind: str, message: str) -> None:
