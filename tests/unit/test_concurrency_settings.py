@@ -18,13 +18,21 @@ API = {"AWS_LAMBDA_RUNTIME_API": "127.0.0.1:9001"}
 @pytest.mark.parametrize(
     ("raw", "workers"),
     [(None, 1), ("", 1), ("1", 1), ("8", 8), (" 64 ", 64), ("1600", 1600), ("0", 1),
-     ("-4", 1), ("1601", 1), ("eight", 1), ("8.5", 1)],
+     ("-4", 1), ("1601", 1), ("eight", 1), ("8.5", 1), ("inf", 1), ("1e3", 1),
+     # digits str.isdigit() and int() accept or refuse beyond ASCII: never a crash at init
+     ("\u00b2", 1), ("\u0661\u0662", 1), ("\u096716", 1), ("9" * 5000, 1)],
 )
 def test_max_concurrency_is_a_whole_number_from_1_to_1600_else_1(
     raw: str | None, workers: int,
 ) -> None:
     environ = {**API} if raw is None else {**API, "AWS_LAMBDA_MAX_CONCURRENCY": raw}
     assert load_lambda_environment(environ).max_concurrency == workers
+
+
+@pytest.mark.parametrize("raw", ["\u00b2", "9" * 5000, "-1", "512.5"])
+def test_an_unreadable_memory_size_is_unknown_not_a_crash(raw: str) -> None:
+    environ = {**API, "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": raw}
+    assert load_lambda_environment(environ).memory_limit_in_mb == 0
 
 
 def test_each_thread_has_its_own_trace_header_and_only_process_wide_ones_reach_the_env(

@@ -7,6 +7,7 @@ variable > default (the same order as Powertools' ``resolve_env_var_choice``).
 from __future__ import annotations
 
 import contextvars
+import logging
 import math
 import os
 import re
@@ -294,19 +295,32 @@ def load_lambda_environment(environ: Mapping[str, str] | None = None) -> LambdaE
     runtime_api = env.get("AWS_LAMBDA_RUNTIME_API", "")
     if not runtime_api:
         raise ConfigError("AWS_LAMBDA_RUNTIME_API is not set: this runs inside Lambda only")
-    memory = env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "0")
-    concurrency = env.get("AWS_LAMBDA_MAX_CONCURRENCY", "").strip()
+    memory = _whole_number(env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", ""))
+    raw_concurrency = env.get("AWS_LAMBDA_MAX_CONCURRENCY", "")
+    concurrency = _whole_number(raw_concurrency)
+    if concurrency is None or not 1 <= concurrency <= MAX_CONCURRENCY:
+        if raw_concurrency.strip():
+            logging.getLogger(__name__).warning(
+                "AWS_LAMBDA_MAX_CONCURRENCY=%r is not a whole number from 1 to %d: serving one "
+                "invocation at a time", raw_concurrency[:40], MAX_CONCURRENCY)
+        concurrency = 1
     return LambdaEnvironment(
         runtime_api=runtime_api,
         function_name=env.get("AWS_LAMBDA_FUNCTION_NAME", ""),
         function_version=env.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
-        memory_limit_in_mb=int(memory) if memory.isdigit() else 0,
+        memory_limit_in_mb=memory or 0,
         log_group_name=env.get("AWS_LAMBDA_LOG_GROUP_NAME", ""),
         log_stream_name=env.get("AWS_LAMBDA_LOG_STREAM_NAME", ""),
         sam_local=env.get("AWS_SAM_LOCAL", "").lower() == "true",
-        max_concurrency=(int(concurrency) if concurrency.isdigit()
-                         and 1 <= int(concurrency) <= MAX_CONCURRENCY else 1),
+        max_concurrency=concurrency,
     )
+
+
+def _whole_number(text: str) -> int | None:
+    """ASCII digits only, at most 9 of them, spaces around allowed: ``str.isdigit`` would pass
+    "²" and "١٢", and ``int`` refuses a number of over 4,300 digits."""
+    text = text.strip()
+    return int(text) if re.fullmatch(r"[0-9]{1,9}", text) else None
 
 
 # This invocation's X-Ray trace header, per thread: with AWS_LAMBDA_MAX_CONCURRENCY > 1 several
