@@ -43,9 +43,12 @@ FUNCTION = "StreamgateFunction"
 
 PARAMETERS: dict[str, Any] = {
     "MaxConcurrency": {
-        "Type": "Number", "Default": 32, "MinValue": 1, "MaxValue": 1600,
+        # Lambda allows 1,600; each stream holds two sockets (the Runtime API's and the
+        # model's) and Lambda environments have 1,024 file descriptors.
+        "Type": "Number", "Default": 32, "MinValue": 1, "MaxValue": 400,
         "Description": "Lambda Managed Instances: concurrent requests (streams) per execution "
-                       "environment, served by that many threads of one process.",
+                       "environment, served by that many threads of one process (at most "
+                       "400: two sockets a stream within 1,024 file descriptors).",
     },
     "ManagedInstancesMemorySize": {
         "Type": "Number", "Default": 2048, "MinValue": 2048, "MaxValue": 32768,
