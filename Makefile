@@ -17,7 +17,7 @@ SAM_VENV := .venv-sam
 SAM := $(SAM_VENV)/bin/sam
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: dev test lint bench bench-lambda bench-load build validate sam-local clean
+.PHONY: dev test lint bench bench-lambda bench-load bench-lmi template-lmi build validate sam-local clean
 
 $(VENV)/.installed: requirements-dev.txt requirements-model.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,9 @@ test: lint $(SAM_VENV)/.installed ## Lint, types, then unit, functional and inte
 validate: $(SAM_VENV)/.installed
 	$(SAM) validate --lint
 
+template-lmi: $(VENV)/.installed ## template-lmi.yaml: the Lambda Managed Instances variant of template.yaml
+	$(PY) -m tools.lmi_template
+
 build: $(SAM_VENV)/.installed ## sam build (arm64 / cp313 wheels), then the zip's size
 	$(SAM) build
 	cd .aws-sam/build/StreamgateFunction && rm -f ../streamgate.zip && zip -qr ../streamgate.zip . \
@@ -67,6 +70,9 @@ bench-lambda: $(VENV)/.installed ## Cold start vs FastAPI+uvicorn, peak RSS, zip
 
 bench-load: $(VENV)/.installed ## 50 concurrent streams for 60 s against the dev server (see README)
 	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) bench/bench_load.py $(LOAD_ARGS)
+
+bench-lmi: $(VENV)/.installed ## Managed Instances: N streams as threads in one process vs N processes
+	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) bench/bench_lmi.py $(LMI_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .aws-sam

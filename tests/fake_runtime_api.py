@@ -4,7 +4,13 @@ and records what the runtime sent: headers, each chunk with its arrival time, an
 
 An :class:`Invoke` in the queue scripts a hostile Runtime API for one invocation: other
 ``next`` headers, a raw event, and how ``/response`` and ``/error`` are answered (a 500, a
-reply cut short, a connection reset after some chunks)."""
+reply cut short, a connection reset after some chunks).
+
+Like Lambda Managed Instances it serves several ``next`` polls at once, each invocation's
+posts answered as that invocation's script says: ``hold_until_polls=N`` answers no poll until
+N are waiting together (``max_waiting`` says how many ever were), so the N invocations are
+handed out at the same moment; ``broken`` answers every later poll with bytes that are not
+HTTP."""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
+from urllib.parse import unquote
 
 from tests.fake_http import start_server
 
@@ -44,44 +51,70 @@ class Posted:
 
 class FakeRuntimeAPI:
     def __init__(self, events: list[dict[str, Any]] | None = None, *,
-                 deadline_in_ms: int = 60_000) -> None:
+                 deadline_in_ms: int = 60_000, hold_until_polls: int = 1) -> None:
         self.events = list(events or [])
         self.deadline_in_ms = deadline_in_ms
+        self.hold_until_polls = hold_until_polls
+        self.max_waiting = 0  # the most GET next polls ever open at once
+        self.broken = False
         self.posted: list[Posted] = []
         # Arrival time (perf_counter) of each GET next, for cold-start measurements.
         self.next_times: list[float] = []
+        # When each invocation was handed out (monotonic, as chunk times), by request id.
+        self.handed_out: dict[str, float] = {}
         # Cleared to keep the loop waiting in its last GET next (to read its RSS, say).
         self.hold_when_empty = threading.Event()
         self.hold_when_empty.set()
         self.chunk_arrived = threading.Condition()
         self._counter = 0
         self._current: Invoke = Invoke(None)
+        self._invokes: dict[str, Invoke] = {}  # request id -> its script
+        self._polls = threading.Condition()
+        self._waiting = 0
+        self._gate_open = hold_until_polls <= 1
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def setup(self) -> None:
+                super().setup()
+                # Like Lambda's own (Go) Runtime API: an answer's header and body writes are
+                # not held back for the runtime's delayed ACK (Nagle), which adds 40 ms.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
             def do_GET(self) -> None:  # noqa: N802 - stdlib naming
                 fake.next_times.append(time.perf_counter())
+                if fake.broken:
+                    self.close_connection = True
+                    self.wfile.write(b"this is not HTTP\r\n\r\n")
+                    return
+                fake._wait_for_company()
                 if not fake.events:
                     fake.hold_when_empty.wait(30)
-                if not self.path.endswith("/runtime/invocation/next") or not fake.events:
+                with fake._polls:
+                    item = fake.events.pop(0) if fake.events else None
+                    if item is not None:
+                        fake._counter += 1
+                        counter = fake._counter
+                if not self.path.endswith("/runtime/invocation/next") or item is None:
                     self._answer(410, b'{"errorMessage":"no more invocations"}')
                     return
-                fake._counter += 1
-                item = fake.events.pop(0)
                 invoke = item if isinstance(item, Invoke) else Invoke(item)
+                request_id = str(invoke.headers.get("Lambda-Runtime-Aws-Request-Id")
+                                 or f"req-{counter}")
                 fake._current = invoke
+                fake._invokes[request_id] = invoke
                 body = (invoke.event if isinstance(invoke.event, bytes)
                         else json.dumps(invoke.event).encode())
                 headers: dict[str, str | None] = {
-                    "Lambda-Runtime-Aws-Request-Id": f"req-{fake._counter}",
+                    "Lambda-Runtime-Aws-Request-Id": f"req-{counter}",
                     "Lambda-Runtime-Deadline-Ms": str(int(time.time() * 1000)
                                                       + fake.deadline_in_ms),
                     "Lambda-Runtime-Invoked-Function-Arn":
                         "arn:aws:lambda:us-east-1:123456789012:function:streamgate",
                     "Lambda-Runtime-Trace-Id":
-                        f"Root=1-5759e988-bd862e3fe1be46a99427{fake._counter:04d};Sampled=1",
+                        f"Root=1-5759e988-bd862e3fe1be46a99427{counter:04d};Sampled=1",
                     **invoke.headers}
                 self.send_response(200)
                 for name, value in headers.items():
@@ -89,13 +122,14 @@ class FakeRuntimeAPI:
                         self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                fake.handed_out[str(headers["Lambda-Runtime-Aws-Request-Id"])] = time.monotonic()
                 self.wfile.write(body)
 
             def do_POST(self) -> None:  # noqa: N802
                 posted = Posted(self.path, {k.lower(): v for k, v in self.headers.items()})
                 fake.posted.append(posted)
-                how = (fake._current.error if self.path.endswith("/error")
-                       else fake._current.response)
+                invoke = fake._invokes.get(unquote(self.path.split("/")[-2]), fake._current)
+                how = invoke.error if self.path.endswith("/error") else invoke.response
                 cut = int(how.rsplit("-", 1)[1]) if how.startswith(("reset-", "stall-")) else None
                 if posted.headers.get("transfer-encoding", "").lower() == "chunked":
                     if not self._read_chunked(posted, cut, stall=how.startswith("stall-")):
@@ -148,13 +182,35 @@ class FakeRuntimeAPI:
         self.server = start_server(Handler)
         self.address = f"127.0.0.1:{self.server.server_port}"
 
-    def wait_for_chunks(self, n: int, timeout: float = 10) -> bool:
-        """True once the current response has delivered ``n`` chunks."""
+    def _wait_for_company(self) -> None:
+        """Until ``hold_until_polls`` polls wait together (once; 10 s at most)."""
+        with self._polls:
+            self._waiting += 1
+            self.max_waiting = max(self.max_waiting, self._waiting)
+            if self._waiting >= self.hold_until_polls:
+                self._gate_open = True
+                self._polls.notify_all()
+            self._polls.wait_for(lambda: self._gate_open, timeout=10)
+            self._waiting -= 1
+
+    def wait_for_chunks(self, n: int, timeout: float = 10, *,
+                        request_id: str | None = None) -> bool:
+        """True once the current response (or ``request_id``'s) has delivered ``n`` chunks."""
+        def arrived() -> bool:
+            posts = [p for p in self.posted if request_id is None
+                     or p.path == f"/2018-06-01/runtime/invocation/{request_id}/response"]
+            return bool(posts) and len(posts[-1].chunks) >= n
+
         with self.chunk_arrived:
-            return self.chunk_arrived.wait_for(
-                lambda: bool(self.posted) and len(self.posted[-1].chunks) >= n, timeout)
+            return self.chunk_arrived.wait_for(arrived, timeout)
+
+    def response_of(self, request_id: str) -> Posted:
+        (posted,) = [p for p in self.posted
+                     if p.path == f"/2018-06-01/runtime/invocation/{request_id}/response"]
+        return posted
 
     def close(self) -> None:
+        self.hold_when_empty.set()  # release polls still held
         self.server.shutdown()
         self.server.server_close()
 

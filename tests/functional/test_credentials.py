@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Iterator
 
 import boto3
@@ -110,6 +112,36 @@ def test_a_failed_refresh_keeps_the_previous_key() -> None:
     assert key.get() == "key-1"
     now[0] = 11
     assert key.get() == "key-1"
+
+
+def test_while_one_thread_refreshes_the_key_the_others_go_on_with_the_current_one() -> None:
+    # GIVEN a cached key whose refresh hangs until released (Secrets Manager being slow)
+    now = [0.0]
+    refreshing, release = threading.Event(), threading.Event()
+    reads: list[str] = []
+
+    def fetch() -> str:
+        reads.append("read")
+        if len(reads) > 1:
+            refreshing.set()
+            release.wait(10)
+        return f"key-{len(reads)}"
+
+    key = ApiKey(fetch, 10, clock=lambda: now[0])
+    assert key.get() == "key-1"
+    now[0] = 11
+    refreshed: list[str] = []
+    refresher = threading.Thread(target=lambda: refreshed.append(key.get()))
+    refresher.start()
+    assert refreshing.wait(5)
+    # WHEN other invocations need the key meanwhile
+    started = time.monotonic()
+    meanwhile = [key.get() for _ in range(3)]
+    # THEN they get the current key at once rather than queue behind the refresh
+    assert meanwhile == ["key-1"] * 3 and time.monotonic() - started < 1
+    release.set()
+    refresher.join(5)
+    assert refreshed == ["key-2"] and key.get() == "key-2" and len(reads) == 2
 
 
 def test_the_key_reaches_the_upstream_and_never_the_logs(

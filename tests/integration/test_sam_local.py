@@ -27,7 +27,7 @@ import requests
 
 from tests.fake_openai import FakeUpstream, Reply, completion_reply, text_stream
 from tests.helpers import sse_data, sse_json
-from tools import samlocal
+from tools import lmi_template, samlocal
 
 pytestmark = [pytest.mark.sam, pytest.mark.samlocal,
               # the first run on a fresh machine installs packages and builds the image
@@ -67,10 +67,11 @@ class Tier:
     def env(self) -> dict[str, str]:
         return samlocal.sam_env(self.engine, ARCH)
 
-    def sam_args(self, upstream_url: str, **params: str) -> list[str]:
+    def sam_args(self, upstream_url: str, template: str = "template.yaml",
+                 **params: str) -> list[str]:
         """What every sam local command here shares. `--config-file` keeps samconfig.toml
         (warm_containers) although the template is the built copy."""
-        return ["-t", str(self.build_dir / "template.yaml"),
+        return ["-t", str(self.build_dir / template),
                 "--config-file", str(ROOT / "samconfig.toml"), "--skip-pull-image",
                 "--parameter-overrides", samlocal.sam_parameters(
                     ARCH, Provider="openai", UpstreamBaseUrl=upstream_url,
@@ -125,7 +126,8 @@ def script(upstream: FakeUpstream) -> Iterator[FakeUpstream]:
 class StartApi:
     """`sam local start-api` on 127.0.0.1:<free port>, its output in a log file."""
 
-    def __init__(self, tier: Tier, upstream_url: str, name: str, **params: str) -> None:
+    def __init__(self, tier: Tier, upstream_url: str, name: str,
+                 template: str = "template.yaml", **params: str) -> None:
         self.tier = tier
         self.port = samlocal.free_port("127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port}"
@@ -133,7 +135,7 @@ class StartApi:
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(
                 [str(SAM), "local", "start-api", "--host", "127.0.0.1", "--port", str(self.port),
-                 *tier.sam_args(upstream_url, **params)],
+                 *tier.sam_args(upstream_url, template, **params)],
                 cwd=ROOT, env=tier.env(), stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
 
@@ -334,6 +336,59 @@ def test_one_warm_container_serves_one_request_at_a_time(
     assert [status for status, _ in results] == [200, 200]
     finished = sorted(t - started for _, t in results)
     assert finished[1] >= 2 * pause, finished
+
+
+def test_managed_instances_one_warm_container_serves_overlapping_streams(
+    tier: Tier, script: FakeUpstream
+) -> None:
+    # GIVEN the Lambda Managed Instances variant of the built template, 4 streams per
+    # environment: sam local sets AWS_LAMBDA_MAX_CONCURRENCY=4 and lets 4 requests into one
+    # warm container; and an upstream that takes 2 s before each answer
+    template = tier.build_dir / "template-lmi.yaml"
+    lmi_template.main(["--template", str(tier.build_dir / "template.yaml"),
+                       "--out", str(template)])
+    pause = 2.0
+    words = ["alpha", "bravo", "charlie"]
+    script.replies.extend(Reply(body=[pause, text_stream(word)]) for word in words)
+    server = StartApi(tier, script.url, "lmi", template.name, MaxConcurrency="4")
+    results: dict[str, tuple[requests.Response, float]] = {}
+    try:
+        server.wait_ready()
+
+        def call(n: int) -> None:
+            response = server.request("POST", "/v1/chat/completions",
+                                      json={"prompt": f"stream {n}", "stream": True})
+            results[f"stream {n}"] = (response, time.monotonic())
+
+        # WHEN three streams are asked for at once
+        started = time.monotonic()
+        threads = [threading.Thread(target=call, args=(n,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(2 * REQUEST_TIMEOUT_S + 10)
+        time.sleep(1)  # SAM writes the container's output after the answers
+        output = server.output()
+    finally:
+        server.stop()
+    # THEN each gets its own whole stream ...
+    assert len(results) == 3
+    answers = set()
+    for response, _ in results.values():
+        assert response.status_code == 200, response.text
+        assert response.content.endswith(b"data: [DONE]\n\n")
+        chunks = sse_json(response.content)
+        answers.add("".join(c["choices"][0]["delta"].get("content", "") for c in chunks))
+        assert len({c["id"] for c in chunks}) == 1
+    assert answers == set(words)
+    assert len({r.headers["x-request-id"] for r, _ in results.values()}) == 3
+    # ... served side by side, not one after another (that would take 3 x 2 s) ...
+    finished = sorted(t - started for _, t in results.values())
+    assert finished[-1] < 2 * pause, finished
+    # ... by one container whose runtime ran 4 workers in one process
+    assert len(set(server.containers())) == 1, server.containers()
+    assert "serving up to 4 invocations at once" in output
+    assert len(script.chat_requests()) == 3
 
 
 def test_a_bad_configuration_fails_init_as_sams_500_with_our_error_in_the_log(

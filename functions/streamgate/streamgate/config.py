@@ -6,6 +6,8 @@ variable > default (the same order as Powertools' ``resolve_env_var_choice``).
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import math
 import os
 import re
@@ -276,6 +278,16 @@ class LambdaEnvironment:
     log_stream_name: str = ""
     # `sam local` sets AWS_SAM_LOCAL=true in its containers; it cannot read a streamed response.
     sam_local: bool = False
+    # Lambda Managed Instances: how many invocations Lambda may send this environment at once
+    # (AWS_LAMBDA_MAX_CONCURRENCY, the function's PerExecutionEnvironmentMaxConcurrency).
+    # 1 when unset, as on classic Lambda; a value that is not a whole number from 1 to
+    # MAX_CONCURRENCY is 1, as aws-lambda-go and SAM CLI read it.
+    max_concurrency: int = 1
+
+
+# PerExecutionEnvironmentMaxConcurrency's upper bound (AWS::Lambda::Function
+# LambdaManagedInstancesCapacityProviderConfig).
+MAX_CONCURRENCY = 1600
 
 
 def load_lambda_environment(environ: Mapping[str, str] | None = None) -> LambdaEnvironment:
@@ -283,22 +295,60 @@ def load_lambda_environment(environ: Mapping[str, str] | None = None) -> LambdaE
     runtime_api = env.get("AWS_LAMBDA_RUNTIME_API", "")
     if not runtime_api:
         raise ConfigError("AWS_LAMBDA_RUNTIME_API is not set: this runs inside Lambda only")
-    memory = env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "0")
+    memory = _whole_number(env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", ""))
+    raw_concurrency = env.get("AWS_LAMBDA_MAX_CONCURRENCY", "")
+    concurrency = _whole_number(raw_concurrency)
+    if concurrency is None or not 1 <= concurrency <= MAX_CONCURRENCY:
+        if raw_concurrency.strip():
+            logging.getLogger(__name__).warning(
+                "AWS_LAMBDA_MAX_CONCURRENCY=%r is not a whole number from 1 to %d: serving one "
+                "invocation at a time", raw_concurrency[:40], MAX_CONCURRENCY)
+        concurrency = 1
     return LambdaEnvironment(
         runtime_api=runtime_api,
         function_name=env.get("AWS_LAMBDA_FUNCTION_NAME", ""),
         function_version=env.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
-        memory_limit_in_mb=int(memory) if memory.isdigit() else 0,
+        memory_limit_in_mb=memory or 0,
         log_group_name=env.get("AWS_LAMBDA_LOG_GROUP_NAME", ""),
         log_stream_name=env.get("AWS_LAMBDA_LOG_STREAM_NAME", ""),
         sam_local=env.get("AWS_SAM_LOCAL", "").lower() == "true",
+        max_concurrency=concurrency,
     )
 
 
-def set_trace_id(trace_id: str | None) -> None:
-    """Expose this invocation's X-Ray trace header as the SDKs expect (`_X_AMZN_TRACE_ID`);
-    a value no environment variable can hold (a NUL) is dropped."""
-    if trace_id and "\0" not in trace_id:
-        os.environ["_X_AMZN_TRACE_ID"] = trace_id
+def _whole_number(text: str) -> int | None:
+    """ASCII digits only, at most 9 of them, spaces around allowed: ``str.isdigit`` would pass
+    "²" and "١٢", and ``int`` refuses a number of over 4,300 digits."""
+    text = text.strip()
+    return int(text) if re.fullmatch(r"[0-9]{1,9}", text) else None
+
+
+# This invocation's X-Ray trace header, per thread: with AWS_LAMBDA_MAX_CONCURRENCY > 1 several
+# invocations run at once in one process, and each must see its own (telemetry reads it).
+_TRACE_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("streamgate_trace_id")
+_TRACE_HEADER = "_X_AMZN_TRACE_ID"
+
+
+def set_trace_id(trace_id: str | None, *, process_wide: bool = True) -> None:
+    """Make ``trace_id`` (``Lambda-Runtime-Trace-Id``) this thread's trace header, for
+    :func:`trace_id`. ``process_wide`` also exposes it as the SDKs expect, in
+    ``_X_AMZN_TRACE_ID`` (botocore forwards that as ``X-Amzn-Trace-Id``): right when one
+    invocation runs at a time, wrong when several do, since the variable is the process's. A
+    value no environment variable can hold (a NUL) is dropped."""
+    value = trace_id if trace_id and "\0" not in trace_id else None
+    _TRACE_ID.set(value)
+    if not process_wide:
+        return
+    if value:
+        os.environ[_TRACE_HEADER] = value
     else:
-        os.environ.pop("_X_AMZN_TRACE_ID", None)
+        os.environ.pop(_TRACE_HEADER, None)
+
+
+def trace_id() -> str | None:
+    """The trace header of the invocation this thread serves (:func:`set_trace_id`); in a
+    thread that never set one, the process's ``_X_AMZN_TRACE_ID``."""
+    try:
+        return _TRACE_ID.get()
+    except LookupError:
+        return os.environ.get(_TRACE_HEADER) or None

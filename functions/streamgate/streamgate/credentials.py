@@ -43,9 +43,14 @@ class ApiKey:
         return "ApiKey(<hidden>)"
 
     def get(self) -> str:
-        if self._fetch is None:
+        """The key. One thread refreshes an expired key while the others go on with the key
+        they have (concurrent invocations must not all queue behind one Secrets Manager
+        call); only the very first read, with no key yet, waits for it."""
+        if self._fetch is None or self._clock() < self._expires:
             return self._value
-        with self._lock:
+        if not self._lock.acquire(blocking=not self._value):
+            return self._value  # being refreshed by another thread
+        try:
             if self._clock() >= self._expires:
                 try:
                     self._value = self._fetch()
@@ -56,6 +61,8 @@ class ApiKey:
                                    exc_info=True)
                 self._expires = self._clock() + self._ttl_s
             return self._value
+        finally:
+            self._lock.release()
 
     def invalidate(self) -> None:
         """Read the key again on next use (the upstream rejected it: it may have rotated)."""
@@ -140,11 +147,11 @@ def _arn_region(identifier: str) -> str | None:
 
 
 def _client(service: str, region: str | None) -> Any:
-    import boto3
+    from streamgate import aws
 
     # botocore logs whole response bodies at DEBUG, the secret value included: keep that
     # logger at INFO or above even when someone turns on DEBUG logging for everything.
     parsers = logging.getLogger("botocore.parsers")
     if parsers.getEffectiveLevel() < logging.INFO:
         parsers.setLevel(logging.INFO)
-    return boto3.client(service, region_name=region)
+    return aws.client(service, region_name=region)

@@ -543,7 +543,8 @@ def table_definition(template: Path) -> dict[str, Any]:
 
 def load_template(template: Path) -> dict[str, Any]:
     """A CloudFormation template as data; ``!Ref x`` becomes ``{"Ref": x}``, ``!Sub`` becomes
-    ``{"Fn::Sub": ...}`` and so on, as CloudFormation's JSON form has them."""
+    ``{"Fn::Sub": ...}``, ``!GetAtt a.b`` ``{"Fn::GetAtt": ["a", "b"]}`` and so on, as
+    CloudFormation's JSON form has them."""
     import yaml
 
     class _Loader(yaml.SafeLoader):
@@ -557,7 +558,9 @@ def load_template(template: Path) -> dict[str, Any]:
             value = loader.construct_sequence(node, deep=True)
         else:
             value = loader.construct_scalar(node)  # type: ignore[arg-type]
-        return {"Ref" if suffix == "Ref" else f"Fn::{suffix}": value}
+        if suffix == "GetAtt" and isinstance(value, str):
+            value = value.split(".", 1)  # !GetAtt A.B is ["A", "B"] in the JSON form
+        return {suffix if suffix in ("Ref", "Condition") else f"Fn::{suffix}": value}
 
     _Loader.add_multi_constructor("!", _tag)
     doc: dict[str, Any] = yaml.load(template.read_text(), Loader=_Loader)  # noqa: S506
@@ -569,10 +572,11 @@ def build_client(timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
     for each read, and no retries of its own (:meth:`KeyStore._call` makes the second attempt,
     within the budget). The standard ``AWS_ENDPOINT_URL_DYNAMODB`` variable points it at a
     local table."""
-    import boto3
     from botocore.config import Config
 
-    return boto3.client("dynamodb", config=Config(
+    from streamgate import aws
+
+    return aws.client("dynamodb", config=Config(
         connect_timeout=timeout_s / 2, read_timeout=timeout_s / 2,
         retries={"mode": "standard", "total_max_attempts": 1}))
 

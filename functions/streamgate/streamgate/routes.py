@@ -531,10 +531,11 @@ def _close(deltas: Iterator[Delta]) -> None:
 
 def _read_parameter(name: str) -> tuple[str, str]:
     """An SSM parameter's value and version, bounded in time (the request path waits)."""
-    import boto3
     from botocore.config import Config
 
-    client = boto3.client("ssm", config=Config(
+    from streamgate import aws
+
+    client = aws.client("ssm", config=Config(
         connect_timeout=2, read_timeout=3, retries={"mode": "standard", "total_max_attempts": 2}))
     try:
         parameter = client.get_parameter(Name=name, WithDecryption=True)["Parameter"]

@@ -18,6 +18,43 @@ Failure policy (https://docs.aws.amazon.com/lambda/latest/dg/runtimes-custom.htm
 
 A missing, unreadable or past deadline gives a context with no time left, so the handler
 answers 504 without admitting the request or calling a model.
+
+Many invocations at once (Lambda Managed Instances). When ``AWS_LAMBDA_MAX_CONCURRENCY`` is N > 1,
+Lambda may send N invocations into this one environment at the same time. The managed Python
+runtime answers that with N processes; this loop runs N worker threads in one process instead,
+each with its own Runtime API connection doing next → handler → streamed response, all sharing
+one :class:`~streamgate.handler.App`: a stream waiting on the model costs a thread, not a
+process with its own init and memory. (1 or unset: one loop on the main thread, as always.)
+
+- Init happens once, before any worker starts; its failure is posted to ``/init/error`` once.
+- The policy above holds per worker: nothing one invocation does stops its worker or touches
+  another's stream. ``next`` failing stops them all, as in aws-lambda-go: the environment runs
+  at its full concurrency or not at all. Workers in a stream finish it (each is bounded by its
+  deadline); workers waiting in ``next`` have that poll cut; the exit status is 1 if any
+  ``next`` broke, 0 if the Runtime API only said stop (410).
+- Per invocation, in the worker's thread: the context, the deadline, the trace header (a
+  context variable read by telemetry; ``_X_AMZN_TRACE_ID``, being the process's, is left unset
+  as it could only name some other invocation), the log field ``function_request_id``, the
+  request's log record and its EMF metric set (telemetry.py).
+
+What the workers share, and why that is safe:
+
+- the settings (a frozen dataclass) and the stateless pipeline stages;
+- the provider, built once under ``App``'s lock: Bedrock's boto3 client (boto3 clients are
+  thread-safe; building them is not, so every boto3 client is built under one lock, in
+  aws.py, with a connection pool as large as the concurrency) and each stream's own reader
+  thread; the OpenAI-compatible upstream's connection pool (``httpclient.Upstream``: idle
+  connections under a lock, each connection used by one request at a time); its upstream key
+  (``credentials.ApiKey``: read and refreshed under a lock; while one thread refreshes, the
+  others keep using the current key); the embedded model (one generation at a time, by its
+  own lock; development only);
+- the key gate (``auth.Gate``): its key cache is a dict under a lock, its table client built
+  once under the key store's lock; the limits themselves are conditional DynamoDB writes,
+  safe across threads as across environments;
+- the deadline watchdog (one thread; its heap under a condition variable, each guard owned by
+  one request);
+- telemetry: the Powertools logger and stdout, each line written whole under one lock; the
+  X-Ray recorder, whose Lambda context keeps each thread's segment apart.
 """
 
 from __future__ import annotations
@@ -27,10 +64,12 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from streamgate import aws, telemetry
 from streamgate.config import (
     LambdaEnvironment,
     Settings,
@@ -95,7 +134,8 @@ def run(
     environ: Mapping[str, str] | None = None,
     max_invocations: int | None = None,
 ) -> int:
-    """Serve invocations until ``max_invocations`` (a test seam) or the Runtime API says stop."""
+    """Serve invocations until ``max_invocations`` (a test seam; over all workers) or the
+    Runtime API says stop; ``AWS_LAMBDA_MAX_CONCURRENCY`` workers at once."""
     try:
         env = load_lambda_environment(environ)
     except ConfigError as e:
@@ -104,6 +144,7 @@ def run(
     client = RuntimeAPIClient(env.runtime_api)
     try:
         if app is None:
+            aws.expect_concurrency(env.max_concurrency)
             try:
                 settings = _deployable(load_settings(environ), env)
                 # Read the routes and build the providers now: a failure is an init error.
@@ -117,35 +158,104 @@ def run(
                 except (OSError, RuntimeAPIError, http.client.HTTPException):
                     logger.exception("could not report the init error")
                 return 1
-        served = 0
-        while max_invocations is None or served < max_invocations:
+        return _Workers(app, env, client, max_invocations).run()
+    finally:
+        client.close()
+
+
+class _Workers:
+    """``env.max_concurrency`` workers sharing one app; the first (or only) one uses the init
+    connection and, alone, runs on the calling thread."""
+
+    def __init__(self, app: App, env: LambdaEnvironment, client: RuntimeAPIClient,
+                 max_invocations: int | None) -> None:
+        self.app, self.env = app, env
+        self.clients = [client] + [RuntimeAPIClient(env.runtime_api)
+                                   for _ in range(env.max_concurrency - 1)]
+        self.concurrent = env.max_concurrency > 1
+        self._polls_left = max_invocations
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._status = 0
+
+    def run(self) -> int:
+        if not self.concurrent:
+            self._loop(0)
+            return self._status
+        # No process-wide trace header: with invocations side by side it would name some
+        # other invocation than the one a library reads it for.
+        set_trace_id(None)
+        logger.info("serving up to %d invocations at once", len(self.clients))
+        threads = [threading.Thread(target=self._work, args=(i,), name=f"streamgate-worker-{i}",
+                                    daemon=True) for i in range(len(self.clients))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for client in self.clients[1:]:
+            client.close()
+        return self._status
+
+    def _work(self, i: int) -> None:
+        """One worker thread."""
+        try:
+            self._loop(i)
+        except BaseException:  # a bug in the loop itself: stop everything rather than shrink
+            logger.exception("runtime worker %d failed", i)
+            self._stop(1)
+            raise
+
+    def _loop(self, i: int) -> None:
+        client = self.clients[i]
+        while self._poll_allowed(i):
             try:
                 invocation = client.next_invocation()
             except InvocationError as e:
-                served += 1
                 logger.error("invocation %s cannot be served: %s", e.request_id, e)
                 _report(client, e.request_id, "Runtime.InvalidEvent", str(e))
                 continue
             except RuntimeAPIError as e:
                 logger.info("runtime loop ends: %s", e)
-                return 0
+                self._stop(0)
+                return
             except (OSError, http.client.HTTPException) as e:
-                logger.error("runtime loop ends: GET next failed (%s)", type(e).__name__)
-                return 1
-            served += 1
-            _invoke(client, app, env, invocation)
-        return 0
-    finally:
-        client.close()
+                if not self._stopping:  # else this poll was cut by _stop
+                    logger.error("runtime loop ends: GET next failed (%s)", type(e).__name__)
+                    self._stop(1)
+                return
+            _invoke(client, self.app, self.env, invocation, concurrent=self.concurrent)
+
+    def _poll_allowed(self, i: int) -> bool:
+        """Whether worker ``i`` may poll ``next`` again (and one poll fewer is left)."""
+        with self._lock:
+            if self._stopping or self._polls_left == 0:
+                return False
+            if self._polls_left is not None:
+                self._polls_left -= 1
+            return True
+
+    def _stop(self, status: int) -> None:
+        """Stop every worker: no more polls, and the polls waiting now are cut (a worker in a
+        stream finishes it, and so does one whose poll has just brought an invocation). The
+        exit status is the worst given."""
+        with self._lock:
+            self._stopping = True
+            self._status = max(self._status, status)
+        for client in self.clients:
+            client.stop_polling()
 
 
 def _invoke(
-    client: RuntimeAPIClient, app: App, env: LambdaEnvironment, invocation: Invocation
+    client: RuntimeAPIClient, app: App, env: LambdaEnvironment, invocation: Invocation, *,
+    concurrent: bool = False,
 ) -> None:
-    """Serve one invocation; nothing that goes wrong here leaves this function."""
+    """Serve one invocation; nothing that goes wrong here leaves this function. With
+    ``concurrent`` workers, its trace header and log field stay in this thread."""
     response: Response | None = None
     try:
-        set_trace_id(invocation.trace_id)
+        set_trace_id(invocation.trace_id, process_wide=not concurrent)
+        if concurrent:
+            telemetry.bind_request(invocation.request_id)
         context = LambdaContext(invocation, env)
         try:
             event = json.loads(invocation.event)
@@ -171,6 +281,9 @@ def _invoke(
     finally:
         if response is not None:
             response.close()
+        if concurrent:
+            telemetry.bind_request(None)
+            set_trace_id(None, process_wide=False)  # lines between invocations name none
 
 
 def _report(client: RuntimeAPIClient, request_id: str, kind: str, message: str) -> None:

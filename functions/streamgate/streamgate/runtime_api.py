@@ -15,11 +15,13 @@ still be answered.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import logging
 import math
 import socket
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -87,22 +89,36 @@ def error_payload(error_type: str, message: str) -> dict[str, Any]:
 
 
 class RuntimeAPIClient:
-    """One keep-alive connection to the Runtime API, used for one request at a time."""
+    """One keep-alive connection to the Runtime API, used for one request at a time, by one
+    thread (each worker of the loop has its own); only :meth:`stop_polling` may come from
+    another."""
 
     def __init__(self, address: str) -> None:
         host, _, port = address.rpartition(":")
         self._host, self._port = host, int(port)
         self._conn: http.client.HTTPConnection | None = None
+        # stop_polling() against the owner's next_invocation(): both under this lock.
+        self._lock = threading.Lock()
+        self._polling = False
+        self._stopped = False
 
     def _connection(self) -> http.client.HTTPConnection:
-        if self._conn is None:
-            conn = http.client.HTTPConnection(self._host, self._port)
-            conn.connect()
-            # Each SSE event is written as soon as it is made: no Nagle delay on small chunks.
-            assert conn.sock is not None
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._conn = conn
-        return self._conn
+        if self._conn is not None:
+            return self._conn
+        conn = http.client.HTTPConnection(self._host, self._port)
+        conn.connect()
+        # Each SSE event is written as soon as it is made: no Nagle delay on small chunks.
+        assert conn.sock is not None
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            # A stop that came while this poll was connecting found no socket to cut.
+            cut = self._stopped and self._polling
+            if not cut:
+                self._conn = conn
+        if cut:
+            conn.close()
+            raise ConnectionAbortedError("the runtime loop is stopping")
+        return conn
 
     def _exchange(
         self, method: str, path: str, body: bytes | None = None,
@@ -110,7 +126,8 @@ class RuntimeAPIClient:
         limit: int = MAX_REPLY_BYTES,
     ) -> tuple[int, http.client.HTTPMessage, bytes]:
         """One call; its answer's body read up to ``limit`` bytes (more: the connection is not
-        reused). A dropped kept-alive connection is retried once on a new one."""
+        reused). A dropped kept-alive connection is retried once on a new one; a body shorter
+        than its Content-Length raises ``http.client.IncompleteRead``."""
         for attempt in (1, 2):
             conn = self._connection()
             try:
@@ -118,29 +135,70 @@ class RuntimeAPIClient:
                 conn.sock.settimeout(timeout)
                 conn.request(method, path, body=body, headers=headers or {})
                 response = conn.getresponse()
+                with self._lock:
+                    # A poll's answer is arriving: a stop no longer cuts it (that would lose an
+                    # invocation already handed to this environment), and reading the rest is
+                    # a transfer, not a wait.
+                    self._polling = False
+                if timeout is None:
+                    conn.sock.settimeout(CALL_TIMEOUT_S)
                 data = response.read(limit)
+                if len(data) < limit and response.length:  # the peer closed before the end
+                    raise http.client.IncompleteRead(data, response.length)
                 if not response.isclosed():
                     self.close()  # an answer larger than we read: drop the rest with the socket
                 return response.status, response.headers, data
             except (ConnectionError, http.client.HTTPException):
                 self.close()
-                if attempt == 2:
+                if attempt == 2 or self._poll_cut():
                     raise
             except OSError:  # a timeout or a socket error: the connection is unusable
                 self.close()
                 raise
         raise AssertionError("unreachable")
 
+    def _poll_cut(self) -> bool:
+        with self._lock:
+            return self._stopped and self._polling
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
 
+    def stop_polling(self) -> None:
+        """From another thread: no more ``GET next`` on this client, and a poll waiting now is
+        cut (it fails with ``OSError``, unless its invocation has already arrived: that one is
+        returned and served). Posting responses and errors goes on."""
+        with self._lock:
+            self._stopped = True
+            conn = self._conn if self._polling else None
+            sock = conn.sock if conn is not None else None
+            if sock is not None:
+                with contextlib.suppress(OSError):  # already closed
+                    sock.shutdown(socket.SHUT_RDWR)  # shut down, not closed: the owner closes
+
     def next_invocation(self) -> Invocation:
         """Long-poll ``GET next``; raises RuntimeAPIError if the API says stop (e.g. 410),
-        InvocationError for an invocation whose event cannot be read."""
-        status, headers, body = self._exchange("GET", NEXT_PATH, timeout=None,
-                                               limit=MAX_EVENT_BYTES + 1)
+        InvocationError for an invocation whose event cannot be read, ``OSError`` if
+        :meth:`stop_polling` was called."""
+        with self._lock:
+            if self._stopped:
+                raise ConnectionAbortedError("the runtime loop is stopping")
+            self._polling = True
+        try:
+            status, headers, body = self._exchange("GET", NEXT_PATH, timeout=None,
+                                                   limit=MAX_EVENT_BYTES + 1)
+        except http.client.IncompleteRead as e:
+            raise ConnectionAbortedError(f"GET next was cut short ({len(e.partial)} bytes)") \
+                from None
+        finally:
+            with self._lock:
+                self._polling = False
+                if self._stopped:
+                    # The poll may have been shut down after its answer arrived: the answer
+                    # (and its error) go out on a new connection.
+                    self.close()
         if status != 200:
             raise RuntimeAPIError(f"GET next answered {status}")
         request_id = headers.get(HEADER_REQUEST_ID)

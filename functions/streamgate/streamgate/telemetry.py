@@ -14,6 +14,14 @@ of their own, ``Responses`` by ``Status`` (what the client saw) and ``ErrorsByTy
 
 With ``STREAMGATE_TRACING`` the provider call is an X-Ray subsegment (``provider``) of the
 invocation's trace; the X-Ray SDK is imported only then.
+
+Concurrency (the dev server's threads, and the Lambda loop's workers on Lambda Managed
+Instances): what belongs to one request is that request's own - its metric set is built and
+flushed per request, and its trace header, the log field ``xray_trace_id`` and the X-Ray
+segment are read from the thread serving it (:func:`streamgate.config.trace_id`), never from
+the process-wide ``_X_AMZN_TRACE_ID``. What is shared is the Powertools logger and stdout:
+every line we write goes out in one piece under one lock, so concurrent requests' records and
+EMF blobs never interleave within a line.
 """
 
 from __future__ import annotations
@@ -25,12 +33,18 @@ import threading
 import time
 from typing import IO, TYPE_CHECKING, Any, cast
 
+from streamgate.config import trace_id
+
 if TYPE_CHECKING:
     from streamgate.config import Settings
     from streamgate.handler import Outcome
 
 SERVICE = "streamgate"
-_lock = threading.Lock()  # Powertools keeps one metric set per process: one request at a time
+_lock = threading.Lock()  # builds the shared logger and X-Ray recorder once
+# Held for each write of a whole line to stdout (a log record, an EMF blob): print() writes a
+# line's text and its newline separately, so threads could otherwise splice their lines.
+# Reentrant: nothing written under it may wait for it again.
+_output = threading.RLock()
 _logger: Any = None
 
 
@@ -39,7 +53,8 @@ class _Stdout(io.TextIOBase):
     capture of it sees what CloudWatch would."""
 
     def write(self, text: str) -> int:
-        return sys.stdout.write(text)
+        with _output:
+            return sys.stdout.write(text)
 
     def flush(self) -> None:
         sys.stdout.flush()
@@ -54,9 +69,38 @@ def logger() -> Any:
             if _logger is None:
                 from aws_lambda_powertools import Logger
 
-                _logger = Logger(service=SERVICE, stream=cast("IO[str]", _Stdout()))
+                _logger = Logger(service=SERVICE, stream=cast("IO[str]", _Stdout()),
+                                 logger_formatter=_formatter())
                 _logger.append_keys(name="%(name)s")  # which module logged it
     return _logger
+
+
+def _formatter() -> Any:
+    """Powertools' JSON formatter, its ``xray_trace_id`` field read from the thread's own
+    invocation: Powertools reads the process-wide ``_X_AMZN_TRACE_ID``
+    (``LambdaPowertoolsFormatter._get_latest_trace_id``, 3.37), which names whichever
+    invocation set it last when several run at once."""
+    from aws_lambda_powertools.logging.formatter import LambdaPowertoolsFormatter
+
+    class PerRequestTraceFormatter(LambdaPowertoolsFormatter):
+        def _get_latest_trace_id(self) -> str | None:
+            if self.log_format.get("xray_trace_id", "") is None:
+                return None  # the field is turned off
+            header = trace_id()
+            return header.split(";")[0].replace("Root=", "") if header else None
+
+    return PerRequestTraceFormatter()
+
+
+def bind_request(request_id: str | None) -> None:
+    """Every line the calling thread logs from now on carries ``function_request_id`` (the
+    field Powertools' ``inject_lambda_context`` uses), until the next call; ``None`` removes
+    it. For drivers serving several invocations at once, whose lines interleave."""
+    log = logger()
+    if request_id is None:
+        log.thread_safe_remove_keys(["function_request_id"])
+    else:
+        log.thread_safe_append_keys(function_request_id=request_id)
 
 
 class Telemetry:
@@ -67,7 +111,6 @@ class Telemetry:
         self.log_content = settings.log_content
         self.tracing = settings.tracing
         self._log = logger()
-        self._metrics: Any = None
         self._recorder: Any = None
 
     # -- tracing ---------------------------------------------------------------------------
@@ -115,9 +158,16 @@ class Telemetry:
 
     def _xray(self) -> Any:
         if self._recorder is None:
-            from aws_xray_sdk.core import xray_recorder
+            with _lock:
+                from aws_xray_sdk.core import xray_recorder
+                from aws_xray_sdk.core.lambda_launcher import LambdaContext
 
-            self._recorder = xray_recorder
+                # In Lambda the SDK keeps each thread's segment apart (a threading.local) but
+                # takes the trace header from the process-wide _X_AMZN_TRACE_ID: read each
+                # thread's own instead. Outside Lambda the SDK's context stays as it is.
+                if type(xray_recorder.context) is LambdaContext:
+                    xray_recorder.configure(context=_per_thread_lambda_context())
+                self._recorder = xray_recorder
         return self._recorder
 
     # -- the record of one request ---------------------------------------------------------
@@ -166,43 +216,44 @@ class Telemetry:
 
     def _count(self, status: int, outcome: Outcome, duration_ms: float, ttft_ms: float | None,
                ended: float, disconnected: bool) -> None:
-        from aws_lambda_powertools import Metrics, single_metric
+        from aws_lambda_powertools import single_metric
         from aws_lambda_powertools.metrics import MetricUnit
+        from aws_lambda_powertools.metrics.provider.cloudwatch_emf.cloudwatch import (
+            AmazonCloudWatchEMFProvider,
+        )
 
         err = outcome.error
         throttled = status == 429 or (err is not None and err.status == 429)
-        with _lock:
-            if self._metrics is None:
-                self._metrics = Metrics(namespace=self.namespace, service=SERVICE)
-            metrics = self._metrics
-            metrics.add_metric("Requests", MetricUnit.Count, 1)
-            metrics.add_metric("Duration", MetricUnit.Milliseconds, duration_ms)
-            metrics.add_metric("Errors", MetricUnit.Count, 0 if err is None else 1)
-            metrics.add_metric("Throttles", MetricUnit.Count, 1 if throttled else 0)
-            metrics.add_metric("Disconnects", MetricUnit.Count, 1 if disconnected else 0)
-            metrics.add_metric("Fallbacks", MetricUnit.Count, len(outcome.fallbacks))
-            if ttft_ms is not None:
-                metrics.add_metric("TimeToFirstToken", MetricUnit.Milliseconds, ttft_ms)
-            usage = outcome.usage
-            if usage is not None:
-                metrics.add_metric("InputTokens", MetricUnit.Count, usage.prompt_tokens)
-                metrics.add_metric("OutputTokens", MetricUnit.Count, usage.completion_tokens)
-                if outcome.first_token_at is not None and usage.completion_tokens > 0:
-                    generating = ended - outcome.first_token_at
-                    if generating > 0:
-                        metrics.add_metric("TokensPerSecond", MetricUnit.CountPerSecond,
-                                           usage.completion_tokens / generating)
-            metrics.add_metadata("request_id", outcome.request_id)
-            metrics.add_metadata("provider", self.provider)
-            if outcome.model:
-                metrics.add_metadata("model", outcome.model)
-            try:
-                metrics.flush_metrics()
-            finally:
-                # Also when the flush failed or POWERTOOLS_METRICS_DISABLED skipped it: this
-                # request's metrics must not ride along with the next request's.
-                metrics.clear_metrics()
-            dimensions = {"service": SERVICE}
+        # This request's own metric set. Powertools' Metrics keeps one set in class attributes,
+        # shared by every instance: with requests finishing at once in several threads, one's
+        # metrics would ride in another's flush. Its EMF provider, used directly, holds its own.
+        metrics = AmazonCloudWatchEMFProvider(namespace=self.namespace, service=SERVICE)
+        metrics.add_metric("Requests", MetricUnit.Count, 1)
+        metrics.add_metric("Duration", MetricUnit.Milliseconds, duration_ms)
+        metrics.add_metric("Errors", MetricUnit.Count, 0 if err is None else 1)
+        metrics.add_metric("Throttles", MetricUnit.Count, 1 if throttled else 0)
+        metrics.add_metric("Disconnects", MetricUnit.Count, 1 if disconnected else 0)
+        metrics.add_metric("Fallbacks", MetricUnit.Count, len(outcome.fallbacks))
+        if ttft_ms is not None:
+            metrics.add_metric("TimeToFirstToken", MetricUnit.Milliseconds, ttft_ms)
+        usage = outcome.usage
+        if usage is not None:
+            metrics.add_metric("InputTokens", MetricUnit.Count, usage.prompt_tokens)
+            metrics.add_metric("OutputTokens", MetricUnit.Count, usage.completion_tokens)
+            if outcome.first_token_at is not None and usage.completion_tokens > 0:
+                generating = ended - outcome.first_token_at
+                if generating > 0:
+                    metrics.add_metric("TokensPerSecond", MetricUnit.CountPerSecond,
+                                       usage.completion_tokens / generating)
+        metrics.add_metadata("request_id", outcome.request_id)
+        metrics.add_metadata("provider", self.provider)
+        if outcome.model:
+            metrics.add_metadata("model", outcome.model)
+        dimensions = {"service": SERVICE}
+        # Powertools print()s each blob (its text, then the newline): whole lines only if no
+        # other thread writes between the two.
+        with _output:
+            metrics.flush_metrics()
             with single_metric(name="Responses", unit=MetricUnit.Count, value=1,
                                namespace=self.namespace,
                                default_dimensions=dimensions) as responses:
@@ -212,3 +263,26 @@ class Telemetry:
                                    namespace=self.namespace,
                                    default_dimensions=dimensions) as errors:
                     errors.add_dimension("ErrorType", err.code or err.type)
+
+
+def _per_thread_lambda_context() -> Any:
+    """aws-xray-sdk's Lambda context (segments per thread already) with the trace header of
+    the thread's own invocation."""
+    from aws_xray_sdk import global_sdk_config
+    from aws_xray_sdk.core.lambda_launcher import LambdaContext
+    from aws_xray_sdk.core.models.trace_header import TraceHeader
+
+    class PerThreadLambdaContext(LambdaContext):  # type: ignore[misc]
+        def _refresh_context(self) -> None:
+            # LambdaContext._refresh_context of aws-xray-sdk 2.15, reading config.trace_id()
+            # where the SDK reads os.environ: a new facade segment whenever this thread's
+            # invocation (its trace root) changes.
+            header = TraceHeader.from_header_str(trace_id())
+            if not global_sdk_config.sdk_enabled():
+                header._sampled = False
+            segment = getattr(self._local, "segment", None)
+            if segment and (not header.root or header.root == segment.trace_id):
+                return
+            self._initialize_context(header)
+
+    return PerThreadLambdaContext()

@@ -535,8 +535,9 @@ class BedrockAccess:
 
 
 def _build_client(settings: Settings, access: BedrockAccess) -> Any:
-    import boto3
     from botocore.config import Config
+
+    from streamgate import aws
 
     config = Config(
         connect_timeout=settings.bedrock_connect_timeout_s,
@@ -548,10 +549,10 @@ def _build_client(settings: Settings, access: BedrockAccess) -> Any:
         retries={"mode": "standard", "total_max_attempts": 1},
     )
     region = settings.bedrock_region or None
-    session: Any = boto3 if not access.role_arn else assumed_role_session(
+    session = None if not access.role_arn else assumed_role_session(
         access.role_arn, access.external_id, region)
-    return session.client("bedrock-runtime", region_name=region, config=config,
-                          endpoint_url=access.endpoint_url or None)
+    return aws.client("bedrock-runtime", session=session, region_name=region, config=config,
+                      endpoint_url=access.endpoint_url or None)
 
 
 def assumed_role_session(role_arn: str, external_id: str, region: str | None) -> Any:
@@ -563,7 +564,9 @@ def assumed_role_session(role_arn: str, external_id: str, region: str | None) ->
     from botocore.config import Config
     from botocore.credentials import RefreshableCredentials
 
-    sts = boto3.client("sts", region_name=region, config=Config(
+    from streamgate import aws
+
+    sts = aws.client("sts", region_name=region, config=Config(
         connect_timeout=2, read_timeout=5, retries={"mode": "standard", "total_max_attempts": 2}))
 
     def fetch() -> dict[str, str]:
