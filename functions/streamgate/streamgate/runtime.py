@@ -207,7 +207,7 @@ class _Workers:
 
     def _loop(self, i: int) -> None:
         client = self.clients[i]
-        while self._poll_allowed(i):
+        while self._poll_allowed():
             try:
                 invocation = client.next_invocation()
             except InvocationError as e:
@@ -225,8 +225,8 @@ class _Workers:
                 return
             _invoke(client, self.app, self.env, invocation, concurrent=self.concurrent)
 
-    def _poll_allowed(self, i: int) -> bool:
-        """Whether worker ``i`` may poll ``next`` again (and one poll fewer is left)."""
+    def _poll_allowed(self) -> bool:
+        """Whether a worker may poll ``next`` again (and one poll fewer is left)."""
         with self._lock:
             if self._stopping or self._polls_left == 0:
                 return False
