@@ -71,17 +71,23 @@ class ScriptedProvider:
         self.requests.append((request, model))
         self.deadlines.append(deadline)
         try:
-            for step in self.script:
-                if isinstance(step, float):
-                    time.sleep(deadline.cap(step))
-                    deadline.check()
-                elif isinstance(step, BaseException):
-                    raise step
-                else:
-                    yield step
+            yield from replay(self.script, deadline)
             self.finished.set()
         finally:
             self.closed.set()
+
+
+def replay(script: Sequence[Step], deadline: Deadline) -> Iterator[Delta]:
+    """A script's deltas; a pause (a float) ends at the deadline, as a real provider's waits
+    do, and an exception in it is raised there."""
+    for step in script:
+        if isinstance(step, float):
+            time.sleep(deadline.cap(step))
+            deadline.check()
+        elif isinstance(step, BaseException):
+            raise step
+        else:
+            yield step
 
 
 def default_script(words: Sequence[str] = ("Hello", ",", " world", "!")) -> list[Step]:

@@ -27,7 +27,7 @@ from streamgate.runtime import run
 from streamgate.runtime_api import Invocation, RuntimeAPIClient
 from streamgate.validation import ChatRequest
 from tests.fake_runtime_api import FakeRuntimeAPI, Invoke, Posted
-from tests.helpers import ScriptedProvider, Step, chat_event, make_app, sse_json
+from tests.helpers import ScriptedProvider, Step, chat_event, make_app, replay, sse_json
 
 NULS = b"\x00" * 8
 
@@ -58,14 +58,7 @@ class ByPrompt(ScriptedProvider):
             self.active += 1
             self.most_active = max(self.most_active, self.active)
         try:
-            for step in self.scripts[prompt]:
-                if isinstance(step, float):
-                    time.sleep(deadline.cap(step))
-                    deadline.check()
-                elif isinstance(step, BaseException):
-                    raise step
-                else:
-                    yield step
+            yield from replay(self.scripts[prompt], deadline)
         finally:
             with self.lock:
                 self.active -= 1
