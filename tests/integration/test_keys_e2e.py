@@ -59,15 +59,16 @@ def test_openai_sdk_with_keys_and_limits_through_the_dev_server(
                             keys_table="streamgate-keys"), ScriptedProvider())
     if time.time() % 60 > 50:  # keep the three requests inside one clock minute
         time.sleep(61 - time.time() % 60)
-    with running_dev_server(app) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+    with running_dev_server(app) as url, \
+            openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0) as client, \
+            openai.OpenAI(base_url=f"{url}/v1", api_key="sgk_" + "x" * 43,
+                          max_retries=0) as wrong:
         # WHEN the right key streams, THEN it works
         stream = client.chat.completions.create(
             model="scripted-1", messages=[{"role": "user", "content": "hi"}], stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == \
             "Hello, world!"
         # a wrong key is an AuthenticationError
-        wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="sgk_" + "x" * 43, max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             wrong.chat.completions.create(model="scripted-1",
                                           messages=[{"role": "user", "content": "hi"}])
