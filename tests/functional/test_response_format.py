@@ -286,9 +286,9 @@ def test_openai_sdk_parse_raises_bad_request_for_json_object_on_bedrock(
     bedrock_server: tuple[str, FakeBedrock]
 ) -> None:
     url, fake = bedrock_server
-    with pytest.raises(openai.BadRequestError) as info:
-        _sdk(url).chat.completions.create(model="us.amazon.nova-lite-v1:0", messages=USER,  # type: ignore[arg-type]
-                                          response_format={"type": "json_object"})
+    with _sdk(url) as client, pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="us.amazon.nova-lite-v1:0", messages=USER,  # type: ignore[arg-type]
+                                       response_format={"type": "json_object"})
     assert info.value.status_code == 400
     assert isinstance(info.value.body, dict) and info.value.body["param"] == "response_format"
     assert fake.requests == []

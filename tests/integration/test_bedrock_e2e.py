@@ -80,8 +80,8 @@ def test_throttling_raises_rate_limit_error_with_retry_hint(
 ) -> None:
     fake, url = bedrock_server
     fake.replies.append(Reply(429, "ThrottlingException", "Too many tokens"))
-    with pytest.raises(openai.RateLimitError) as info:
-        _client(url).chat.completions.create(
+    with _client(url) as client, pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True)
     assert info.value.response.headers["retry-after"] == "2"
 

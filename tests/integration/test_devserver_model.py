@@ -208,8 +208,8 @@ def test_min_tokens_holds_end_of_text_and_the_next_question_back(model_server: s
 
 
 def test_min_tokens_past_max_tokens_is_refused(model_server: str) -> None:
-    with pytest.raises(openai.BadRequestError) as info:
-        _client(model_server).chat.completions.create(
+    with _client(model_server) as client, pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=10,
             extra_body={"min_tokens": 11})
     assert info.value.body == {"message": "'min_tokens' must not exceed max_tokens (10)",

@@ -162,9 +162,9 @@ def test_json_schema_is_passed_on_unchanged_and_the_upstreams_refusal_relayed(
     assert "Input should be 'text' or 'json_object'" in direct.json()["error"]["message"]
     # Through the relay the request is neither rewritten nor stripped of response_format: the
     # SDK's parse helper gets the upstream's refusal, as our 502 with the upstream's words.
-    with pytest.raises(openai.InternalServerError) as info:
-        _client(relay).chat.completions.parse(model=MODEL, messages=QUESTION,  # type: ignore[arg-type]
-                                              response_format=Person, max_tokens=20)
+    with _client(relay) as client, pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.parse(model=MODEL, messages=QUESTION,  # type: ignore[arg-type]
+                                      response_format=Person, max_tokens=20)
     assert info.value.status_code == 502
     error = info.value.body
     assert isinstance(error, dict) and error["code"] == "upstream_error"

@@ -79,7 +79,7 @@ def test_when_every_target_is_throttled_the_sdk_raises_rate_limit_with_the_wait(
     url, bedrock, upstream = served
     bedrock.replies.append(Reply(429, "ThrottlingException", "Too many tokens"))
     upstream.replies.append(error_reply(429, "slow down", headers={"retry-after": "7"}))
-    with pytest.raises(openai.RateLimitError) as caught:
-        _client(url).chat.completions.create(
+    with _client(url) as client, pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(
             model="claude", messages=[{"role": "user", "content": "hi"}])
     assert caught.value.response.headers["retry-after"] in ("2", "7")

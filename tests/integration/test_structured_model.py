@@ -130,8 +130,8 @@ def test_a_strict_schema_the_grammar_cannot_enforce_is_a_bad_request(model_serve
     class Adult(BaseModel):
         age: int = Field(ge=18)
 
-    with pytest.raises(openai.BadRequestError) as info:
-        _client(model_server).chat.completions.parse(
+    with _client(model_server) as client, pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.parse(
             model=MODEL, messages=_ask("Invent an adult."), response_format=Adult)
     body = info.value.body
     assert isinstance(body, dict)
