@@ -479,3 +479,55 @@ def test_lines_a_worker_logs_between_invocations_carry_no_earlier_trace_id(
     [line] = [r for r in records if r.get("message") == "invocation req-2 cannot be served"]
     assert line.get("xray_trace_id") is None
     assert line.get("function_request_id") is None
+
+
+def test_a_poll_retried_after_a_cut_short_answer_can_still_be_stopped() -> None:
+    # GIVEN two workers and a Runtime API that cuts its first answer short (Content-Length
+    # 1000, 7 bytes, closed), holds one of the next two polls for an hour and answers the
+    # other 410: the worker whose answer was cut polls again, and that poll may be the held one
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        polls = 0
+        lock = threading.Lock()
+
+        def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+            with Handler.lock:
+                Handler.polls += 1
+                n = Handler.polls
+            if n == 1:
+                self.send_response(200)
+                self.send_header("Lambda-Runtime-Aws-Request-Id", "cut")
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b'{"a": 1')
+                self.close_connection = True
+            elif n == 2:
+                time.sleep(3600)
+            else:
+                self.send_response(410)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass
+
+    blocked = 0
+    for _ in range(6):
+        Handler.polls = 0
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        result: list[int] = []
+        env = {"AWS_LAMBDA_RUNTIME_API": f"127.0.0.1:{server.server_port}",
+               "AWS_LAMBDA_MAX_CONCURRENCY": "2"}
+        # WHEN the loop runs
+        loop = threading.Thread(target=lambda out=result, env=env: out.append(
+            run(make_app(), environ=env)), daemon=True)
+        loop.start()
+        loop.join(10)
+        blocked += loop.is_alive()
+        server.shutdown()
+        server.server_close()
+    # THEN the 410 stopped the loop every time, the retried poll included
+    assert blocked == 0

@@ -123,12 +123,18 @@ class RuntimeAPIClient:
     def _exchange(
         self, method: str, path: str, body: bytes | None = None,
         headers: dict[str, str] | None = None, *, timeout: float | None = CALL_TIMEOUT_S,
-        limit: int = MAX_REPLY_BYTES,
+        limit: int = MAX_REPLY_BYTES, poll: bool = False,
     ) -> tuple[int, http.client.HTTPMessage, bytes]:
         """One call; its answer's body read up to ``limit`` bytes (more: the connection is not
         reused). A dropped kept-alive connection is retried once on a new one; a body shorter
-        than its Content-Length raises ``http.client.IncompleteRead``."""
+        than its Content-Length raises ``http.client.IncompleteRead``. A ``poll`` may be cut
+        by :meth:`stop_polling` until its answer starts to arrive."""
         for attempt in (1, 2):
+            if poll:
+                with self._lock:
+                    if self._stopped:
+                        raise ConnectionAbortedError("the runtime loop is stopping")
+                    self._polling = True
             conn = self._connection()
             try:
                 assert conn.sock is not None
@@ -182,13 +188,9 @@ class RuntimeAPIClient:
         """Long-poll ``GET next``; raises RuntimeAPIError if the API says stop (e.g. 410),
         InvocationError for an invocation whose event cannot be read, ``OSError`` if
         :meth:`stop_polling` was called."""
-        with self._lock:
-            if self._stopped:
-                raise ConnectionAbortedError("the runtime loop is stopping")
-            self._polling = True
         try:
             status, headers, body = self._exchange("GET", NEXT_PATH, timeout=None,
-                                                   limit=MAX_EVENT_BYTES + 1)
+                                                   limit=MAX_EVENT_BYTES + 1, poll=True)
         except http.client.IncompleteRead as e:
             raise ConnectionAbortedError(f"GET next was cut short ({len(e.partial)} bytes)") \
                 from None
