@@ -429,25 +429,9 @@ def test_run_always_returns_when_a_stop_meets_polls_still_connecting() -> None:
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             pass
 
-    blocked = 0
-    for _ in range(8):
-        Handler.polls = 0
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        result: list[int] = []
-        env = {"AWS_LAMBDA_RUNTIME_API": f"127.0.0.1:{server.server_port}",
-               "AWS_LAMBDA_MAX_CONCURRENCY": "64"}
-        # WHEN the loop runs
-        loop = threading.Thread(target=lambda out=result, env=env: out.append(
-            run(make_app(), environ=env)), daemon=True)
-        loop.start()
-        loop.join(10)
-        blocked += loop.is_alive()
-        server.shutdown()
-        server.server_close()
+    # WHEN the loop runs, eight times
     # THEN it returned every time: no poll connecting at the stop was left waiting
-    assert blocked == 0
+    assert _runs_left_blocked(Handler, workers=64, runs=8) == 0
 
 
 def test_lines_a_worker_logs_between_invocations_carry_no_earlier_trace_id(
@@ -512,22 +496,27 @@ def test_a_poll_retried_after_a_cut_short_answer_can_still_be_stopped() -> None:
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             pass
 
+    # WHEN the loop runs, six times
+    # THEN the 410 stopped the loop every time, the retried poll included
+    assert _runs_left_blocked(Handler, workers=2, runs=6) == 0
+
+
+def _runs_left_blocked(handler: type[Any], workers: int, runs: int) -> int:
+    """In how many of ``runs`` runs of the loop against a Runtime API answering with
+    ``handler`` (its ``polls`` count reset each run) ``run()`` had not returned within 10 s."""
     blocked = 0
-    for _ in range(6):
-        Handler.polls = 0
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    for _ in range(runs):
+        handler.polls = 0
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        result: list[int] = []
         env = {"AWS_LAMBDA_RUNTIME_API": f"127.0.0.1:{server.server_port}",
-               "AWS_LAMBDA_MAX_CONCURRENCY": "2"}
-        # WHEN the loop runs
-        loop = threading.Thread(target=lambda out=result, env=env: out.append(
-            run(make_app(), environ=env)), daemon=True)
+               "AWS_LAMBDA_MAX_CONCURRENCY": str(workers)}
+        loop = threading.Thread(target=lambda env=env: run(make_app(), environ=env),
+                                daemon=True)
         loop.start()
         loop.join(10)
         blocked += loop.is_alive()
         server.shutdown()
         server.server_close()
-    # THEN the 410 stopped the loop every time, the retried poll included
-    assert blocked == 0
+    return blocked
