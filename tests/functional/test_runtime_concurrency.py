@@ -409,25 +409,15 @@ def test_an_oversized_event_is_reported_even_when_a_stop_comes_while_it_arrives(
 def test_run_always_returns_when_a_stop_meets_polls_still_connecting() -> None:
     # GIVEN 64 workers whose first poll is answered 410 at once, while the Runtime API holds
     # every other poll for an hour (some of them still connecting when the stop comes)
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        polls = 0
-        lock = threading.Lock()
-
+    class Handler(_CountingPolls):
         def do_GET(self) -> None:  # noqa: N802 - stdlib naming
-            with Handler.lock:
-                Handler.polls += 1
-                first = Handler.polls == 1
-            if first:
+            if self.count() == 1:
                 self.send_response(410)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"{}")
                 return
             time.sleep(3600)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            pass
 
     # WHEN the loop runs, eight times
     # THEN it returned every time: no poll connecting at the stop was left waiting
@@ -466,18 +456,12 @@ def test_lines_a_worker_logs_between_invocations_carry_no_earlier_trace_id(
 
 
 def test_a_poll_retried_after_a_cut_short_answer_can_still_be_stopped() -> None:
-    # GIVEN two workers and a Runtime API that cuts its first answer short (Content-Length
-    # 1000, 7 bytes, closed), holds one of the next two polls for an hour and answers the
-    # other 410: the worker whose answer was cut polls again, and that poll may be the held one
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        polls = 0
-        lock = threading.Lock()
-
+    # GIVEN two workers and a Runtime API that cuts the first answer short (Content-Length
+    # 1000, 7 bytes, closed), answers the other worker's poll 410 half a second later, and
+    # holds every later poll for an hour: the retry of the cut poll is waiting at the stop
+    class Handler(_CountingPolls):
         def do_GET(self) -> None:  # noqa: N802 - stdlib naming
-            with Handler.lock:
-                Handler.polls += 1
-                n = Handler.polls
+            n = self.count()
             if n == 1:
                 self.send_response(200)
                 self.send_header("Lambda-Runtime-Aws-Request-Id", "cut")
@@ -486,22 +470,37 @@ def test_a_poll_retried_after_a_cut_short_answer_can_still_be_stopped() -> None:
                 self.wfile.write(b'{"a": 1')
                 self.close_connection = True
             elif n == 2:
-                time.sleep(3600)
-            else:
+                time.sleep(0.5)
                 self.send_response(410)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"{}")
+            else:
+                time.sleep(3600)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            pass
-
-    # WHEN the loop runs, six times
+    # WHEN the loop runs, three times
     # THEN the 410 stopped the loop every time, the retried poll included
-    assert _runs_left_blocked(Handler, workers=2, runs=6) == 0
+    assert _runs_left_blocked(Handler, workers=2, runs=3) == 0
 
 
-def _runs_left_blocked(handler: type[Any], workers: int, runs: int) -> int:
+class _CountingPolls(BaseHTTPRequestHandler):
+    """A scripted Runtime API: ``count()`` numbers this GET next among the run's polls."""
+
+    protocol_version = "HTTP/1.1"
+    polls = 0
+    lock = threading.Lock()
+
+    def count(self) -> int:
+        cls = type(self)
+        with cls.lock:
+            cls.polls += 1
+            return cls.polls
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+def _runs_left_blocked(handler: type[_CountingPolls], workers: int, runs: int) -> int:
     """In how many of ``runs`` runs of the loop against a Runtime API answering with
     ``handler`` (its ``polls`` count reset each run) ``run()`` had not returned within 10 s."""
     blocked = 0
