@@ -37,7 +37,7 @@ from streamgate.config import trace_id
 
 if TYPE_CHECKING:
     from streamgate.config import Settings
-    from streamgate.handler import Outcome
+    from streamgate.outcome import Outcome
 
 SERVICE = "streamgate"
 _lock = threading.Lock()  # builds the shared logger and X-Ray recorder once
