@@ -363,7 +363,8 @@ class _Parser:
 
 def _refuse(data: Mapping[str, Any]) -> None:
     """Fields whose only honest value here is "off"."""
-    if data.get("background") not in (None, False):
+    background = data.get("background")
+    if background is not None and background is not False:  # 0 is no boolean
         raise RequestError("'background' responses are not supported: stream instead",
                            param="background")
     top_logprobs = data.get("top_logprobs")
