@@ -772,9 +772,8 @@ class MessagesEncoder:
         return sse.named_event("error", error_body(err))
 
     def document(self, answer: Answer, outcome: Outcome) -> bytes:
-        native = getattr(answer, "native", None)
-        if native:
-            return sse.json_bytes(native[-1].event)
+        if answer.native:
+            return sse.json_bytes(joined([d.event for d in answer.native]))
         content: list[dict[str, Any]] = []
         if answer.reasoning:
             content.append({"type": "thinking", "thinking": answer.reasoning,
@@ -793,3 +792,47 @@ class MessagesEncoder:
         reason, sequence = stop_reason(answer.finish, outcome.finish_reason)
         return sse.json_bytes(self._message(content, reason, sequence,
                                             usage_object(outcome.usage)))
+
+
+def joined(events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A backend's own Messages events joined into the whole ``Message`` (as the SDKs'
+    ``get_final_message()`` does): blocks in order, deltas appended, tool input parsed, the
+    stop reason and the cumulative usage of ``message_delta``."""
+    try:
+        message: dict[str, Any] | None = None
+        inputs: dict[int, list[str]] = {}
+        for event in events:
+            kind = event.get("type")
+            if kind == "message_start":
+                message = {**event["message"], "content": list(event["message"]["content"])}
+                message["usage"] = dict(message["usage"])
+                continue
+            if message is None:
+                continue  # pings before the start
+            if kind == "content_block_start":
+                message["content"].append(dict(event["content_block"]))
+            elif kind == "content_block_delta":
+                block, delta = message["content"][event["index"]], event["delta"]
+                if delta["type"] == "text_delta":
+                    block["text"] += delta["text"]
+                elif delta["type"] == "thinking_delta":
+                    block["thinking"] += delta["thinking"]
+                elif delta["type"] == "signature_delta":
+                    block["signature"] = delta["signature"]
+                elif delta["type"] == "input_json_delta":
+                    inputs.setdefault(event["index"], []).append(delta["partial_json"])
+            elif kind == "content_block_stop" and event["index"] in inputs:
+                value = json.loads("".join(inputs.pop(event["index"])) or "{}")
+                if not isinstance(value, dict):
+                    raise ValueError("tool input is not an object")
+                message["content"][event["index"]]["input"] = value
+            elif kind == "message_delta":
+                message["stop_reason"] = event["delta"].get("stop_reason")
+                message["stop_sequence"] = event["delta"].get("stop_sequence")
+                message["usage"].update({k: v for k, v in event["usage"].items()
+                                         if v is not None})
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise UpstreamError("The backend sent a malformed Messages event stream") from e
+    if message is None:
+        raise UpstreamError("The backend's answer has no message_start")
+    return message
