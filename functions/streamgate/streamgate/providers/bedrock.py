@@ -78,6 +78,7 @@ from streamgate.validation import (
     CAP_COUNT_TOKENS,
     CAP_IMAGES,
     CAP_JSON_SCHEMA,
+    CAP_SEQUENTIAL_TOOLS,
     CAP_THINKING,
     CAP_TOOLS,
     CAP_TOP_K,
@@ -190,9 +191,11 @@ def caches_prompts(model: str) -> bool:
 class BedrockProvider:
     name = "bedrock"
     # response_format json_schema only: Converse has no JSON mode (see _output_config).
-    # top_k and thinking: Claude natively only; Converse refuses them per model (400).
-    capabilities: frozenset[str] = frozenset({CAP_TOOLS, CAP_IMAGES, CAP_JSON_SCHEMA,
-                                              CAP_TOP_K, CAP_THINKING, CAP_COUNT_TOKENS})
+    # top_k, thinking and parallel_tool_calls: false: Claude natively only (Anthropic's
+    # disable_parallel_tool_use); Converse has no such fields and refuses them (400).
+    capabilities: frozenset[str] = frozenset({
+        CAP_TOOLS, CAP_IMAGES, CAP_JSON_SCHEMA, CAP_TOP_K, CAP_THINKING, CAP_COUNT_TOKENS,
+        CAP_SEQUENTIAL_TOOLS})
 
     def __init__(self, settings: Settings, client: Any = None, *,
                  access: BedrockAccess | None = None) -> None:
@@ -283,7 +286,8 @@ class BedrockProvider:
         held: list[Delta] = []  # message_start and pings, until the first output
         try:
             pump = _EventPump(
-                lambda: self.client.invoke_model_with_response_stream(**kwargs)["body"])
+                lambda: self.client.invoke_model_with_response_stream(**kwargs)["body"],
+                _named_exceptions)
             while True:
                 try:
                     event = pump.get(timer.remaining())
@@ -355,7 +359,9 @@ class _EventPump:
 
     _END = object()
 
-    def __init__(self, call: Callable[[], Any]) -> None:
+    def __init__(self, call: Callable[[], Any],
+                 read: Callable[[Any], Iterator[Any]] = iter) -> None:
+        self._read = read  # the events of what ``call`` returned
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._events: Any = None
@@ -370,7 +376,7 @@ class _EventPump:
             events = call()
             with self._lock:
                 self._events = events
-            for event in events:
+            for event in self._read(events):
                 if self._closed:
                     return
                 self._queue.put(event)
@@ -401,6 +407,33 @@ class _EventPump:
             self._closed, events = True, self._events
         if events is not None and not self._drained:
             _wake(events)
+
+
+def _named_exceptions(stream: Any) -> Iterator[Any]:
+    """The events of a botocore event stream, parsed by botocore; an exception event whose
+    type its service model does not list (Claude's ``overloadedException``) keeps its type and
+    message, which botocore's parser would drop (it reads them only for listed types)."""
+    from botocore.exceptions import EventStreamError
+
+    raw = getattr(stream, "_event_generator", None)
+    parse = getattr(stream, "_parse_event", None)
+    if raw is None or parse is None:
+        yield from stream
+        return
+    for message in raw:
+        try:
+            parsed = parse(message)
+        except EventStreamError as e:
+            if e.response.get("Error", {}).get("Code"):
+                raise
+            kind = str(message.headers.get(":exception-type", ""))
+            try:
+                text = str(json.loads(message.payload).get("message", ""))
+            except (ValueError, AttributeError, UnicodeDecodeError):
+                text = ""
+            raise _error(kind[:1].upper() + kind[1:], text) from e
+        if parsed:
+            yield parsed
 
 
 def _wake(events: Any) -> None:
@@ -658,6 +691,9 @@ def converse_request(request: ChatRequest, model: str, settings: Settings) -> di
         if value is not None:
             raise RequestError(f"'{name}' is supported on Bedrock only for Claude models, "
                                "through the Messages API (POST /v1/messages)", param=name)
+    if request.tools and request.parallel_tool_calls is False:
+        raise RequestError("'parallel_tool_calls: false' cannot be enforced by this model",
+                           param="parallel_tool_calls")
     caching = caches_prompts(model)
     system: list[dict[str, Any]] = []
     for m in request.messages:
