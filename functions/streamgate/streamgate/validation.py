@@ -35,7 +35,6 @@ CAP_SEQUENTIAL_TOOLS = "sequential_tools"  # parallel_tool_calls: false
 CAP_JSON_SCHEMA = "json_schema"  # response_format {"type": "json_schema", ...}
 CAP_JSON_OBJECT = "json_object"  # response_format {"type": "json_object"}
 CAP_TOP_K = "top_k"  # top_k (Anthropic's Messages API)
-CAP_THINKING = "thinking"  # thinking_budget: extended thinking with a token budget
 CAP_COUNT_TOKENS = "count_tokens"  # the provider is a providers.TokenCounter (exact counts)
 
 MAX_TOOLS = 128  # OpenAI's limit
@@ -148,7 +147,8 @@ class ChatRequest:
     tool_choice_name: str | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-    # Extended thinking with this budget of tokens (Anthropic's ``thinking.budget_tokens``).
+    # Extended thinking up to this many tokens (Anthropic's ``thinking.budget_tokens``): an
+    # upper bound, which a backend without reasoning meets by not reasoning.
     thinking_budget: int | None = None
     # The same request in a backend's own format, when the client's dialect is one.
     native: NativeBody | None = None
@@ -307,9 +307,6 @@ def check_supported(request: ChatRequest, capabilities: frozenset[str]) -> None:
         raise RequestError("'min_tokens' is not supported by this model", param="min_tokens")
     if CAP_TOP_K not in capabilities and request.top_k is not None:
         raise RequestError("'top_k' is not supported by this model", param="top_k")
-    if CAP_THINKING not in capabilities and request.thinking_budget is not None:
-        raise RequestError("Extended thinking ('thinking' with 'budget_tokens') is not "
-                           "supported by this model", param="thinking")
     if CAP_TOOLS not in capabilities:
         if request.tools:
             raise RequestError("'tools' is not supported by this model", param="tools")

@@ -4,8 +4,9 @@ Follows Anthropic's Messages API reference (https://docs.anthropic.com/en/api/me
 ``anthropic`` SDK's types, which the tests validate every event and document against, strictly.
 
 **Request → neutral request.** ``system`` (a string or text blocks) becomes a system message;
-``messages`` keep their roles: a user turn's ``tool_result`` blocks become tool messages (before
-the turn's text and images), an assistant turn's ``tool_use`` blocks its tool calls. Images
+``messages`` keep their roles (``system`` messages among them too): a user turn's
+``tool_result`` blocks become tool messages (before the turn's text and images), an assistant
+turn's ``tool_use`` blocks its tool calls. Images
 come as base64 sources or ``data:`` URLs (this service fetches no remote URL). ``thinking`` and
 ``redacted_thinking`` blocks sent back are checked and, for a backend that takes no earlier
 reasoning, not sent (as Anthropic itself drops earlier turns' thinking). ``tool_result`` with
@@ -14,13 +15,17 @@ is a cache breakpoint after its message (or its tool): a hint only backends with
 use. ``stop_sequences``, ``temperature`` (0 to 1), ``top_p``, ``top_k``, ``tools`` (client
 tools), ``tool_choice`` (``auto``, ``any``, ``tool``, ``none``, ``disable_parallel_tool_use``),
 ``thinking`` and ``metadata.user_id`` map to their neutral twins; what the chosen backend
-cannot honour is a 400 naming the field (validation.check_supported). ``thinking: {"type":
-"adaptive"}`` (which Claude Code always sends) lets the model decide whether to think: a model
-without reasoning does not. Server tools, ``container``, ``mcp_servers``, ``output_config``,
-``context_management`` and any field we do not know are a 400 naming it, as Anthropic's API
-answers unknown fields. ``max_tokens`` (required) above the server's cap
-(``STREAMGATE_MAX_TOKENS_CAP``) is lowered to it: Claude Code always asks 32,000 or more, and an
-answer cut there ends with ``stop_reason: "max_tokens"``, as any model's limit does.
+cannot honour is a 400 naming the field (validation.check_supported). ``thinking`` sets an upper
+bound ("Claude may not use the entire budget"; ``adaptive`` lets the model decide): a model
+without reasoning honours it by thinking not at all, so Claude Code, which always sends it,
+works with every backend; ``display: "omitted"`` leaves the thinking text out. Server tools,
+deferred tools, ``container``, ``mcp_servers``, ``output_config``, context edits that would
+change anything (Claude Code's ``clear_thinking`` keeping all is accepted: it changes nothing),
+output formats and any field we do not know are a 400 naming it, as Anthropic's API answers
+unknown fields; ``output_config.effort`` is accepted as a hint no backend here takes.
+``max_tokens`` (required) above the server's cap (``STREAMGATE_MAX_TOKENS_CAP``) is lowered to
+it, and a thinking budget with it: Claude Code always asks 32,000 or more, and an answer cut
+there ends with ``stop_reason: "max_tokens"``, as any model's limit does.
 
 The validated body also travels as it is (``ChatRequest.native``), with the ``anthropic-beta``
 header's betas, for a backend that speaks this API itself: Claude on Bedrock relays its own
@@ -111,16 +116,18 @@ MIN_THINKING_BUDGET = 1_024
 THINKING_TYPES = ("enabled", "disabled", "adaptive")
 # Request fields we take (others are a 400: Anthropic's API refuses unknown fields too).
 _FIELDS = ("model", "max_tokens", "messages", "system", "stream", "stop_sequences",
-           "temperature", "top_p", "top_k", "tools", "tool_choice", "thinking", "metadata")
-_COUNT_FIELDS = ("model", "messages", "system", "tools", "tool_choice", "thinking")
+           "temperature", "top_p", "top_k", "tools", "tool_choice", "thinking", "metadata",
+           "context_management", "output_config")
+_COUNT_FIELDS = ("model", "messages", "system", "tools", "tool_choice", "thinking",
+                 "context_management", "output_config")
+# Fields checked here and sent to no backend: what they ask changes nothing (see
+# _context_management), or is a hint none of them takes (output_config.effort).
+_NOT_FORWARDED = ("model", "stream", "metadata", "context_management", "output_config")
+EFFORTS = ("low", "medium", "high", "xhigh", "max")
 # Known fields we cannot honour, and why (a 400 says so).
 _REFUSED = {
     "container": "containers belong to Anthropic's server tools, which this server does not run",
     "mcp_servers": "this server does not connect to MCP servers",
-    "context_management": "context management (server-side context editing) is not available "
-                          "on this server",
-    "output_config": "output configuration (effort, structured output formats) is not "
-                     "available on this server",
     "output_format": "structured output formats are not available on this server",
     "service_tier": "this server has one service tier",
     "cache_control": "send cache_control on the blocks to cache, not on the request",
@@ -128,7 +135,7 @@ _REFUSED = {
 # Fields a client tool may carry; ``eager_input_streaming`` only changes how its input
 # streams (fine-grained tool streaming) and is accepted and not sent to a backend.
 _TOOL_FIELDS = ("type", "name", "description", "input_schema", "cache_control",
-                "eager_input_streaming", "strict")
+                "eager_input_streaming", "strict", "defer_loading")
 _TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,128}")
 _EVENT_NAME = re.compile(r"[a-z_]{1,64}")
 # Our error classes → Anthropic's error type (the status stays ours, except overloaded).
@@ -150,6 +157,8 @@ class MessagesParsed:
     # max_tokens when the cap ends it).
     asked_max_tokens: int | None = None
     betas: tuple[str, ...] = field(default_factory=tuple)
+    # thinking.display "omitted": thinking blocks carry their signature, not their text.
+    omit_thinking: bool = False
 
 
 class MessagesDialect:
@@ -172,7 +181,7 @@ class MessagesDialect:
         return {"input_tokens": tokens}
 
     def encoder(self, parsed: MessagesParsed, model: str) -> MessagesEncoder:
-        return MessagesEncoder(model)
+        return MessagesEncoder(model, omit_thinking=parsed.omit_thinking)
 
     def error(self, err: StreamgateError, *, stream: bool) -> tuple[int, dict[str, str], bytes]:
         status, kind = error_type(err)
@@ -254,7 +263,9 @@ def parse_request(data: Mapping[str, Any], settings: Settings, headers: Mapping[
     messages = [*system, *_messages(raw_messages)]
     tools = _tools(data.get("tools"))
     tool_choice, tool_choice_name, parallel = _tool_choice(data.get("tool_choice"), tools)
-    thinking_budget = _thinking(data.get("thinking"), max_tokens)
+    thinking_budget, omit_thinking = _thinking(data.get("thinking"), asked)
+    _context_management(data.get("context_management"))
+    _output_config(data.get("output_config"))
     user = None
     metadata = optional(data, "metadata", dict)
     if metadata is not None:
@@ -269,9 +280,18 @@ def parse_request(data: Mapping[str, Any], settings: Settings, headers: Mapping[
                            code="input_too_long")
     betas = _betas(headers.get("anthropic-beta", ""))
     native = {k: v for k, v in data.items() if k in allowed and v is not None
-              and k not in ("model", "stream", "metadata")}
+              and k not in _NOT_FORWARDED}
     if max_tokens is not None:
         native["max_tokens"] = max_tokens
+        if thinking_budget is not None and thinking_budget >= max_tokens:
+            # The cap lowered max_tokens under the budget: the budget comes down with it.
+            if max_tokens - 1 < MIN_THINKING_BUDGET:
+                raise RequestError(
+                    f"thinking.budget_tokens: this server's cap on max_tokens ({max_tokens}) "
+                    f"leaves no room for a thinking budget of at least {MIN_THINKING_BUDGET}",
+                    param="thinking.budget_tokens")
+            thinking_budget = max_tokens - 1
+            native["thinking"] = {**data["thinking"], "budget_tokens": thinking_budget}
     chat = ChatRequest(
         model=model,
         messages=tuple(messages),
@@ -289,10 +309,9 @@ def parse_request(data: Mapping[str, Any], settings: Settings, headers: Mapping[
         thinking_budget=thinking_budget,
         native=NativeBody(NAME, native, betas),
         params={"stop": "stop_sequences", "user": "metadata.user_id",
-                "parallel_tool_calls": "tool_choice.disable_parallel_tool_use",
-                "response_format": "output_config"},
+                "parallel_tool_calls": "tool_choice.disable_parallel_tool_use"},
     )
-    return MessagesParsed(chat, asked, betas)
+    return MessagesParsed(chat, asked, betas, omit_thinking)
 
 
 def _betas(header: str) -> tuple[str, ...]:
@@ -325,23 +344,24 @@ def _text_block(block: Mapping[str, Any], at: str) -> str:
     return text
 
 
-def _system(value: object) -> list[Message]:
+def _system(value: object, at: str = "system") -> list[Message]:
+    """The system prompt (or a system message's content): a string or text blocks."""
     if value is None:
         return []
     if isinstance(value, str):
-        return [Message("system", value, at="system")] if value else []
+        return [Message("system", value, at=at)] if value else []
     if not isinstance(value, list):
-        raise RequestError("system: must be a string or an array of text blocks",
-                           param="system")
+        raise RequestError(f"{at}: must be a string or an array of text blocks", param=at)
+    where = at
     texts, cached = [], False
     for j, block in enumerate(value):
-        at = f"system[{j}]"
+        at = f"{where}[{j}]"
         if not isinstance(block, dict) or block.get("type") != "text":
             raise RequestError(f"'{at}' must be a text block", param=at)
         texts.append(_text_block(block, at))
         cached = _cached(block, at) or cached
     text = "\n\n".join(t for t in texts if t)
-    return [Message("system", text, at="system", cache_point=cached)] if text or cached else []
+    return [Message("system", text, at=where, cache_point=cached)] if text or cached else []
 
 
 def _messages(value: list[Any]) -> list[Message]:
@@ -352,11 +372,15 @@ def _messages(value: list[Any]) -> list[Message]:
             raise RequestError(f"'{at}' must be an object", param=at)
         known_fields(message, ("role", "content"), at)
         role = message.get("role")
-        if role not in ("user", "assistant"):
-            raise RequestError(f"'{at}.role' must be 'user' or 'assistant'", param=f"{at}.role")
+        if role not in ("user", "assistant", "system"):
+            raise RequestError(f"'{at}.role' must be 'user', 'assistant' or 'system'",
+                               param=f"{at}.role")
         content = message.get("content")
         if isinstance(content, str):
             out.append(Message(role, content, at=at))
+        elif isinstance(content, list) and role == "system":
+            out += [Message("system", m.content, at=at, cache_point=m.cache_point)
+                    for m in _system(content, at=f"{at}.content")]
         elif isinstance(content, list):
             out += (_user(content, at) if role == "user" else [_assistant(content, at)])
         else:
@@ -537,6 +561,10 @@ def _tools(value: object) -> list[Tool]:
             raise RequestError(f"'{at}.input_schema' nests too deeply",
                                param=f"{at}.input_schema")
         optional(tool, "eager_input_streaming", bool, name=f"{at}.eager_input_streaming")
+        if optional(tool, "defer_loading", bool, name=f"{at}.defer_loading"):
+            raise RequestError(f"'{at}.defer_loading': deferred tools need Anthropic's tool "
+                               "search, which this server does not run; send the tool without "
+                               "it", param=f"{at}.defer_loading")
         described = function_tool(tools, name, tool.get("description"), schema,
                                   tool.get("strict"), at, f"{at}.name")
         tools.append(Tool(described.name, described.description, described.parameters,
@@ -574,10 +602,50 @@ def _tool_choice(value: object, tools: Sequence[Tool]) -> tuple[
     return ("auto" if kind == "auto" else "required"), None, parallel
 
 
-def _thinking(value: object, max_tokens: int | None) -> int | None:
-    """``thinking``: the budget of ``enabled`` (None for ``adaptive``, ``disabled``)."""
+def _output_config(value: object) -> None:
+    """``output_config``: ``effort`` is accepted as the hint it is (Claude Code sends it; no
+    backend here takes it, as the Responses dialect's ``reasoning.effort``); an output
+    ``format`` is a 400."""
     if value is None:
-        return None
+        return
+    if not isinstance(value, dict):
+        raise RequestError("output_config: must be an object", param="output_config")
+    if value.get("format") is not None:
+        raise RequestError("output_config.format: structured output formats are not "
+                           "available on this server's Messages API",
+                           param="output_config.format")
+    known_fields(value, ("effort", "format"), "output_config")
+    if value.get("effort") not in (None, *EFFORTS):
+        raise RequestError(f"output_config.effort: must be one of {', '.join(EFFORTS)}",
+                           param="output_config.effort")
+
+
+def _context_management(value: object) -> None:
+    """``context_management``: only edits that change nothing are accepted (Claude Code sends
+    ``clear_thinking`` keeping all thinking); no backend here edits a context."""
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise RequestError("context_management: must be an object", param="context_management")
+    known_fields(value, ("edits",), "context_management")
+    edits = value.get("edits") or []
+    if not isinstance(edits, list):
+        raise RequestError("context_management.edits: must be an array",
+                           param="context_management.edits")
+    for i, edit in enumerate(edits):
+        at = f"context_management.edits[{i}]"
+        if not (isinstance(edit, dict) and edit.get("type") == "clear_thinking_20251015"
+                and edit.get("keep") == "all" and set(edit) <= {"type", "keep"}):
+            raise RequestError(f"{at}: context editing is not available on this server (only "
+                               "clear_thinking keeping 'all', which changes nothing)", param=at)
+
+
+def _thinking(value: object, max_tokens: int | None) -> tuple[int | None, bool]:
+    """``thinking``: the budget of ``enabled`` (None for ``adaptive``, ``disabled``), and
+    whether its text is to be omitted. A budget is an upper bound ("Claude may not use the
+    entire budget"): a backend without reasoning honours it by using none of it."""
+    if value is None:
+        return None, False
     if not isinstance(value, dict) or value.get("type") not in THINKING_TYPES:
         raise RequestError("thinking: must be {\"type\": \"enabled\", \"budget_tokens\": N}, "
                            "{\"type\": \"adaptive\"} or {\"type\": \"disabled\"}",
@@ -585,14 +653,16 @@ def _thinking(value: object, max_tokens: int | None) -> int | None:
     kind = value["type"]
     if kind == "disabled":
         known_fields(value, ("type",), "thinking")
-        return None
+        return None, False
     known_fields(value, ("type", "budget_tokens", "display") if kind == "enabled"
                  else ("type", "display"), "thinking")
-    if value.get("display") not in (None, "summarized"):
-        raise RequestError("thinking.display: only 'summarized' is supported",
+    display = value.get("display")
+    if display not in (None, "summarized", "omitted"):
+        raise RequestError("thinking.display: must be 'summarized' or 'omitted'",
                            param="thinking.display")
+    omit = display == "omitted"
     if kind == "adaptive":
-        return None
+        return None, omit
     budget = value.get("budget_tokens")
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < MIN_THINKING_BUDGET:
         raise RequestError(f"thinking.budget_tokens: must be an integer of at least "
@@ -600,7 +670,7 @@ def _thinking(value: object, max_tokens: int | None) -> int | None:
     if max_tokens is not None and budget >= max_tokens:
         raise RequestError(f"thinking.budget_tokens: must be less than max_tokens "
                            f"({max_tokens} here)", param="thinking.budget_tokens")
-    return budget
+    return budget, omit
 
 
 # -- the answer -------------------------------------------------------------------------------
@@ -641,8 +711,9 @@ class MessagesEncoder:
     """Deltas → Messages events; joined → one ``Message``. A backend's own Messages events
     (:class:`~streamgate.providers.NativeDelta`) are written out as they came."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, *, omit_thinking: bool = False) -> None:
         self.model = model
+        self._omit_thinking = omit_thinking
         self.message_id = new_message_id()
         self._started = False
         self._native = False
@@ -690,7 +761,7 @@ class MessagesEncoder:
             if not delta.text and not delta.signature:
                 return b""
             out = self._switch("thinking") if self._kind() != "thinking" else b""
-            if delta.text:
+            if delta.text and not self._omit_thinking:
                 out += self._block_delta({"type": "thinking_delta", "thinking": delta.text})
             if delta.signature:
                 out += self._block_delta({"type": "signature_delta",
@@ -776,7 +847,8 @@ class MessagesEncoder:
             return sse.json_bytes(joined([d.event for d in answer.native]))
         content: list[dict[str, Any]] = []
         if answer.reasoning:
-            content.append({"type": "thinking", "thinking": answer.reasoning,
+            content.append({"type": "thinking",
+                            "thinking": "" if self._omit_thinking else answer.reasoning,
                             "signature": answer.reasoning_signature})
         if answer.text:
             content.append({"type": "text", "text": answer.text})

@@ -79,7 +79,6 @@ from streamgate.validation import (
     CAP_IMAGES,
     CAP_JSON_SCHEMA,
     CAP_SEQUENTIAL_TOOLS,
-    CAP_THINKING,
     CAP_TOOLS,
     CAP_TOP_K,
     Image,
@@ -191,10 +190,10 @@ def caches_prompts(model: str) -> bool:
 class BedrockProvider:
     name = "bedrock"
     # response_format json_schema only: Converse has no JSON mode (see _output_config).
-    # top_k, thinking and parallel_tool_calls: false: Claude natively only (Anthropic's
+    # top_k and parallel_tool_calls: false: Claude natively only (Anthropic's
     # disable_parallel_tool_use); Converse has no such fields and refuses them (400).
     capabilities: frozenset[str] = frozenset({
-        CAP_TOOLS, CAP_IMAGES, CAP_JSON_SCHEMA, CAP_TOP_K, CAP_THINKING, CAP_COUNT_TOKENS,
+        CAP_TOOLS, CAP_IMAGES, CAP_JSON_SCHEMA, CAP_TOP_K, CAP_COUNT_TOKENS,
         CAP_SEQUENTIAL_TOOLS})
 
     def __init__(self, settings: Settings, client: Any = None, *,
@@ -687,10 +686,9 @@ def converse_request(request: ChatRequest, model: str, settings: Settings) -> di
     if request.temperature is not None and request.temperature > 1:
         raise RequestError("'temperature' must be between 0 and 1 for Bedrock models",
                            param="temperature")
-    for name, value in (("top_k", request.top_k), ("thinking", request.thinking_budget)):
-        if value is not None:
-            raise RequestError(f"'{name}' is supported on Bedrock only for Claude models, "
-                               "through the Messages API (POST /v1/messages)", param=name)
+    if request.top_k is not None:
+        raise RequestError("'top_k' is supported on Bedrock only for Claude models, through "
+                           "the Messages API (POST /v1/messages)", param="top_k")
     if request.tools and request.parallel_tool_calls is False:
         raise RequestError("'parallel_tool_calls: false' cannot be enforced by this model",
                            param="parallel_tool_calls")
