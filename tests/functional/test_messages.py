@@ -223,8 +223,13 @@ def test_a_failure_before_the_first_byte_raises_the_sdks_own_exception(
     ({"max_tokens": 10, "messages": USER, "tools": [{"type": "web_search_20250305",
                                                      "name": "web_search"}]},
      400, anthropic.BadRequestError, "tools[0].type"),
-    ({"max_tokens": 10, "messages": USER, "context_management": {"edits": []}},
-     400, anthropic.BadRequestError, "context_management"),
+    ({"max_tokens": 10, "messages": USER, "context_management": {"edits": [
+        {"type": "clear_tool_uses_20250919"}]}},
+     400, anthropic.BadRequestError, "context_management.edits[0]"),
+    ({"max_tokens": 10, "messages": USER, "tools": [{**WEATHER, "defer_loading": True}]},
+     400, anthropic.BadRequestError, "tools[0].defer_loading"),
+    ({"max_tokens": 10, "messages": USER, "output_config": {"format": {"type": "json_schema"}}},
+     400, anthropic.BadRequestError, "output_config.format"),
     ({"max_tokens": 10, "messages": USER, "model": "claude-unknown"}, 404,
      anthropic.NotFoundError, "claude-unknown"),
     ({"max_tokens": 10, "messages": [{"role": "user", "content": "x" * 3000}]}, 413,
@@ -287,14 +292,26 @@ def test_the_beta_path_with_its_query_string_and_betas_is_served(
     assert native.betas == ("interleaved-thinking-2025-05-14", "claude-code-20250219")
 
 
-def test_max_tokens_above_the_servers_cap_is_lowered_to_it() -> None:
-    # Claude Code always asks for 32,000 or more; the cap here is 4,096
-    app, provider = _server()
+def test_max_tokens_above_the_servers_cap_is_lowered_to_it_with_the_thinking_budget() -> None:
+    # GIVEN what Claude Code sends: max_tokens 32,000, thinking up to 31,999, display omitted,
+    # effort, a context edit that keeps all thinking; the cap here is 4,096
+    app, provider = _server([*THOUGHT, TextDelta("ok"), Finish("stop"), Usage(5, 5)])
     with running_dev_server(app) as url, _client(url) as client, client.messages.stream(
-            model=MODEL, max_tokens=64_000, messages=USER,
-            thinking={"type": "adaptive"}) as stream:
-        stream.get_final_message()
-    assert provider.requests[0][0].max_tokens == app.settings.max_tokens_cap
+            model=MODEL, max_tokens=32_000, messages=USER,
+            thinking={"type": "enabled", "budget_tokens": 31_999, "display": "omitted"},
+            extra_body={"output_config": {"effort": "high"}, "context_management": {
+                "edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}}) as stream:
+        final = stream.get_final_message()
+    # THEN the backend is asked for the cap, the budget under it, and the thinking text omitted
+    request = provider.requests[0][0]
+    assert request.max_tokens == app.settings.max_tokens_cap
+    assert request.thinking_budget == app.settings.max_tokens_cap - 1
+    assert request.native is not None
+    assert request.native.body["thinking"]["budget_tokens"] == app.settings.max_tokens_cap - 1
+    assert "context_management" not in request.native.body
+    thinking = final.content[0]
+    assert thinking.type == "thinking" and (thinking.thinking, thinking.signature) == (
+        "", "c2lnbmVk")
 
 
 def _runtime_loop(app: App, event: dict[str, Any]) -> bytes:
