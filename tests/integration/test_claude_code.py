@@ -36,6 +36,8 @@ CLAUDE = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
 PROMPT = "Run `echo streamgate-$((40+2))` with the Bash tool and tell me what it printed."
 COMMAND = {"command": "echo streamgate-$((40+2))", "description": "Print a word"}
 RUN_TIMEOUT_S = 240
+# The README's route giving the embedded model a name Claude Code accepts.
+EMBEDDED_ROUTES = '{"routes": {"claude-embedded": {"targets": [{"kind": "local"}]}}}'
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +178,10 @@ def test_claude_code_gets_an_answer_from_the_embedded_model_as_make_dev_serves_i
         claude_code: Path, tmp_path: Path) -> None:
     # GIVEN `make dev` with the README's route giving the embedded model a Claude name, and a
     # context large enough for Claude Code's system prompt and tools
-    routes = json.dumps({"routes": {"claude-embedded": {"targets": [{"kind": "local"}]}}})
-    settings = load_settings({}, provider="local", routes=routes, metrics=False,
+    readme = (ROOT / "README.md").read_text()
+    assert f"STREAMGATE_ROUTES='{EMBEDDED_ROUTES}'" in readme
+    assert "STREAMGATE_LOCAL_CONTEXT_TOKENS=32768 make dev" in readme
+    settings = load_settings({}, provider="local", routes=EMBEDDED_ROUTES, metrics=False,
                              local_context_tokens=32_768)
     app = Recording(settings)
     app.seen = []
