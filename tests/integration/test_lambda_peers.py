@@ -177,6 +177,8 @@ def test_template_passes_sam_validate_lint() -> None:
 # The IAM action that authorises each AWS operation the providers call
 # (https://docs.aws.amazon.com/service-authorization/latest/reference/).
 IAM_ACTIONS = {"ConverseStream": "bedrock:InvokeModelWithResponseStream",
+               "InvokeModelWithResponseStream": "bedrock:InvokeModelWithResponseStream",
+               "CountTokens": "bedrock:CountTokens",
                "AssumeRole": "sts:AssumeRole",
                "GetSecretValue": "secretsmanager:GetSecretValue",
                "GetParameter": "ssm:GetParameter",
@@ -316,6 +318,20 @@ def test_iam_grants_exactly_what_the_provider_calls(
                 headers=headers))
             assert response.status == 200
             response.close()  # records usage
+            if scenario == "bedrock":  # Claude natively (Messages API), and a token count
+                from tests.fake_bedrock import claude_events
+
+                claude = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+                bedrock.replies += [Reply(frames=claude_events("ok")),
+                                    Reply(json={"inputTokens": 3})]
+                app = App(replace(settings, bedrock_models=(claude,)), provider)
+                for path, body in (("/v1/messages", {"max_tokens": 5, "stream": True}),
+                                   ("/v1/messages/count_tokens", {})):
+                    response = app.handle(chat_event(
+                        {"model": claude, "messages": [{"role": "user", "content": "hi"}],
+                         **body}, path=path))
+                    assert response.status == 200, path
+                    response.close()
             if bedrock.requests and "guardrailConfig" in bedrock.requests[0][1]:
                 needed.add("bedrock:ApplyGuardrail")
             if hasattr(provider, "close"):
