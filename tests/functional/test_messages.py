@@ -341,3 +341,22 @@ def test_the_lambda_loop_and_the_dev_server_send_the_same_bytes() -> None:
     strict.events(served)
     handled = _server(script)[0].handle(chat_event(body, path="/v1/messages"))
     assert _ids(body_bytes(handled)) == _ids(served)
+
+
+@pytest.mark.parametrize(("method", "path", "status", "kind", "says"), [
+    ("POST", "/v1/messages/batches", 404, "not_found_error",
+     "Unknown path '/v1/messages/batches'; try POST /v1/messages"),
+    ("GET", "/v1/messages", 405, "invalid_request_error", "use POST"),
+    ("GET", "/v1/messages/count_tokens", 405, "invalid_request_error", "use POST"),
+])
+def test_a_wrong_path_or_method_under_messages_says_so_in_anthropics_shape(
+        served: tuple[str, ScriptedProvider, App], method: str, path: str, status: int,
+        kind: str, says: str) -> None:
+    # Claude Code reads any 404 as "the model does not exist": the message says what is wrong
+    url, _, _ = served
+    response = requests.request(method, url + path, json={}, timeout=10)
+    assert response.status_code == status
+    body = response.json()
+    strict.error(body)
+    assert body["error"]["type"] == kind and says in body["error"]["message"]
+    assert response.headers["request-id"]
