@@ -9,10 +9,11 @@
    whole answer takes. ``--min-tokens N`` sets the embedded model's default minimum
    (``STREAMGATE_LOCAL_DEFAULT_MIN_TOKENS``) to compare; 0 is the model left alone.
 2. The pipeline's own cost with an instant provider, per API dialect (Chat Completions,
-   Responses): added time to first byte over calling the provider directly, and microseconds
-   per chunk for parsing + event building + SSE encoding; then the relay path (the openai
-   provider reading a scripted upstream on loopback): CPU per stream and per chunk, per
-   dialect, and the Responses/chat ratio (issue 21: at most 1.10).
+   Responses, Anthropic Messages): added time to first byte over calling the provider
+   directly, and microseconds per chunk for parsing + event building + SSE encoding; then
+   the relay path (the openai provider reading a scripted upstream on loopback): CPU per
+   stream and per chunk, per dialect, and each dialect's ratio to chat (issue 21: the
+   Responses API at most 1.10).
 3. The upstream SSE decoder: one event of 2, 4, 8 and 16 MB fed in 64 KB reads (the cost must
    grow linearly: the ratio to the 2 MB figure should stay near 1, 2, 4, 8), and small events.
 
@@ -129,6 +130,10 @@ DIALECT_BODIES: dict[str, tuple[str, dict[str, Any]]] = {
     "responses": ("/v1/responses", {
         "model": "instant", "instructions": "You are concise.", "input": PROMPT,
         "stream": True, "store": False, "max_output_tokens": 256, "temperature": 0.5}),
+    "messages": ("/v1/messages", {
+        "model": "instant", "system": "You are concise.",
+        "messages": [{"role": "user", "content": PROMPT}], "stream": True,
+        "max_tokens": 256, "temperature": 0.5}),
 }
 
 

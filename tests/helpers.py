@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -110,3 +111,28 @@ def sse_data(raw: bytes) -> list[str]:
 
 def sse_json(raw: bytes) -> list[Any]:
     return [json.loads(d) for d in sse_data(raw) if d != "[DONE]"]
+
+
+_NAMED_FRAME = re.compile(r"event: ([^\r\n]*)\ndata: ([^\r\n]*)\n\n")
+
+
+def named_events(raw: bytes) -> tuple[list[tuple[str, Any]], str | None]:
+    """The events of a named-event stream (the Responses and Messages APIs), each exactly
+    ``event: <name>\\ndata: <json>\\n\\n``, and what first broke that framing (None if nothing)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return [], f"not UTF-8: {e}"
+    events: list[tuple[str, Any]] = []
+    position = 0
+    while position < len(text):
+        match = _NAMED_FRAME.match(text, position)
+        if match is None:
+            return events, (f"character {position}: not an `event:`/`data:` event: "
+                            f"{text[position:position + 80]!r}")
+        try:
+            events.append((match.group(1), json.loads(match.group(2))))
+        except ValueError:
+            return events, f"event {len(events)}: its data is not JSON"
+        position = match.end()
+    return events, None

@@ -164,9 +164,9 @@ def base_url() -> Iterator[str]:
         yield url
 
 
-# The Responses API's operations have their own stream rules: tests/functional/
-# test_openapi_responses.py.
-@SCHEMA.exclude(path_regex="^/v1/responses").parametrize()
+# The Responses and Messages APIs have their own stream rules: tests/functional/
+# test_openapi_responses.py and test_openapi_messages.py.
+@SCHEMA.exclude(path_regex="^/v1/(responses|messages)").parametrize()
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 def test_the_service_conforms_to_its_openapi_document(case: schemathesis.Case,
                                                       base_url: str) -> None:

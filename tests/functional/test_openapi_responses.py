@@ -6,7 +6,6 @@ requests refused), and every event stream read event by event against the docume
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +29,7 @@ from streamgate.providers import Finish, ReasoningDelta, TextDelta, ToolCallDelt
 from streamgate.validation import CAP_TOOLS
 from tests.conftest import running_dev_server
 from tests.functional.test_openapi import DOCUMENT
-from tests.helpers import ScriptedProvider, Step, default_script, make_app
+from tests.helpers import ScriptedProvider, Step, default_script, make_app, named_events
 
 SCHEMA = schemathesis.openapi.from_path(DOCUMENT)
 _COMPONENTS = load_template(DOCUMENT)["components"]
@@ -39,30 +38,15 @@ _PAYLOAD = jsonschema_rs.Draft202012Validator(
     {"components": _COMPONENTS, **_EVENT["properties"]["data"]["contentSchema"]})
 _NAMES = frozenset(_EVENT["properties"]["event"]["enum"])
 _TERMINAL = ("response.completed", "response.incomplete", "response.failed")
-# One event exactly as the document frames it: an event line, one data line, a blank line.
-_FRAME = re.compile(r"event: ([^\r\n]*)\ndata: ([^\r\n]*)\n\n")
 
 
 def response_stream_problems(status: int, body: bytes, *, complete: bool = True) -> list[str]:
     """What in a Responses event stream breaks openapi.yaml's `ResponseEvent` rules."""
     if status != 200:
         return [f"a {status} answer as an event stream (errors are JSON)"]
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return [f"not UTF-8: {e}"]
-    events: list[tuple[str, Any]] = []
-    position = 0
-    while position < len(text):
-        match = _FRAME.match(text, position)
-        if match is None:
-            return [f"character {position}: not an `event:`/`data:` event: "
-                    f"{text[position:position + 80]!r}"]
-        try:
-            events.append((match.group(1), json.loads(match.group(2))))
-        except ValueError:
-            return [f"event {len(events)}: its data is not JSON"]
-        position = match.end()
+    events, broken = named_events(body)
+    if broken is not None:
+        return [broken]
     problems: list[str] = []
     for i, (name, doc) in enumerate(events):
         if name not in _NAMES:

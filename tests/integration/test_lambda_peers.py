@@ -178,6 +178,8 @@ def test_template_passes_sam_validate_lint() -> None:
 # The IAM action that authorises each AWS operation the providers call
 # (https://docs.aws.amazon.com/service-authorization/latest/reference/).
 IAM_ACTIONS = {"ConverseStream": "bedrock:InvokeModelWithResponseStream",
+               "InvokeModelWithResponseStream": "bedrock:InvokeModelWithResponseStream",
+               "CountTokens": "bedrock:CountTokens",
                "AssumeRole": "sts:AssumeRole",
                "GetSecretValue": "secretsmanager:GetSecretValue",
                "GetParameter": "ssm:GetParameter",
@@ -287,10 +289,17 @@ def test_iam_grants_exactly_what_the_provider_calls(
                 response = app.handle(chat_event({"model": model, "prompt": "hi"}))
                 assert response.status == 200, model
                 response.close()
+            bedrock.replies += [Reply(json={"inputTokens": 3})]
+            response = app.handle(chat_event(
+                {"model": "a", "messages": [{"role": "user", "content": "hi"}]},
+                path="/v1/messages/count_tokens"))
+            assert response.status == 200
+            response.close()
             app.router.close()
             # The Bedrock calls go through clients of their own (one under the assumed
             # role), which the default session's hook does not see: count them here.
-            operations += ["ConverseStream"] * len(bedrock.requests)
+            operations += [{"converse-stream": "ConverseStream",
+                            "count-tokens": "CountTokens"}[op] for op in bedrock.operations]
             if any("guardrailConfig" in body for _, body in bedrock.requests):
                 needed.add("bedrock:ApplyGuardrail")
             provider = None
@@ -342,6 +351,21 @@ def test_iam_grants_exactly_what_the_provider_calls(
                 headers=headers))
             assert response.status == 200
             response.close()  # records usage
+            if scenario.startswith("bedrock"):  # Claude natively, and a token count
+                from tests.fake_bedrock import claude_events
+
+                claude = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+                bedrock.replies += [Reply(frames=claude_events("ok")),
+                                    Reply(json={"inputTokens": 3})]
+                app = App(settings, BedrockProvider(replace(settings, default_model=claude),
+                                                    client))
+                for path, body in (("/v1/messages", {"max_tokens": 5, "stream": True}),
+                                   ("/v1/messages/count_tokens", {})):
+                    response = app.handle(chat_event(
+                        {"model": claude, "messages": [{"role": "user", "content": "hi"}],
+                         **body}, path=path, headers=headers))
+                    assert response.status == 200, path
+                    response.close()
             if bedrock.requests and "guardrailConfig" in bedrock.requests[0][1]:
                 needed.add("bedrock:ApplyGuardrail")
             if hasattr(provider, "close"):

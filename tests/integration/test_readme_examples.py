@@ -31,6 +31,8 @@ COVERED_ELSEWHERE = {
     'import OpenAI from "openai"': "tests/integration/test_browser.py (the SDK in Chromium)",
     "make sam-local": "tests/integration/test_sam_local.py (SAM's start-api, the openai "
                       "provider relaying, as make sam-local runs it)",
+    "export ANTHROPIC_BASE_URL": "tests/integration/test_claude_code.py (Claude Code against "
+                                 "the embedded model, with this block's route and context)",
 }
 
 
@@ -91,11 +93,16 @@ def test_the_curl_examples_do_what_the_readme_says(server: str) -> None:
             if "origin: https://evil.example" in command:  # the Origin rule
                 assert '"code":"origin_not_allowed"' in done.stdout, done.stdout
                 assert "Requests from the origin 'https://evil.example'" in done.stdout
+            elif "/v1/messages" in command:  # Anthropic's Messages API
+                assert done.stdout.startswith("event: message_start\n"), done.stdout[:300]
+                assert done.stdout.endswith("event: message_stop\n"
+                                            'data: {"type":"message_stop"}\n\n'), done.stdout
+                assert '"type":"text_delta"' in done.stdout
             else:
                 assert done.stdout.endswith("data: [DONE]\n\n"), (command, done.stdout[-300:])
                 assert '"content":' in done.stdout
             ran += 1
-    assert ran == 3
+    assert ran == 4
 
 
 def test_make_dev_passes_cors_origins_to_the_dev_server() -> None:

@@ -111,10 +111,13 @@ class Gate:
             return Caller(principal=request.principal)
         scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
         key = key.strip()
+        if not scheme and "x-api-key" in request.headers:  # Anthropic's SDKs send it there
+            scheme, key = "bearer", request.headers["x-api-key"].strip()
         if scheme.lower() != "bearer" or not key:
             raise AuthenticationError(
                 "You didn't provide an API key. Send it in an Authorization header using "
-                "Bearer auth (Authorization: Bearer YOUR_KEY).", code="missing_api_key")
+                "Bearer auth (Authorization: Bearer YOUR_KEY), or in x-api-key.",
+                code="missing_api_key")
         record = self._lookup(key) if looks_like_key(key) else None
         if record is None or not record.matches(key):
             raise AuthenticationError("Incorrect API key provided.")

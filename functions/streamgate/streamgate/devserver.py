@@ -548,11 +548,13 @@ class _RequestHandler(BaseHTTPRequestHandler):
         """Answer (or, when the connection is already cut, only record) an error found before
         there is an event; the connection is then closed."""
         self.close_connection = True
-        response = self.server.app.refuse(err)
-        if self.command:  # for the request log record
-            response.outcome.method = self.command
+        path = ""
+        if self.command:  # the error in the words of the path's dialect, and the log record
             with contextlib.suppress(ValueError):
-                response.outcome.path = urlsplit(self.path).path
+                path = urlsplit(self.path).path
+        response = self.server.app.refuse(err, path)
+        if self.command:
+            response.outcome.method = self.command
         if send:
             self._write(response)
         else:

@@ -46,6 +46,7 @@ from streamgate.errors import (
     MethodNotAllowedError,
     NotFoundError,
     OriginNotAllowedError,
+    RequestError,
     StreamgateError,
     UpstreamError,
     from_exception,
@@ -55,16 +56,23 @@ from streamgate.outcome import Outcome
 from streamgate.providers import (
     Delta,
     Finish,
+    NativeDelta,
     Provider,
     ReasoningDelta,
     TextDelta,
+    TokenCounter,
     ToolCallDelta,
     Usage,
 )
 from streamgate.providers import create_provider as _create_provider
 from streamgate.routes import Route, Router
 from streamgate.telemetry import Telemetry
-from streamgate.validation import ChatRequest, check_supported, decode_body
+from streamgate.validation import (
+    CAP_COUNT_TOKENS,
+    ChatRequest,
+    check_supported,
+    decode_body,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +132,10 @@ class Response:
 
 def dialects(settings: Settings) -> tuple[Dialect, ...]:
     """The API dialects this service speaks, each on its own POST path."""
+    from streamgate.dialects.anthropic import MessagesDialect
     from streamgate.dialects.responses import ResponsesDialect
 
-    return (ChatDialect(settings), ResponsesDialect(settings))
+    return (ChatDialect(settings), ResponsesDialect(settings), MessagesDialect(settings))
 
 
 def routes(served: tuple[Dialect, ...]) -> dict[str, tuple[str, ...]]:
@@ -202,7 +211,7 @@ class App:
         """An error the driver found before there was an event (the dev server at its limit,
         a request it could not read), answered and recorded like any other, in the dialect
         of ``path`` when it names one."""
-        outcome = Outcome(request_id=uuid.uuid4().hex)
+        outcome = Outcome(request_id=uuid.uuid4().hex, path=path)
         return self._finalise(self._error(err, self._dialect_of(path), outcome), outcome, None)
 
     def _finalise(self, response: Response, outcome: Outcome,
@@ -210,6 +219,10 @@ class App:
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
         response.headers["x-request-id"] = outcome.request_id
+        # A dialect whose clients read the id under another name (Anthropic's request-id).
+        other = getattr(self._dialect_of(outcome.path), "request_id_header", None)
+        if other:
+            response.headers[other] = outcome.request_id
         # Bound to the outcome, not the response: no reference cycle, so an abandoned response
         # is still closed (freeing the provider) as soon as it is dropped.
         response.on_close = partial(self._closed, response.status, response.outcome, admission)
@@ -279,6 +292,8 @@ class App:
             call = Call(outcome.caller, deadline, request)
             if request.path == MODELS_PATH:
                 return _json(200, self._models(caller), outcome), None
+            if request.path == getattr(dialect, "count_path", None):
+                return self._count_tokens(dialect, request, caller, call, outcome), None
             if resource:
                 status, doc = dialect.resource(request, call)
                 return _json(status, doc, outcome), None
@@ -319,7 +334,7 @@ class App:
         methods = dialect.resource_methods(path)
         if methods:
             return methods, True
-        raise NotFoundError(f"Unknown path {path!r}; try POST {self.dialects[0].path}")
+        raise NotFoundError(f"Unknown path {path!r}; try POST {dialect.path}")
 
     def _models(self, caller: Caller) -> dict[str, Any]:
         router = self.router
@@ -331,6 +346,32 @@ class App:
                 for m in self.gate.allowed_models(caller, router.models())
             ],
         }
+
+    def _count_tokens(self, dialect: Any, request: HttpRequest, caller: Caller,
+                      call: Call, outcome: Outcome) -> Response:
+        """A dialect's token count (Anthropic's ``count_tokens``): exact, from the route's
+        first backend, or a 400 saying it cannot count; never an estimate. Nothing is
+        generated, so nothing is charged."""
+        outcome.dialect = dialect.name
+        data = decode_body(request.body, self.settings)
+        parsed = dialect.parse_count(data, call)
+        try:
+            model, route = self._resolve_model(parsed.chat)
+            self.gate.authorize(caller, model)
+            provider, target_model = self.router.first(route)
+            if CAP_COUNT_TOKENS not in provider.capabilities or not isinstance(
+                    provider, TokenCounter):
+                raise RequestError(
+                    f"Counting tokens is not available for the model `{model}`: its backend "
+                    f"({provider.name}) gives no exact count", param="model",
+                    code="count_tokens_unsupported")
+            call.deadline.check()
+            outcome.model = model
+            tokens = provider.count_tokens(parsed.chat, target_model, call.deadline)
+        except StreamgateError as e:
+            e.param = parsed.chat.client_param(e.param)
+            raise
+        return _json(200, dialect.count_document(tokens), outcome)
 
     def _resolve_model(self, chat: ChatRequest) -> tuple[str, Route]:
         """The public model and its route (404 if none), the request checked against what
@@ -388,7 +429,7 @@ class App:
 
 def _observe(
     first: Delta | None, deltas: Iterator[Delta], outcome: Outcome, deadline: Deadline
-) -> Iterator[TextDelta | ReasoningDelta | ToolCallDelta | Finish]:
+) -> Iterator[TextDelta | ReasoningDelta | ToolCallDelta | NativeDelta | Finish]:
     """The provider's deltas with the checks every answer shares: the deadline before each
     one, finish reason and usage recorded in ``outcome``, and a finish reason required."""
     log_content = outcome.prompt_text is not None  # set only when content is logged
@@ -400,7 +441,7 @@ def _observe(
         else:
             if isinstance(delta, Finish):
                 outcome.finish_reason = delta.reason
-            else:
+            elif not isinstance(delta, NativeDelta) or delta.output:
                 if outcome.first_token_at is None:
                     outcome.first_token_at = time.monotonic()
                 text = delta.arguments if isinstance(delta, ToolCallDelta) else delta.text
@@ -453,11 +494,17 @@ def _complete(
     text: list[str] = []
     reasoning: list[str] = []
     calls: dict[int, AnswerCall] = {}
+    answer = Answer()
     for delta in _observe(first, deltas, outcome, deadline):
         if isinstance(delta, TextDelta):
             text.append(delta.text)
         elif isinstance(delta, ReasoningDelta):
             reasoning.append(delta.text)
+            answer.reasoning_signature = delta.signature or answer.reasoning_signature
+        elif isinstance(delta, Finish):
+            answer.finish = delta
+        elif isinstance(delta, NativeDelta):
+            answer.native.append(delta)
         elif isinstance(delta, ToolCallDelta):
             call = calls.get(delta.index)
             if call is None:
@@ -465,7 +512,8 @@ def _complete(
                                                 delta.arguments)
             else:
                 call.arguments += delta.arguments
-    answer = Answer("".join(text), "".join(reasoning), [calls[i] for i in sorted(calls)])
+    answer.text, answer.reasoning = "".join(text), "".join(reasoning)
+    answer.tool_calls = [calls[i] for i in sorted(calls)]
     return encoder.document(answer, outcome)
 
 

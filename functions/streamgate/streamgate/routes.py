@@ -415,6 +415,12 @@ class Router:
         """Who serves a route, for ``/v1/models``: the first target's kind."""
         return self._provider_for(route.targets[0]).name
 
+    def first(self, route: Route) -> tuple[Provider, str]:
+        """The provider of a route's first target and the model it asks it for: the backend
+        a request is checked against (and that counts its tokens)."""
+        target = route.targets[0]
+        return self._provider_for(target), target.model
+
     def capabilities(self, route: Route) -> frozenset[str]:
         """What the route honours: its first target's capabilities."""
         return self._provider_for(route.targets[0]).capabilities

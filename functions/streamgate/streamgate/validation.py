@@ -34,6 +34,8 @@ CAP_IMAGES = "images"  # image content parts (data: URLs)
 CAP_SEQUENTIAL_TOOLS = "sequential_tools"  # parallel_tool_calls: false
 CAP_JSON_SCHEMA = "json_schema"  # response_format {"type": "json_schema", ...}
 CAP_JSON_OBJECT = "json_object"  # response_format {"type": "json_object"}
+CAP_TOP_K = "top_k"  # top_k (Anthropic's Messages API)
+CAP_COUNT_TOKENS = "count_tokens"  # the provider is a providers.TokenCounter (exact counts)
 
 MAX_TOOLS = 128  # OpenAI's limit
 # data:image/<type>;base64,<payload> -> the format name providers use.
@@ -70,6 +72,10 @@ class Tool:
     description: str | None = None
     parameters: Mapping[str, Any] | None = None  # JSON Schema of the arguments
     strict: bool | None = None
+    # A prompt-cache breakpoint after the tool definitions up to this one (Anthropic's
+    # ``cache_control``): a hint a backend with prompt caching may use, and others ignore
+    # (caching never changes an answer, only its cost).
+    cache_point: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +107,21 @@ class Message:
     # Where the message came from in the client's request, when that is not ``messages[i]``
     # (``input[2]``, ``messages[0].content[1]``): what a 400 about it names.
     at: str = ""
+    # A prompt-cache breakpoint after this message (see ``Tool.cache_point``).
+    cache_point: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NativeBody:
+    """A request body in a backend's own format, for a provider that can send it as it is
+    (Claude on Bedrock takes the Anthropic Messages body): ``dialect`` names the format,
+    ``body`` holds the client's validated fields, ``betas`` the beta features it asked for
+    (Anthropic's ``anthropic-beta``). A provider that cannot send it uses the neutral fields,
+    which always describe the same request."""
+
+    dialect: str
+    body: Mapping[str, Any]
+    betas: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +135,7 @@ class ChatRequest:
     min_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
     user: str | None = None
@@ -125,6 +147,11 @@ class ChatRequest:
     tool_choice_name: str | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    # Extended thinking up to this many tokens (Anthropic's ``thinking.budget_tokens``): an
+    # upper bound, which a backend without reasoning meets by not reasoning.
+    thinking_budget: int | None = None
+    # The same request in a backend's own format, when the client's dialect is one.
+    native: NativeBody | None = None
     # How the client's dialect names what this request calls by the chat names (a 400 names
     # the field the client sent): ``{"response_format": "text.format", ...}``; see
     # :meth:`client_param`.
@@ -278,6 +305,8 @@ def check_supported(request: ChatRequest, capabilities: frozenset[str]) -> None:
         raise RequestError("'seed' is not supported by this model", param="seed")
     if CAP_MIN_TOKENS not in capabilities and request.min_tokens:
         raise RequestError("'min_tokens' is not supported by this model", param="min_tokens")
+    if CAP_TOP_K not in capabilities and request.top_k is not None:
+        raise RequestError("'top_k' is not supported by this model", param="top_k")
     if CAP_TOOLS not in capabilities:
         if request.tools:
             raise RequestError("'tools' is not supported by this model", param="tools")

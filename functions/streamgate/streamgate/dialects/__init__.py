@@ -29,10 +29,18 @@ if TYPE_CHECKING:
     from streamgate.errors import StreamgateError
     from streamgate.events import HttpRequest
     from streamgate.outcome import Outcome
-    from streamgate.providers import Finish, ReasoningDelta, TextDelta, ToolCallDelta
+    from streamgate.providers import (
+        Finish,
+        NativeDelta,
+        ReasoningDelta,
+        TextDelta,
+        ToolCallDelta,
+    )
     from streamgate.validation import ChatRequest
 
-    Output = TextDelta | ReasoningDelta | ToolCallDelta | Finish
+    # NativeDelta: only for a request that asked for its backend's own events
+    # (ChatRequest.native), so only the encoder of the dialect that asked ever sees one.
+    Output = TextDelta | ReasoningDelta | ToolCallDelta | NativeDelta | Finish
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +74,10 @@ class Answer:
     text: str = ""
     reasoning: str = ""
     tool_calls: list[AnswerCall] = field(default_factory=list)
+    reasoning_signature: str = ""  # the last signature the reasoning carried
+    finish: Finish | None = None  # the provider's (with the stop sequence it names)
+    # A backend's own whole answer, for a request that asked for it (ChatRequest.native).
+    native: list[NativeDelta] = field(default_factory=list)
 
 
 class Encoder(Protocol):

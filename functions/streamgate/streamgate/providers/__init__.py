@@ -14,9 +14,9 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from streamgate.deadline import DEADLINE_MESSAGE
 from streamgate.errors import (
@@ -42,9 +42,12 @@ class TextDelta:
 
 @dataclass(frozen=True, slots=True)
 class ReasoningDelta:
-    """A piece of the model's reasoning, sent as ``reasoning_content``, never as ``content``."""
+    """A piece of the model's reasoning, sent as ``reasoning_content``, never as ``content``.
+    ``signature``: the backend's signature that ends a reasoning block (Claude's extended
+    thinking), for dialects that hand it back to the client; text-only dialects ignore it."""
 
     text: str
+    signature: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,9 @@ class ToolCallDelta:
 @dataclass(frozen=True, slots=True)
 class Finish:
     reason: FinishReason
+    # The client's stop sequence that ended the answer, when the backend says which one
+    # (reason "stop"); None when the model ended by itself or the backend does not say.
+    stop_sequence: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +82,23 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-Delta = TextDelta | ReasoningDelta | ToolCallDelta | Finish | Usage
+@dataclass(frozen=True, slots=True)
+class NativeDelta:
+    """One event of the backend's own wire format, produced only for a request that asked for
+    it (``ChatRequest.native``) and relayed as it is by the dialect that asked. ``event`` is
+    the decoded event (its ``type`` names it); ``text`` the model output it carries (text,
+    reasoning or tool input), which the pipeline counts as it counts the other deltas;
+    ``output`` whether it is model output at all (the first-token and idle timeouts). The
+    provider yields the neutral :class:`Finish` and :class:`Usage` beside these events, so
+    usage, limits and telemetry work as for every other answer; the relaying encoder ignores
+    them (the events already say so)."""
+
+    event: Mapping[str, Any]
+    text: str = ""
+    output: bool = False
+
+
+Delta = TextDelta | ReasoningDelta | ToolCallDelta | NativeDelta | Finish | Usage
 
 
 class Provider(Protocol):
@@ -95,6 +117,15 @@ class Provider(Protocol):
         then one Finish, then Usage if known. Every wait inside (connect, read, retry, queue)
         ends by ``deadline`` at the latest, with ``DeadlineExceededError``."""
         ...
+
+
+@runtime_checkable
+class TokenCounter(Protocol):
+    """An optional capability (``validation.CAP_COUNT_TOKENS``): the exact number of input
+    tokens ``request`` would use on ``model``, as the backend counts them. A provider without
+    it cannot count; the pipeline then answers with a 400 saying so, never an estimate."""
+
+    def count_tokens(self, request: ChatRequest, model: str, deadline: Deadline) -> int: ...
 
 
 logger = logging.getLogger(__name__)
@@ -132,7 +163,8 @@ class OutputTimer:
         return max(0.0, self.until() - time.monotonic())
 
     def saw(self, delta: Delta) -> None:
-        if isinstance(delta, (TextDelta, ReasoningDelta, ToolCallDelta)):
+        if isinstance(delta, (TextDelta, ReasoningDelta, ToolCallDelta)) or (
+                isinstance(delta, NativeDelta) and delta.output):
             self._last = time.monotonic()
 
     def expired(self) -> StreamgateError:

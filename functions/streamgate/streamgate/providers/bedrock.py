@@ -1,7 +1,28 @@
-"""Amazon Bedrock ConverseStream.
+"""Amazon Bedrock: ConverseStream for every model, and Claude's own Messages API natively.
 
 Request and stream mapping per ../shared/DESIGN.md ("Bedrock ConverseStream mapping") and
 https://docs.aws.amazon.com/bedrock/latest/APIReference/API_runtime_ConverseStream.html.
+
+**Claude natively.** A request that came in Anthropic's Messages API (``ChatRequest.native``)
+for a Claude model (an id with ``anthropic.claude``) is sent as it is, with
+InvokeModelWithResponseStream and the Anthropic body (``anthropic_version:
+"bedrock-2023-05-31"``, the client's betas as ``anthropic_beta``;
+https://docs.aws.amazon.com/bedrock/latest/userguide/model-parameters-anthropic-claude-messages.html),
+and each event Bedrock sends (``chunk.bytes``, one Anthropic event each) is handed on as it
+came: thinking signatures, ``cache_control``, tool use and betas survive exactly. Only the body
+fields in ``NATIVE_FIELDS`` and the betas in ``NATIVE_BETAS`` are sent (Bedrock answers 400 to
+others): a field outside the list is a 400 naming it, a beta outside it is not sent (a beta
+only unlocks fields, which the field list governs, or behaviour Bedrock does not offer).
+A request that does not stream is streamed too, and joined by the dialect: the first-token and
+idle timeouts then hold for it as well, which a single InvokeModel call could not give.
+Alongside the events the provider yields the neutral Finish and Usage, so usage, limits,
+routes and telemetry work as for any answer; leading ``message_start`` and ``ping`` events are
+held until the model's first output, so a failure before it (throttled, overloaded) is still
+retried, or a real HTTP status. ``cache_control`` in a request that goes through Converse
+becomes a ``cachePoint`` only on models with prompt caching (``PROMPT_CACHE_MODELS``): Bedrock
+refuses one elsewhere.
+
+Token counts (``count_tokens``) come from Bedrock's CountTokens, exact, for the same body.
 The boto3 client is built on first use (importing boto3 costs ~150 ms of cold start) and
 reused for the life of the container; tests inject their own.
 
@@ -25,7 +46,7 @@ import queue
 import re
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +65,7 @@ from streamgate.providers import (
     Delta,
     Finish,
     FinishReason,
+    NativeDelta,
     OutputTimer,
     ReasoningDelta,
     TextDelta,
@@ -52,7 +74,15 @@ from streamgate.providers import (
     malformed_is_upstream_error,
 )
 from streamgate.retry import with_retries
-from streamgate.validation import CAP_IMAGES, CAP_JSON_SCHEMA, CAP_TOOLS, Image
+from streamgate.validation import (
+    CAP_COUNT_TOKENS,
+    CAP_IMAGES,
+    CAP_JSON_SCHEMA,
+    CAP_SEQUENTIAL_TOOLS,
+    CAP_TOOLS,
+    CAP_TOP_K,
+    Image,
+)
 
 if TYPE_CHECKING:
     from streamgate.config import Settings
@@ -87,11 +117,13 @@ _ERRORS: dict[str, type[StreamgateError]] = {
     "ModelStreamErrorException": UpstreamError,
     "InternalServerException": UpstreamError,
     "ServiceUnavailableException": UpstreamUnavailableError,
+    # Claude's "overloaded" (Anthropic's 529), mid-stream on InvokeModelWithResponseStream.
+    "OverloadedException": UpstreamUnavailableError,
 }
 # Worth another attempt if nothing has reached the client yet.
 _TRANSIENT = frozenset({
     "ThrottlingException", "ServiceQuotaExceededException", "ModelNotReadyException",
-    "InternalServerException", "ServiceUnavailableException",
+    "InternalServerException", "ServiceUnavailableException", "OverloadedException",
 })
 _RETRY_AFTER_S = 2.0
 
@@ -103,11 +135,66 @@ _EMPTY_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
 _OUTPUT_CONFIG_WORDS = ("outputconfig", "textformat", "output config", "output format",
                         "structured output", "json schema", "jsonschema", "json_schema")
 
+# -- Claude natively --------------------------------------------------------------------------
+ANTHROPIC_VERSION = "bedrock-2023-05-31"
+# The Messages request fields Bedrock's Claude takes (``model`` is the modelId, ``stream`` the
+# choice of API; ``metadata.user_id`` goes as request metadata, as on Converse).
+NATIVE_FIELDS = frozenset({"max_tokens", "system", "messages", "temperature", "top_p", "top_k",
+                           "stop_sequences", "tools", "tool_choice", "thinking"})
+# A client tool's fields Bedrock takes; ``eager_input_streaming`` is not sent: it only makes
+# tool input stream in smaller pieces (Anthropic's fine-grained tool streaming).
+NATIVE_TOOL_FIELDS = ("type", "name", "description", "input_schema", "cache_control")
+_NATIVE_STRIPPED_TOOL_FIELDS = ("eager_input_streaming",)
+# The ``anthropic_beta`` values Bedrock accepts (its Claude Messages API page); others are not
+# forwarded.
+NATIVE_BETAS = frozenset({
+    "computer-use-2024-10-22", "computer-use-2025-01-24", "token-efficient-tools-2025-02-19",
+    "interleaved-thinking-2025-05-14", "output-128k-2025-02-19", "dev-full-thinking-2025-05-14",
+    "context-1m-2025-08-07",
+})
+# Anthropic stop_reason → ours.
+NATIVE_STOP_REASONS: dict[str, FinishReason] = {
+    "end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
+    "model_context_window_exceeded": "length", "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+# An error event of Anthropic's (inside a chunk) → Bedrock's name for it.
+_NATIVE_ERRORS = {"overloaded_error": "OverloadedException",
+                  "rate_limit_error": "ThrottlingException",
+                  "api_error": "InternalServerException",
+                  "invalid_request_error": "ValidationException",
+                  "not_found_error": "ResourceNotFoundException",
+                  "permission_error": "AccessDeniedException"}
+# Events held back until the model's first output (see the module docstring).
+_LEADING = ("message_start", "ping")
+# Models with prompt caching on Bedrock (model ids containing one of these), where a
+# ``cachePoint`` may go; elsewhere Bedrock refuses it (https://docs.aws.amazon.com/bedrock/
+# latest/userguide/prompt-caching.html).
+PROMPT_CACHE_MODELS = (
+    "anthropic.claude-3-7-sonnet", "anthropic.claude-3-5-haiku", "anthropic.claude-sonnet-4",
+    "anthropic.claude-opus-4", "anthropic.claude-haiku-4", "amazon.nova-micro",
+    "amazon.nova-lite", "amazon.nova-pro", "amazon.nova-premier",
+)
+_CACHE_POINT = {"cachePoint": {"type": "default"}}
+
+
+def is_claude(model: str) -> bool:
+    """A Claude model (foundation model or inference profile id, or its ARN)."""
+    return "anthropic.claude" in model
+
+
+def caches_prompts(model: str) -> bool:
+    return any(name in model for name in PROMPT_CACHE_MODELS)
+
 
 class BedrockProvider:
     name = "bedrock"
     # response_format json_schema only: Converse has no JSON mode (see _output_config).
-    capabilities: frozenset[str] = frozenset({CAP_TOOLS, CAP_IMAGES, CAP_JSON_SCHEMA})
+    # top_k and parallel_tool_calls: false: Claude natively only (Anthropic's
+    # disable_parallel_tool_use); Converse has no such fields and refuses them (400).
+    capabilities: frozenset[str] = frozenset({
+        CAP_TOOLS, CAP_IMAGES, CAP_JSON_SCHEMA, CAP_TOP_K, CAP_COUNT_TOKENS,
+        CAP_SEQUENTIAL_TOOLS})
 
     def __init__(self, settings: Settings, client: Any = None, *,
                  access: BedrockAccess | None = None) -> None:
@@ -133,25 +220,110 @@ class BedrockProvider:
         return list(dict.fromkeys([self.default_model(), *self._settings.bedrock_models]))
 
     def stream(self, request: ChatRequest, model: str, deadline: Deadline) -> Iterator[Delta]:
+        if is_native(request, model):
+            kwargs = native_request(request, model, self._settings)
+            return self._retried(lambda: self._native_attempt(kwargs, deadline), deadline)
         kwargs = converse_request(request, model, self._settings)
         names = {tool_name(n): n for n in _tool_names(request)}
         structured = "outputConfig" in kwargs
-        return with_retries(lambda: self._attempt(kwargs, names, deadline, structured),
-                            attempts=self._settings.bedrock_max_attempts,
+        return self._retried(
+            lambda: self._attempt(kwargs, names, deadline, structured, request.stop), deadline)
+
+    def _retried(self, attempt: Callable[[], Iterator[Delta]],
+                 deadline: Deadline) -> Iterator[Delta]:
+        return with_retries(attempt, attempts=self._settings.bedrock_max_attempts,
                             backoff_s=self._settings.bedrock_backoff_s, deadline=deadline,
                             upstream="Bedrock", honour_retry_after=False)
 
-    def _attempt(self, kwargs: dict[str, Any], names: dict[str, str],
-                 deadline: Deadline, structured: bool) -> Iterator[Delta]:
+    def count_tokens(self, request: ChatRequest, model: str, deadline: Deadline) -> int:
+        """Bedrock's CountTokens for the body this request would send: exact."""
+        if is_native(request, model):
+            body = native_request(request, model, self._settings)["body"]
+            counted: dict[str, Any] = {"invokeModel": {"body": body}}
+        else:
+            kwargs = converse_request(request, model, self._settings)
+            counted = {"converse": {k: kwargs[k] for k in ("messages", "system", "toolConfig")
+                                    if k in kwargs}}
+
+        def attempt() -> Iterator[int]:
+            yield self._count_attempt(model, counted, deadline)
+
+        return next(with_retries(attempt, attempts=self._settings.bedrock_max_attempts,
+                                 backoff_s=self._settings.bedrock_backoff_s,
+                                 deadline=deadline, upstream="Bedrock",
+                                 honour_retry_after=False))
+
+    def _count_attempt(self, model: str, counted: dict[str, Any], deadline: Deadline) -> int:
+        deadline.check()
+        timer = OutputTimer("Amazon Bedrock", self._settings.bedrock_first_token_timeout_s,
+                            self._settings.bedrock_idle_timeout_s, deadline)
+        pump: _EventPump | None = None
+        try:
+            pump = _EventPump(lambda: iter(
+                [self.client.count_tokens(modelId=model, input=counted)]))
+            try:
+                answer = pump.get(timer.remaining())
+            except queue.Empty:
+                raise timer.expired() from None
+            tokens = answer.get("inputTokens") if isinstance(answer, dict) else None
+            return _count(tokens)
+        except Exception as e:
+            if isinstance(e, StreamgateError):
+                raise
+            raise map_error(e) from e
+        finally:
+            if pump is not None:
+                pump.close()
+
+    def _native_attempt(self, kwargs: dict[str, Any], deadline: Deadline) -> Iterator[Delta]:
         s = self._settings
         deadline.check()
         timer = OutputTimer("Amazon Bedrock", s.bedrock_first_token_timeout_s,
                             s.bedrock_idle_timeout_s, deadline)
         pump: _EventPump | None = None
-        blocks = _Blocks(names)
+        events = _NativeEvents()
+        held: list[Delta] = []  # message_start and pings, until the first output
+        try:
+            pump = _EventPump(
+                lambda: self.client.invoke_model_with_response_stream(**kwargs)["body"],
+                _named_exceptions)
+            while True:
+                try:
+                    event = pump.get(timer.remaining())
+                except queue.Empty:
+                    raise timer.expired() from None
+                if event is None:
+                    break
+                for delta in events.deltas(event):
+                    timer.saw(delta)
+                    if (isinstance(delta, NativeDelta) and not events.output
+                            and delta.event.get("type") in _LEADING):
+                        held.append(delta)
+                        continue
+                    yield from held
+                    held.clear()
+                    yield delta
+            yield from held  # a stream of nothing else: the pipeline says what is missing
+        except Exception as e:
+            if isinstance(e, StreamgateError):
+                raise
+            raise map_error(e) from e
+        finally:
+            if pump is not None:
+                pump.close()
+
+    def _attempt(self, kwargs: dict[str, Any], names: dict[str, str],
+                 deadline: Deadline, structured: bool,
+                 stop: tuple[str, ...] = ()) -> Iterator[Delta]:
+        s = self._settings
+        deadline.check()
+        timer = OutputTimer("Amazon Bedrock", s.bedrock_first_token_timeout_s,
+                            s.bedrock_idle_timeout_s, deadline)
+        pump: _EventPump | None = None
+        blocks = _Blocks(names, stop)
         try:
             # Building the client can fail too (an assumed role refused, no credentials).
-            pump = _EventPump(self.client, kwargs)
+            pump = _EventPump(lambda: self.client.converse_stream(**kwargs)["stream"])
             while True:
                 try:
                     event = pump.get(timer.remaining())
@@ -175,8 +347,9 @@ class BedrockProvider:
 
 
 class _EventPump:
-    """Calls ConverseStream and reads its events on a daemon thread, handing them over a
-    queue so the consumer's waits have exact timeouts.
+    """Calls Bedrock (``call`` gives the event iterator: ConverseStream's ``stream``,
+    InvokeModelWithResponseStream's ``body``) and reads its events on a daemon thread,
+    handing them over a queue so the consumer's waits have exact timeouts.
 
     Only the reader thread touches the response object: closing it from the consumer would
     wait on the lock of a read blocked in ``recv``. ``close()`` instead shuts the socket down,
@@ -185,22 +358,24 @@ class _EventPump:
 
     _END = object()
 
-    def __init__(self, client: Any, kwargs: dict[str, Any]) -> None:
+    def __init__(self, call: Callable[[], Any],
+                 read: Callable[[Any], Iterator[Any]] = iter) -> None:
+        self._read = read  # the events of what ``call`` returned
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._events: Any = None
         self._closed = False
         self._drained = False  # the consumer has taken the end or the reader's error
-        threading.Thread(target=self._run, args=(client, kwargs), name="bedrock-stream",
+        threading.Thread(target=self._run, args=(call,), name="bedrock-stream",
                          daemon=True).start()
 
-    def _run(self, client: Any, kwargs: dict[str, Any]) -> None:
+    def _run(self, call: Callable[[], Any]) -> None:
         events = None
         try:
-            events = client.converse_stream(**kwargs)["stream"]
+            events = call()
             with self._lock:
                 self._events = events
-            for event in events:
+            for event in self._read(events):
                 if self._closed:
                     return
                 self._queue.put(event)
@@ -209,8 +384,9 @@ class _EventPump:
             if not self._closed:
                 self._queue.put(e)
         finally:
-            if events is not None:
-                events.close()
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
 
     def get(self, timeout: float) -> dict[str, Any] | None:
         """The next event, None at the end; raises the reader's error or ``queue.Empty``."""
@@ -232,6 +408,33 @@ class _EventPump:
             _wake(events)
 
 
+def _named_exceptions(stream: Any) -> Iterator[Any]:
+    """The events of a botocore event stream, parsed by botocore; an exception event whose
+    type its service model does not list (Claude's ``overloadedException``) keeps its type and
+    message, which botocore's parser would drop (it reads them only for listed types)."""
+    from botocore.exceptions import EventStreamError
+
+    raw = getattr(stream, "_event_generator", None)
+    parse = getattr(stream, "_parse_event", None)
+    if raw is None or parse is None:
+        yield from stream
+        return
+    for message in raw:
+        try:
+            parsed = parse(message)
+        except EventStreamError as e:
+            if e.response.get("Error", {}).get("Code"):
+                raise
+            kind = str(message.headers.get(":exception-type", ""))
+            try:
+                text = str(json.loads(message.payload).get("message", ""))
+            except (ValueError, AttributeError, UnicodeDecodeError):
+                text = ""
+            raise _error(kind[:1].upper() + kind[1:], text) from e
+        if parsed:
+            yield parsed
+
+
 def _wake(events: Any) -> None:
     """Shut down the socket under a botocore event stream (urllib3 1.26 and 2.x both expose
     ``HTTPResponse.connection``). urllib3 discards a shut-down socket instead of reusing it."""
@@ -248,8 +451,9 @@ class _Blocks:
     """Bedrock stream events → deltas. Tool-use blocks get dense 0-based indexes in the order
     they start, whatever their ``contentBlockIndex`` (text and reasoning blocks take those too)."""
 
-    def __init__(self, names: dict[str, str]) -> None:
+    def __init__(self, names: dict[str, str], stop: tuple[str, ...] = ()) -> None:
         self._names = names  # Bedrock tool name -> the name the client declared
+        self._stop = stop  # the request's stop sequences
         self._tools: dict[int, int] = {}  # contentBlockIndex -> tool call index
         self._with_input: set[int] = set()
 
@@ -280,10 +484,12 @@ class _Blocks:
                     self._with_input.add(index)
                     yield ToolCallDelta(index, piece)
             elif "reasoningContent" in delta:
-                # Signatures and redacted reasoning have no OpenAI field and are not content.
-                text = delta["reasoningContent"].get("text")
-                if text:
-                    yield ReasoningDelta(text)
+                # Redacted reasoning has no neutral field; a signature goes to the dialects
+                # that hand it back (text-only ones ignore it).
+                reasoning = delta["reasoningContent"]
+                text, signature = reasoning.get("text"), reasoning.get("signature")
+                if text or isinstance(signature, str) and signature:
+                    yield ReasoningDelta(str(text or ""), signature=signature or None)
         elif "contentBlockStop" in event:
             ended = self._tools.get(event["contentBlockStop"].get("contentBlockIndex", -1))
             if ended is not None and ended not in self._with_input:
@@ -293,7 +499,7 @@ class _Blocks:
             if not isinstance(reason, str) or reason not in STOP_REASONS:
                 raise UpstreamError("The model stopped abnormally "
                                     f"({relayed(str(reason))[:64] or 'no reason'})")
-            yield Finish(STOP_REASONS[reason])
+            yield Finish(STOP_REASONS[reason], self._stop_sequence(event["messageStop"], reason))
         elif "metadata" in event:
             usage = event["metadata"].get("usage")
             if usage:
@@ -310,6 +516,136 @@ class _Blocks:
             for key, value in event.items():  # in-stream exceptions arrive as events too
                 if key.endswith("Exception"):
                     raise _error(key[0].upper() + key[1:], str(value.get("message", "")))
+
+
+    def _stop_sequence(self, stop: Mapping[str, Any], reason: str) -> str | None:
+        """Which stop sequence ended the answer: Claude names it in its additional response
+        fields; with one stop sequence it can only be that one."""
+        if reason != "stop_sequence":
+            return None
+        extra = stop.get("additionalModelResponseFields")
+        named = extra.get("stop_sequence") if isinstance(extra, dict) else None
+        if isinstance(named, str) and named:
+            return named
+        return self._stop[0] if len(self._stop) == 1 else None
+
+
+class _NativeEvents:
+    """InvokeModelWithResponseStream events (``chunk.bytes``: one Anthropic event each) →
+    :class:`NativeDelta` each, plus the neutral Finish and Usage after ``message_delta``."""
+
+    def __init__(self) -> None:
+        self.output = False  # the model has produced output (a content block began)
+        self._usage: dict[str, int] = {}
+
+    def deltas(self, event: Any) -> list[Delta]:
+        return malformed_is_upstream_error(self._deltas(event), "Amazon Bedrock")
+
+    def _deltas(self, event: dict[str, Any]) -> Iterator[Delta]:
+        if "chunk" not in event:
+            for key, value in event.items():  # exceptions botocore did not raise itself
+                if key.endswith("Exception"):
+                    raise _error(key[0].upper() + key[1:], str(value.get("message", "")))
+            return
+        payload = json.loads(event["chunk"]["bytes"])
+        kind = payload["type"]
+        if not isinstance(kind, str):
+            raise TypeError("event type")
+        if kind == "error":
+            error = payload["error"]
+            raise _error(_NATIVE_ERRORS.get(str(error.get("type")), "ModelStreamErrorException"),
+                         str(error.get("message", "")))
+        text, output = "", False
+        if kind == "message_start":
+            self._take_usage(payload["message"]["usage"])
+        elif kind == "content_block_start":
+            block = payload["content_block"]
+            output = self.output = True
+            text = str(block.get("name", "")) if block.get("type") == "tool_use" else ""
+        elif kind == "content_block_delta":
+            delta = payload["delta"]
+            piece = delta.get("text", delta.get("thinking", delta.get("partial_json", "")))
+            text, output = str(piece), True
+        elif kind == "message_stop":
+            # Bedrock's own invocation metrics are not part of Anthropic's event.
+            payload = {k: v for k, v in payload.items()
+                       if k != "amazon-bedrock-invocationMetrics"}
+        yield NativeDelta(payload, text, output)
+        if kind == "message_delta":
+            self._take_usage(payload.get("usage") or {})
+            reason = payload["delta"].get("stop_reason")
+            if reason not in NATIVE_STOP_REASONS:
+                raise UpstreamError("The model stopped abnormally "
+                                    f"({relayed(str(reason))[:64] or 'no reason'})")
+            sequence = payload["delta"].get("stop_sequence")
+            yield Finish(NATIVE_STOP_REASONS[reason],
+                         sequence if isinstance(sequence, str) else None)
+            u = self._usage
+            read, write = u.get("cache_read_input_tokens", 0), u.get(
+                "cache_creation_input_tokens", 0)
+            yield Usage(prompt_tokens=u.get("input_tokens", 0) + read + write,
+                        completion_tokens=u.get("output_tokens", 0),
+                        cached_tokens=read, cache_write_tokens=write)
+
+    def _take_usage(self, usage: Mapping[str, Any]) -> None:
+        """Anthropic's usage counts are cumulative: the latest of each wins."""
+        for name in ("input_tokens", "output_tokens", "cache_read_input_tokens",
+                     "cache_creation_input_tokens"):
+            value = usage.get(name)
+            if value is not None:
+                self._usage[name] = _count(value)
+
+
+def is_native(request: ChatRequest, model: str) -> bool:
+    """Whether a request goes to Bedrock in Anthropic's own Messages API."""
+    return (request.native is not None and request.native.dialect == "messages"
+            and is_claude(model))
+
+
+def native_request(request: ChatRequest, model: str, settings: Settings) -> dict[str, Any]:
+    """InvokeModelWithResponseStream keyword arguments for a native Messages request."""
+    assert request.native is not None
+    body: dict[str, Any] = {"anthropic_version": ANTHROPIC_VERSION}
+    for key, value in request.native.body.items():
+        if key not in NATIVE_FIELDS:
+            raise RequestError(f"'{key}' is not accepted by Claude on Amazon Bedrock",
+                               param=key)
+        body[key] = value
+    if "tools" in body:
+        body["tools"] = [_native_tool(tool, f"tools[{i}]")
+                         for i, tool in enumerate(body["tools"])]
+    if "max_tokens" not in body:  # counting: Claude's body needs one; it counts no input
+        body["max_tokens"] = (request.thinking_budget or 0) + 1
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("display") == "summarized":
+        # Summarised thinking is what Claude 4 models give anyway: the field is Anthropic's.
+        body["thinking"] = {k: v for k, v in thinking.items() if k != "display"}
+    betas = [b for b in request.native.betas if b in NATIVE_BETAS]
+    dropped = [b for b in request.native.betas if b not in NATIVE_BETAS]
+    if dropped:
+        logger.info("betas not forwarded to Bedrock: %s", ", ".join(d[:64] for d in dropped))
+    if betas:
+        body["anthropic_beta"] = betas
+    kwargs: dict[str, Any] = {
+        "modelId": model, "contentType": "application/json", "accept": "application/json",
+        "body": json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")}
+    if request.user:
+        kwargs["requestMetadata"] = json.dumps({"user": request.user[:256]})
+    if settings.bedrock_guardrail_id:
+        kwargs["guardrailIdentifier"] = settings.bedrock_guardrail_id
+        kwargs["guardrailVersion"] = settings.bedrock_guardrail_version or "DRAFT"
+    return kwargs
+
+
+def _native_tool(tool: Mapping[str, Any], at: str) -> dict[str, Any]:
+    out = {}
+    for key, value in tool.items():
+        if key in NATIVE_TOOL_FIELDS:
+            out[key] = value
+        elif key not in _NATIVE_STRIPPED_TOOL_FIELDS:
+            raise RequestError(f"'{at}.{key}' is not accepted by Claude on Amazon Bedrock",
+                               param=f"{at}.{key}")
+    return out
 
 
 def _count(value: Any) -> int:
@@ -350,13 +686,27 @@ def converse_request(request: ChatRequest, model: str, settings: Settings) -> di
     if request.temperature is not None and request.temperature > 1:
         raise RequestError("'temperature' must be between 0 and 1 for Bedrock models",
                            param="temperature")
-    system = [{"text": m.content} for m in request.messages
-              if m.role in ("system", "developer") and m.content]
+    if request.top_k is not None:
+        raise RequestError("'top_k' is supported on Bedrock only for Claude models, through "
+                           "the Messages API (POST /v1/messages)", param="top_k")
+    if request.tools and request.parallel_tool_calls is False:
+        raise RequestError("'parallel_tool_calls: false' cannot be enforced by this model",
+                           param="parallel_tool_calls")
+    caching = caches_prompts(model)
+    system: list[dict[str, Any]] = []
+    for m in request.messages:
+        if m.role in ("system", "developer"):
+            if m.content:
+                system.append({"text": m.content})
+            if m.cache_point and caching and system:
+                system.append(dict(_CACHE_POINT))
     messages: list[dict[str, Any]] = []
     for m in request.messages:
         if m.role in ("system", "developer"):
             continue
         role, blocks = _blocks(m)
+        if blocks and m.cache_point and caching:
+            blocks.append(dict(_CACHE_POINT))
         if not blocks:
             continue  # Converse rejects empty content; an empty turn says nothing anyway
         if messages and messages[-1]["role"] == role:
@@ -379,7 +729,7 @@ def converse_request(request: ChatRequest, model: str, settings: Settings) -> di
         kwargs["system"] = system
     if inference:
         kwargs["inferenceConfig"] = inference
-    tool_config = _tool_config(request)
+    tool_config = _tool_config(request, caching)
     if tool_config:
         kwargs["toolConfig"] = tool_config
     output_config = _output_config(request.response_format)
@@ -413,7 +763,7 @@ def _blocks(m: Message) -> tuple[str, list[dict[str, Any]]]:
     return m.role, blocks
 
 
-def _tool_config(request: ChatRequest) -> dict[str, Any] | None:
+def _tool_config(request: ChatRequest, caching: bool = False) -> dict[str, Any] | None:
     """``toolConfig``: the declared tools, plus any the history used (Converse rejects tool
     blocks without it). ``tool_choice: "none"`` has no Converse twin: the tools are left out,
     unless the history needs them."""
@@ -421,7 +771,12 @@ def _tool_config(request: ChatRequest) -> dict[str, Any] | None:
     if not history and (not request.tools or request.tool_choice == "none"):
         return None
     declared = {t.name: t for t in request.tools}
-    specs = [_tool_spec(declared.get(name), name) for name in _tool_names(request)]
+    specs = []
+    for name in _tool_names(request):
+        tool = declared.get(name)
+        specs.append(_tool_spec(tool, name))
+        if caching and tool is not None and tool.cache_point:
+            specs.append(dict(_CACHE_POINT))
     if not specs:
         return None  # tool results with no call anywhere: Converse explains the problem
     config: dict[str, Any] = {"tools": specs}
