@@ -165,6 +165,19 @@ def test_two_parallel_function_calls_are_two_output_items_in_order() -> None:
     assert stream.final["parallel_tool_calls"] is True
 
 
+def test_parallel_calls_whose_fragments_interleave_still_stream_each_item_whole() -> None:
+    # GIVEN a backend that sends the second call's start before the first call's arguments
+    stream, _ = _stream(ScriptedProvider([
+        ToolCallDelta(0, "", "call_1", "get_weather"),
+        ToolCallDelta(1, "", "call_2", "get_weather"),
+        ToolCallDelta(0, '{"city": "Oslo"}'), ToolCallDelta(1, '{"city": "Rome"}'),
+        Finish("tool_calls")], capabilities=TOOLS), {"input": "Oslo and Rome?",
+                                                     "tools": [WEATHER]})
+    # THEN each item's events still come between its added and done, and its arguments whole
+    assert [(c["call_id"], c["arguments"]) for c in stream.final["output"]] == [
+        ("call_1", '{"city": "Oslo"}'), ("call_2", '{"city": "Rome"}')]
+
+
 def test_custom_tool_calls_round_trip_name_input_and_call_id_exactly() -> None:
     # GIVEN Codex's apply_patch (a custom tool) and a history holding an earlier custom call
     provider = ScriptedProvider([

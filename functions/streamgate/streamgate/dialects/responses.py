@@ -775,8 +775,11 @@ class ResponsesEncoder:
         self._max_bytes = max_bytes
         self._seq = 0
         self._items: list[_Item] = []
-        self._open: _Item | None = None  # the item deltas go to
-        self._calls: dict[int, _Item] = {}  # tool-call index -> its item
+        # The text or reasoning item text deltas go to; a call or the other kind closes it.
+        self._open: _Item | None = None
+        # Tool-call index -> its item. Calls stay open until the answer ends: a backend may
+        # interleave the fragments of parallel calls, and a closed item cannot take more.
+        self._calls: dict[int, _Item] = {}
         self._finish_reason: str | None = None
 
     def headers(self, stream: bool) -> Mapping[str, str]:
@@ -826,11 +829,13 @@ class ResponsesEncoder:
         return self._event(kind, doc)
 
     def _switch(self, kind: str, *, call_id: str = "", name: str = "") -> bytes:
-        """Close the open item (if any) and open one of ``kind``."""
+        """Close the open text or reasoning item (if any) and open one of ``kind`` (a call
+        item is not the open one: it stays open beside it until the end)."""
         out = self._close_open()
         item = _Item(kind, len(self._items), call_id=call_id, name=name)
         self._items.append(item)
-        self._open = item
+        if kind in ("message", "reasoning"):
+            self._open = item
         out += self._event("response.output_item.added",
                            {"output_index": item.index, "item": item.doc()})
         if kind == "message":
@@ -896,7 +901,7 @@ class ResponsesEncoder:
 
     def end(self, outcome: Outcome) -> list[bytes]:
         out = self._close_open()
-        for item in self._items:  # calls the stream left open (interleaved indexes)
+        for item in self._items:  # the calls, in order
             if item.status == "in_progress":
                 out += self._done(item, "completed")
         status, incomplete = _status(outcome.finish_reason)
