@@ -230,6 +230,37 @@ def test_a_custom_tool_can_be_named_in_tool_choice() -> None:
     assert stream.final["output"][0]["input"] == "x"
 
 
+@pytest.mark.parametrize(("finish", "reason"), [("length", "max_output_tokens"),
+                                                ("content_filter", "content_filter")])
+def test_a_cut_answer_ends_with_response_incomplete_and_its_reason(finish: Any,
+                                                                   reason: str) -> None:
+    stream, _ = _stream(ScriptedProvider([TextDelta("Once upon"), Finish(finish),
+                                          Usage(5, 16)]),
+                        {"input": "A story", "max_output_tokens": 16})
+    assert stream.terminal == "response.incomplete"
+    assert stream.final["incomplete_details"] == {"reason": reason}
+    assert stream.final["max_output_tokens"] == 16
+    assert stream.final["output"][0]["status"] == "incomplete"
+    assert stream.final["completed_at"] is None
+
+
+def test_the_items_a_cut_answer_was_cut_in_are_incomplete_in_the_stream_and_the_document(
+) -> None:
+    # GIVEN an answer cut (max_output_tokens) in a call, after a message that was complete
+    def script() -> list[Step]:
+        return [TextDelta("Let me check."), ToolCallDelta(0, '{"ci', "call_1", "get_weather"),
+                Finish("length")]
+
+    body = {"input": "Weather?", "tools": [WEATHER], "max_output_tokens": 8}
+    stream, _ = _stream(ScriptedProvider(script(), capabilities=TOOLS), body)
+    doc = _document(ScriptedProvider(script(), capabilities=TOOLS), body)
+    # THEN the call is incomplete, the message is not, in output_item.done as in both Responses
+    done = [d["item"]["status"] for d in stream.of("response.output_item.done")]
+    assert done == ["completed", "incomplete"]
+    assert [i["status"] for i in stream.final["output"]] == done
+    assert _without_ids(doc) == _without_ids(stream.final)
+
+
 @pytest.mark.parametrize(("error", "code"), [
     (RateLimitError("Slow down", retry_after=3), "rate_limit_exceeded"),
     (UpstreamError("The model went away"), "server_error"),

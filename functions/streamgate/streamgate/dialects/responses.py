@@ -865,11 +865,11 @@ class ResponsesEncoder:
                 "delta": delta.arguments})
         return out  # a custom call's input is known when its arguments are complete
 
-    def _close_open(self) -> bytes:
+    def _close_open(self, status: str = "completed") -> bytes:
         item, self._open = self._open, None
         if item is None:
             return b""
-        return self._done(item, "completed")
+        return self._done(item, status)
 
     def _done(self, item: _Item, status: str) -> bytes:
         """The events that complete ``item``."""
@@ -900,18 +900,9 @@ class ResponsesEncoder:
                                  {"output_index": item.index, "item": item.doc()})
 
     def end(self, outcome: Outcome) -> list[bytes]:
-        out = self._close_open()
-        for item in self._items:  # the calls, in order
-            if item.status == "in_progress":
-                out += self._done(item, "completed")
-        status, incomplete = _status(outcome.finish_reason)
-        if incomplete is not None:
-            for item in self._items:
-                if item.kind == "message":
-                    item.status = "incomplete"
-        response = self._response(status, outcome, incomplete=incomplete)
-        self._keep(response)
-        kind = "response.completed" if status == "completed" else "response.incomplete"
+        out, response = self._finish(outcome)
+        kind = ("response.completed" if response["status"] == "completed"
+                else "response.incomplete")
         return [out + self._event(kind, {"response": response})]
 
     def fail(self, err: StreamgateError, outcome: Outcome) -> bytes:
@@ -925,28 +916,29 @@ class ResponsesEncoder:
         return self._event("response.failed", {"response": response})
 
     def document(self, answer: Answer, outcome: Outcome) -> bytes:
+        """The whole answer: the items a stream of these deltas ends with."""
         if answer.reasoning:
-            self._add("reasoning", answer.reasoning)
+            self.delta(ReasoningDelta(answer.reasoning))
         if answer.text:
-            self._add("message", answer.text)
-        for call in answer.tool_calls:
-            kind = ("custom_tool_call" if call.name in self.parsed.custom_tools
-                    else "function_call")
-            self._add(kind, call.arguments, call_id=call.id or new_id("call"), name=call.name)
-        status, incomplete = _status(outcome.finish_reason)
-        if incomplete is not None:
-            for item in self._items:
-                if item.kind == "message":
-                    item.status = "incomplete"
-        response = self._response(status, outcome, incomplete=incomplete)
-        self._keep(response)
+            self.delta(TextDelta(answer.text))
+        for i, call in enumerate(answer.tool_calls):
+            self.delta(ToolCallDelta(i, call.arguments, call.id or None, call.name))
+        _, response = self._finish(outcome)
         return sse.json_bytes(response)
 
-    def _add(self, kind: str, text: str, **names: str) -> None:
-        item = _Item(kind, len(self._items), **names)
-        item.parts.append(text)
-        item.status = "completed"
-        self._items.append(item)
+    def _finish(self, outcome: Outcome) -> tuple[bytes, dict[str, Any]]:
+        """Complete the items still open (the ones an answer cut short was cut in: their
+        status says so, in ``output_item.done`` as in the final response), then build and
+        keep the final Response."""
+        status, incomplete = _status(outcome.finish_reason)
+        item_status = "completed" if incomplete is None else "incomplete"
+        out = self._close_open(item_status)
+        for item in self._items:  # the calls, in order
+            if item.status == "in_progress":
+                out += self._done(item, item_status)
+        response = self._response(status, outcome, incomplete=incomplete)
+        self._keep(response)
+        return out, response
 
     # -- the Response object and the record -----------------------------------------------
 
