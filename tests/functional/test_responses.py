@@ -6,25 +6,45 @@ through the dev server with the real ``openai`` SDK. Every streamed event, ``Res
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
+import requests
+from openai.lib._pydantic import to_strict_json_schema
+from pydantic import BaseModel
 
+from streamgate.auth import Gate
+from streamgate.config import load_settings
 from streamgate.deadline import Deadline
 from streamgate.errors import RateLimitError, UpstreamError
 from streamgate.handler import App, Response
+from streamgate.keystore import KeyStore, table_definition
 from streamgate.providers import (
+    Delta,
     Finish,
     ReasoningDelta,
     TextDelta,
     ToolCallDelta,
     Usage,
 )
-from streamgate.validation import CAP_TOOLS, Message, ToolCall
+from streamgate.runtime import run
+from streamgate.validation import (
+    CAP_JSON_SCHEMA,
+    CAP_TOOLS,
+    ChatRequest,
+    Message,
+    ResponseFormat,
+    ToolCall,
+)
 from tests import responses_check as check
-from tests.helpers import ScriptedProvider, Step, body_bytes, chat_event, make_app
+from tests.conftest import running_dev_server
+from tests.fake_runtime_api import FakeRuntimeAPI
+from tests.helpers import ScriptedProvider, Step, body_bytes, chat_event, make_app, replay
 
 ROOT = Path(__file__).resolve().parents[2]
 PATH = "/v1/responses"
@@ -438,3 +458,349 @@ def test_storage_off_refuses_store_and_previous_response_id_with_a_400() -> None
     response, raw = _post(app, None, path=f"{PATH}/{json.loads(raw)['id']}", method="GET")
     assert response.status == 400 and _error(raw)["code"] == "storage_disabled"
     assert len(provider.requests) == 1
+
+
+# -- the openai SDK against the dev server ---------------------------------------------------
+
+
+class Turns(ScriptedProvider):
+    """Answers each request with the next of its scripts (a conversation's turns)."""
+
+    def __init__(self, *scripts: list[Step],
+                 capabilities: frozenset[str] = TOOLS) -> None:
+        super().__init__([], capabilities=capabilities)
+        self.scripts = list(scripts)
+
+    def stream(self, request: ChatRequest, model: str, deadline: Deadline) -> Iterator[Delta]:
+        self.requests.append((request, model))
+        return replay(self.scripts.pop(0), deadline)
+
+
+@contextmanager
+def _sdk(provider: ScriptedProvider, **settings: Any) -> Iterator[tuple[openai.OpenAI, str]]:
+    """The dev server on ``provider`` and an SDK client of it (no retries, bounded waits)."""
+    with running_dev_server(make_app(provider, **settings)) as url, \
+            openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                          timeout=30) as client:
+        yield client, url
+
+
+def _sdk_events(events: Iterable[Any]) -> check.Stream:
+    """The events the SDK parsed, checked as they came over the wire (the keys it got)."""
+    return check.check_events([(e.type, e.to_dict(mode="json", exclude_unset=True))
+                               for e in events])
+
+
+def _wire(model: BaseModel) -> dict[str, Any]:
+    doc: dict[str, Any] = model.to_dict(mode="json", exclude_unset=True)  # type: ignore[attr-defined]
+    return doc
+
+
+def test_sdk_create_streams_typed_events_and_returns_a_response_when_not_streaming() -> None:
+    with _sdk(ScriptedProvider()) as (client, _):
+        # WHEN the SDK streams
+        stream = _sdk_events(client.responses.create(model="scripted-1", input="hi",
+                                                     stream=True))
+        # THEN it parsed every event into its own types, ending with response.completed
+        assert stream.terminal == "response.completed"
+        assert "".join(d["delta"] for d in stream.of("response.output_text.delta")) == (
+            "Hello, world!")
+        # AND without a stream it gets one Response, valid and with its output_text
+        response = client.responses.create(model="scripted-1", input="hi")
+        check.response(_wire(response))
+        assert response.output_text == "Hello, world!"
+        assert response.usage is not None and response.usage.total_tokens == 9
+
+
+def test_sdk_stream_helper_gives_deltas_and_the_final_response() -> None:
+    with _sdk(ScriptedProvider()) as (client, _), client.responses.stream(
+            model="scripted-1", input="hi", instructions="Be kind") as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert deltas == ["Hello", ",", " world", "!"]
+    assert final.output_text == "Hello, world!" and final.status == "completed"
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+def test_sdk_parse_returns_the_pydantic_object_from_a_json_schema_answer() -> None:
+    provider = ScriptedProvider([TextDelta('{"name": "Ada'), TextDelta(' Lovelace", "age": 36}'),
+                                 Finish("stop"), Usage(30, 12)],
+                                capabilities=frozenset({CAP_JSON_SCHEMA}))
+    with _sdk(provider) as (client, _):
+        parsed = client.responses.parse(model="scripted-1", input="Who wrote the first program?",
+                                        text_format=Person)
+    assert parsed.output_parsed == Person(name="Ada Lovelace", age=36)
+    # The backend got the SDK's strict schema as the response format
+    (request, _), = provider.requests
+    assert request.response_format == ResponseFormat(
+        "json_schema", name="Person", schema=to_strict_json_schema(Person), strict=True)
+    assert parsed.text is not None and parsed.text.format.type == "json_schema"
+
+
+def _weather_turns() -> Turns:
+    return Turns([ToolCallDelta(0, "", "call_w1", "get_weather"),
+                  ToolCallDelta(0, '{"city": "Oslo"}'), Finish("tool_calls"), Usage(20, 8)],
+                 [TextDelta("Sunny, 21 °C."), Finish("stop"), Usage(40, 5)])
+
+
+WEATHER_HISTORY = (Message("user", "Weather in Oslo?", at="input[0]"),
+                   Message("assistant", "", tool_calls=(
+                       ToolCall("call_w1", "get_weather", '{"city": "Oslo"}'),)),
+                   Message("tool", "sunny, 21", tool_call_id="call_w1"))
+
+
+def _history(request: ChatRequest) -> tuple[tuple[str, str, tuple[ToolCall, ...],
+                                                  str | None], ...]:
+    return tuple((m.role, m.content, m.tool_calls, m.tool_call_id) for m in request.messages)
+
+
+def test_sdk_function_tool_round_trip_with_previous_response_id() -> None:
+    provider = _weather_turns()
+    with _sdk(provider) as (client, _):
+        # WHEN the model asks for the tool (streamed) ...
+        with client.responses.stream(model="scripted-1", input="Weather in Oslo?",
+                                     tools=[WEATHER]) as stream:  # type: ignore[list-item]
+            first = stream.get_final_response()
+        (call,) = first.output
+        assert call.type == "function_call" and call.name == "get_weather"
+        # ... and the answer goes back on the stored response
+        second = client.responses.create(
+            model="scripted-1", previous_response_id=first.id, tools=[WEATHER],  # type: ignore[list-item]
+            input=[{"type": "function_call_output", "call_id": call.call_id,
+                    "output": "sunny, 21"}])
+        items = list(client.responses.input_items.list(second.id, order="asc"))
+    # THEN the backend saw the whole conversation, and the model's answer came back
+    assert second.output_text == "Sunny, 21 °C." and second.previous_response_id == first.id
+    assert _history(provider.requests[1][0]) == tuple(
+        (m.role, m.content, m.tool_calls, m.tool_call_id) for m in WEATHER_HISTORY)
+    assert [i.type for i in items] == ["message", "function_call", "function_call_output"]
+    assert items[1].id == call.id
+
+
+def test_sdk_function_tool_round_trip_with_the_history_resent() -> None:
+    provider = _weather_turns()
+    with _sdk(provider) as (client, _):
+        first = client.responses.create(model="scripted-1", input="Weather in Oslo?",
+                                        tools=[WEATHER], store=False)  # type: ignore[list-item]
+        (call,) = first.output
+        assert call.type == "function_call"
+        second = client.responses.create(
+            model="scripted-1", store=False, tools=[WEATHER],  # type: ignore[list-item]
+            input=[{"role": "user", "content": "Weather in Oslo?"},
+                   *(item.model_dump(exclude_none=True) for item in first.output),
+                   {"type": "function_call_output", "call_id": call.call_id,
+                    "output": "sunny, 21"}])
+        # AND what was not stored cannot be continued from
+        with pytest.raises(openai.NotFoundError) as info:
+            client.responses.create(model="scripted-1", previous_response_id=first.id,
+                                    input="And tomorrow?")
+    assert second.output_text == "Sunny, 21 °C."
+    assert _history(provider.requests[1][0]) == tuple(
+        (m.role, m.content, m.tool_calls, m.tool_call_id) for m in WEATHER_HISTORY)
+    assert info.value.status_code == 404
+    assert isinstance(info.value.body, dict)
+    assert info.value.body["param"] == "previous_response_id"
+    assert len(provider.requests) == 2
+
+
+def test_sdk_retrieves_lists_pages_of_input_items_and_deletes_a_stored_response() -> None:
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"}
+             for i in range(5)]
+    with _sdk(ScriptedProvider()) as (client, url):
+        created = client.responses.create(model="scripted-1", input=turns,  # type: ignore[arg-type]
+                                          metadata={"case": "pages"})
+        # retrieve: the same Response, strictly valid
+        got = client.responses.retrieve(created.id)
+        assert _wire(got) == _wire(created)
+        check.response(requests.get(f"{url}/v1/responses/{created.id}", timeout=10).json())
+        # input items: pages of 2 ascending, the SDK following ``after`` across pages
+        page = client.responses.input_items.list(created.id, limit=2, order="asc")
+        assert [i.content[0].text for i in page.data] == ["turn 0", "turn 1"]  # type: ignore[union-attr]
+        assert page.has_more is True
+        every = list(client.responses.input_items.list(created.id, limit=2, order="asc"))
+        assert [i.content[0].text for i in every] == [f"turn {i}" for i in range(5)]  # type: ignore[union-attr]
+        newest = list(client.responses.input_items.list(created.id))
+        assert [i.id for i in newest] == [i.id for i in reversed(every)]
+        after = client.responses.input_items.list(created.id, after=every[1].id, order="asc",
+                                                  limit=10)
+        assert [i.id for i in after.data] == [i.id for i in every[2:]]
+        assert after.has_more is False
+        for query in ("limit=2&order=asc", f"after={every[3].id}&order=desc", "limit=100"):
+            raw = requests.get(f"{url}/v1/responses/{created.id}/input_items?{query}",
+                               timeout=10).json()
+            check.item_list(raw)
+        # delete: gone afterwards, for every read
+        assert client.responses.delete(created.id) is None
+        for read in (lambda: client.responses.retrieve(created.id),
+                     lambda: client.responses.delete(created.id),
+                     lambda: client.responses.input_items.list(created.id)):
+            with pytest.raises(openai.NotFoundError):
+                read()
+
+
+@pytest.mark.parametrize(("store", "call", "error", "status"), [
+    ("memory", lambda c: c.responses.create(model="scripted-1", input="hi",
+                                            tools=[{"type": "web_search"}]),
+     openai.BadRequestError, 400),
+    ("memory", lambda c: c.responses.create(model="nope", input="hi"),
+     openai.NotFoundError, 404),
+    ("memory", lambda c: c.responses.create(model="scripted-1", input="x" * 3_000, stream=True),
+     openai.APIStatusError, 413),
+    ("memory", lambda c: c.responses.retrieve("resp_unknown"), openai.NotFoundError, 404),
+    ("off", lambda c: c.responses.create(model="scripted-1", input="hi", store=True),
+     openai.BadRequestError, 400),
+], ids=["hosted-tool", "unknown-model", "too-large", "unknown-response", "storage-off"])
+def test_sdk_errors_raise_the_sdks_own_exception_classes(
+        store: str, call: Any, error: type[Exception], status: int) -> None:
+    with _sdk(ScriptedProvider(), max_body_bytes=2_000, responses_store=store) as (client, _), \
+            pytest.raises(error) as info:
+        call(client)
+    assert isinstance(info.value, openai.APIStatusError)
+    assert info.value.status_code == status
+
+
+def test_sdk_rate_limit_is_a_rate_limit_error_and_a_failure_mid_stream_a_failed_event() -> None:
+    with _sdk(ScriptedProvider([RateLimitError("Too many requests", retry_after=2)])) as (
+            client, _), pytest.raises(openai.RateLimitError) as info:
+        client.responses.create(model="scripted-1", input="hi", stream=True)
+    assert info.value.response.headers["retry-after"] == "2"
+    # AFTER the first byte: the SDK yields response.failed; its helper has no final response
+    with _sdk(ScriptedProvider([TextDelta("Par"), RateLimitError("Slow down")])) as (client, _):
+        stream = _sdk_events(client.responses.create(model="scripted-1", input="hi",
+                                                     stream=True))
+        assert stream.final["error"]["code"] == "rate_limit_exceeded"
+        with client.responses.stream(model="scripted-1", input="hi") as helper:
+            for _ in helper:
+                pass
+            with pytest.raises(RuntimeError, match="response.completed"):
+                helper.get_final_response()
+
+
+# -- stored responses belong to the key that created them -----------------------------------
+
+KEYS_TABLE = "streamgate-keys"
+
+
+@pytest.fixture
+def keys(monkeypatch: pytest.MonkeyPatch) -> Iterator[KeyStore]:
+    """The keys table, made from template.yaml's definition, under moto."""
+    from moto import mock_aws
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_DYNAMODB", raising=False)
+    with mock_aws():
+        store = KeyStore(KEYS_TABLE)
+        store.create_table(table_definition(ROOT / "template.yaml"))
+        yield store
+
+
+def test_a_stored_response_exists_only_for_the_key_that_created_it(keys: KeyStore) -> None:
+    alice, _ = keys.create("alice")
+    bob, _ = keys.create("bob")
+    narrow, _ = keys.create("narrow", models=("scripted-2",))
+    settings = load_settings({}, provider="local", auth="api_key", keys_table=KEYS_TABLE,
+                             key_cache_ttl_s=0)
+    app = App(settings, ScriptedProvider(), gate=Gate(settings, keys))
+
+    def client(url: str, key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=30)
+
+    with running_dev_server(app) as url:
+        a, b = client(url, alice), client(url, bob)
+        created = a.responses.create(model="scripted-1", input="Alice's plans")
+        # WHEN another key reads, lists, deletes or continues from it, THEN it does not exist
+        reads = {"retrieve": lambda: b.responses.retrieve(created.id),
+                 "delete": lambda: b.responses.delete(created.id),
+                 "input_items": lambda: b.responses.input_items.list(created.id),
+                 "previous_response_id": lambda: b.responses.create(
+                     model="scripted-1", previous_response_id=created.id, input="and?")}
+        bodies = {}
+        for name, read in reads.items():
+            with pytest.raises(openai.NotFoundError) as info:
+                read()
+            bodies[name] = info.value.body
+        # ... exactly as an id nobody has (nothing tells one from the other)
+        unknown = "resp_" + "0" * 32
+        with pytest.raises(openai.NotFoundError) as info:
+            b.responses.retrieve(unknown)
+        assert json.loads(json.dumps(info.value.body).replace(unknown, created.id)) == (
+            bodies["retrieve"]) == bodies["delete"] == bodies["input_items"]
+        assert bodies["retrieve"] == {
+            "message": f"Response with id '{created.id}' not found.",
+            "type": "invalid_request_error", "param": None, "code": "response_not_found"}
+        assert bodies["previous_response_id"] == {**bodies["retrieve"],
+                                                  "param": "previous_response_id"}
+        # AND it is still there, whole, for its owner
+        assert a.responses.retrieve(created.id).output_text == "Hello, world!"
+        # A key that is not one is a 401, one that may not use the model a 403
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "sgk_" + "x" * 43).responses.retrieve(created.id)
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "sgk_" + "x" * 43).responses.create(model="scripted-1", input="hi")
+        with pytest.raises(openai.PermissionDeniedError):
+            client(url, narrow).responses.create(model="scripted-1", input="hi")
+
+
+# -- both drivers, the same bytes ---------------------------------------------------------------
+
+_RANDOM_ID = re.compile(rb"\b(resp|msg|fc|rs|ctc|call)_[0-9a-f]{32}\b")
+_TIME = re.compile(rb'"(created_at|completed_at)":\d+')
+
+
+def _normalised(raw: bytes) -> bytes:
+    """``raw`` with each random id numbered in order of appearance and times zeroed: two runs
+    of one request then compare equal only if their ids repeat in the same places."""
+    seen: dict[bytes, bytes] = {}
+
+    def number(match: re.Match[bytes]) -> bytes:
+        if match.group(0) not in seen:
+            seen[match.group(0)] = match.group(1) + b"_%d" % len(seen)
+        return seen[match.group(0)]
+
+    return _TIME.sub(rb'"\1":0', _RANDOM_ID.sub(number, raw))
+
+
+def _both_turns() -> list[Step]:
+    return [ReasoningDelta("Plan."), TextDelta("Looking it up."),
+            ToolCallDelta(0, '{"city": "Oslo"}', "call_1", "get_weather"),
+            ToolCallDelta(1, json.dumps({"input": PATCH}), None, "apply_patch"),
+            Finish("tool_calls"), Usage(12, 9)]
+
+
+@pytest.mark.parametrize("body", [
+    {"input": "Weather?", "tools": [WEATHER, APPLY_PATCH], "stream": True},
+    {"input": "Weather?", "tools": [WEATHER, APPLY_PATCH]},
+    {"input": "Weather?", "tools": [{"type": "web_search"}], "stream": True},
+], ids=["stream", "document", "error"])
+def test_the_lambda_loop_sends_the_bytes_the_dev_server_sends(body: dict[str, Any]) -> None:
+    body = {"model": "scripted-1", **body}
+    # GIVEN one request through the dev server ...
+    with running_dev_server(make_app(ScriptedProvider(_both_turns(),
+                                                      capabilities=TOOLS))) as url:
+        served = requests.post(f"{url}{PATH}", json=body, timeout=30)
+    # ... and through the runtime loop on a fake Runtime API
+    api = FakeRuntimeAPI([chat_event(body, path=PATH)])
+    environ = {"AWS_LAMBDA_RUNTIME_API": api.address, "AWS_LAMBDA_FUNCTION_NAME": "streamgate",
+               "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "1024"}
+    assert run(make_app(ScriptedProvider(_both_turns(), capabilities=TOOLS)),
+               environ=environ) == 0
+    api.close()
+    (posted,) = api.posted
+    prelude_bytes, nuls, looped = posted.chunks[0][1].partition(b"\x00" * 8)
+    prelude = json.loads(prelude_bytes)
+    looped += b"".join(data for _, data in posted.chunks[1:])
+    # THEN status, content type and body are the same, ids and times aside
+    assert nuls and prelude["statusCode"] == served.status_code
+    assert prelude["headers"]["content-type"] == served.headers["content-type"]
+    assert _normalised(looped) == _normalised(served.content)
+    if served.status_code == 200 and body.get("stream"):
+        assert check.check_stream(looped).terminal == "response.completed"
+    elif served.status_code == 200:
+        check.response(json.loads(looped))
+    assert posted.trailers == {}
