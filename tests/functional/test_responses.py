@@ -425,6 +425,21 @@ def test_what_cannot_be_honoured_is_a_400_naming_the_field(body: dict[str, Any],
     assert provider.requests == []
 
 
+def test_codex_client_metadata_is_accepted_and_changes_nothing() -> None:
+    # GIVEN Codex's client_metadata (ids about the client, as strings), as Codex 0.171 sends it
+    metadata = {"session_id": "01a23b34", "turn_id": "01a23b35",
+                "x-codex-turn-metadata": json.dumps({"sandbox": "none", "window_number": 0})}
+    provider = ScriptedProvider()
+    response, raw = _post(make_app(provider), {"input": "hi", "client_metadata": metadata})
+    # THEN it is answered as without it, and client_metadata is not echoed
+    assert response.status == 200, raw
+    doc = check.response(json.loads(raw))
+    assert doc.output_text == "Hello, world!" and "client_metadata" not in json.loads(raw)
+    # AND anything but an object of strings is a 400 naming it
+    response, raw = _post(make_app(provider), {"input": "hi", "client_metadata": {"n": 1}})
+    assert response.status == 400 and _error(raw)["param"] == "client_metadata"
+
+
 def test_errors_before_the_first_byte_have_their_status_and_openai_body() -> None:
     # 404: an unknown model; 413: a body over the limit; 429: the backend throttles first
     app = make_app(ScriptedProvider(), max_body_bytes=2_000)

@@ -17,7 +17,8 @@ round-trip exactly. A custom tool's grammar (``format``) is given to the model i
 description: no backend here can enforce a Lark or regex grammar. ``reasoning`` items sent back
 are accepted and not sent to the backend (the chat backends take no earlier reasoning).
 ``reasoning.effort`` and ``.summary`` are accepted and echoed; they do not change what the
-backends do (README). Hosted tools, ``background``, ``conversation``, ``prompt``,
+backends do (README). Codex's ``client_metadata`` (ids describing the client) is accepted and
+not kept. Hosted tools, ``background``, ``conversation``, ``prompt``,
 ``truncation: "auto"`` and everything else we cannot honour are a 400 naming the field.
 
 **Answer → events.** ``response.created``, ``response.in_progress``; per output item
@@ -113,7 +114,7 @@ _FIELDS = frozenset({
     "max_output_tokens", "temperature", "top_p", "text", "reasoning", "stream",
     "stream_options", "store", "previous_response_id", "include", "metadata", "user",
     "safety_identifier", "prompt_cache_key", "truncation", "service_tier", "background",
-    "top_logprobs", "max_tool_calls",
+    "top_logprobs", "max_tool_calls", "client_metadata",
 })
 _ITEM_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco",
                 "custom_tool_call": "ctc", "custom_tool_call_output": "ctco",
@@ -275,6 +276,7 @@ class _Parser:
         store = storage_on if store_flag is None else bool(store_flag)
         _include(data.get("include"))
         metadata = _metadata(data.get("metadata"))
+        _client_metadata(data.get("client_metadata"))
         instructions = optional(data, "instructions", str)
         tools, custom = _tools(data.get("tools"))
         tool_choice, tool_choice_name, choice_doc = _tool_choice(data.get("tool_choice"),
@@ -409,6 +411,17 @@ def _metadata(value: object) -> dict[str, str] | None:
                            "values (keys up to 64 characters, values up to 512)",
                            param="metadata")
     return dict(value)
+
+
+def _client_metadata(value: object) -> None:
+    """Codex's ``client_metadata`` (its session, turn and window ids, as strings): what the
+    client says about itself, asking nothing of the answer, so accepted and not kept."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise RequestError("'client_metadata' must be an object of string values",
+                           param="client_metadata")
 
 
 def _reasoning(value: object) -> dict[str, Any] | None:
