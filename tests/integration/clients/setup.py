@@ -1,0 +1,80 @@
+"""The client programs the integration tests drive, installed where they can be: from
+package.json / package-lock.json beside this file, the Codex CLI (npm ``@openai/codex``, pinned;
+its native binary comes inside the registry's platform package, so nothing else is fetched).
+
+The packages go to a cache outside the repository, one folder per lock file:
+``$STREAMGATE_CLIENTS_CACHE`` or ``~/.cache/streamgate/clients/<lock hash>``.
+
+``make test`` runs this first (``python -m tests.integration.clients.setup``); the tests' fixture
+calls the same function, so ``pytest`` alone works too. Nothing here fails the run: what cannot be
+installed is reported, and the tests that need it skip with that reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LOCK = HERE / "package-lock.json"
+NPM_TIMEOUT_S = 600
+
+
+class Unavailable(Exception):
+    """Why a client cannot run here (the skip reason)."""
+
+
+def node_modules() -> Path:
+    """``node_modules`` with exactly the locked packages (``npm ci``), cached by lock hash."""
+    if not shutil.which("node"):
+        raise Unavailable("Node.js is not installed (Codex CLI ships as an npm package): "
+                          "install nodejs and npm")
+    npm = shutil.which("npm")
+    if not npm:
+        raise Unavailable("npm is not installed: install npm")
+    digest = hashlib.sha256(LOCK.read_bytes()).hexdigest()[:16]
+    root = Path(os.environ.get("STREAMGATE_CLIENTS_CACHE")
+                or Path.home() / ".cache" / "streamgate" / "clients") / digest
+    modules = root / "node_modules"
+    done = root / ".installed"
+    if done.is_file():
+        return modules
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("package.json", "package-lock.json"):
+        shutil.copyfile(HERE / name, root / name)
+    command = [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"]
+    try:
+        result = subprocess.run(command, cwd=root, capture_output=True, text=True,
+                                timeout=NPM_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired as e:
+        raise Unavailable(f"`npm ci` did not finish in {NPM_TIMEOUT_S} s") from e
+    if result.returncode != 0:
+        raise Unavailable(f"`npm ci` failed ({result.returncode}): "
+                          f"{(result.stderr or result.stdout).strip()[-500:]}")
+    done.write_text(digest + "\n")
+    return modules
+
+
+def codex() -> Path:
+    """The ``codex`` command of the pinned Codex CLI."""
+    path = node_modules() / ".bin" / "codex"
+    if not os.access(path, os.X_OK):
+        raise Unavailable(f"npm installed @openai/codex, yet {path} is not executable")
+    return path
+
+
+def main() -> int:
+    """Install what can be installed and say what is missing; never fails the build."""
+    try:
+        print(f"client tests: codex: {codex()}")
+    except Unavailable as e:
+        print(f"Codex CLI tests will be skipped: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
