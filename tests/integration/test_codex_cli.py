@@ -11,24 +11,23 @@ first); where it cannot be installed these tests skip and say why. No network is
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from streamgate.deadline import Deadline
-from streamgate.handler import App, LambdaContext, Response
 from streamgate.providers import Delta, Finish, TextDelta, ToolCallDelta, Usage
 from streamgate.validation import CAP_TOOLS, ChatRequest, ToolCall
 from tests import responses_check as check
 from tests.conftest import running_dev_server
 from tests.helpers import ScriptedProvider, make_app, replay
 from tests.integration.clients import setup
+from tests.recording import recording
 
 pytestmark = pytest.mark.clients
 
@@ -83,35 +82,6 @@ class CodexTask(ScriptedProvider):
         return replay([*script, Usage(100, 10)], deadline)
 
 
-class Recording(App):
-    """The app, recording each request (headers, JSON body) and the bytes answered to it."""
-
-    exchanges: list[tuple[dict[str, str], dict[str, Any], int, list[bytes]]]
-
-    def handle(self, event: Mapping[str, Any], context: LambdaContext | None = None, *,
-               deadline: Deadline | None = None, own_origin: str | None = None) -> Response:
-        response = super().handle(event, context, deadline=deadline, own_origin=own_origin)
-        body = event.get("body") or ""
-        if event.get("isBase64Encoded"):
-            body = base64.b64decode(body).decode()
-        sent: list[bytes] = []
-        self.exchanges.append((dict(event["headers"]), json.loads(body) if body else {},
-                               response.status, sent))
-        response.body = _tee(response.body, sent)
-        return response
-
-
-def _tee(body: Iterator[bytes], sent: list[bytes]) -> Iterator[bytes]:
-    try:
-        for piece in body:
-            sent.append(piece)
-            yield piece
-    finally:
-        close = getattr(body, "close", None)
-        if close is not None:
-            close()
-
-
 def _run_codex(codex: Path, url: str, home: Path, work: Path,
                prompt: str) -> subprocess.CompletedProcess[str]:
     (home / "catalog.json").write_text(json.dumps(CATALOG))
@@ -149,8 +119,7 @@ wire_api = "responses"
 def test_codex_exec_patches_runs_a_command_and_answers_through_the_responses_api(
         codex: Path, tmp_path: Path) -> None:
     provider = CodexTask(capabilities=frozenset({CAP_TOOLS}), models=[MODEL])
-    app = Recording(make_app(provider).settings, provider)
-    app.exchanges = []
+    app = recording(make_app(provider))
     home, work = tmp_path / "codex-home", tmp_path / "work"
     home.mkdir()
     work.mkdir()
@@ -164,12 +133,12 @@ def test_codex_exec_patches_runs_a_command_and_answers_through_the_responses_api
     assert f"OpenAI Codex v{CODEX_VERSION}" in done.stderr
 
     # AND every answer was a valid Responses stream, ending in response.completed
-    assert [status for _, _, status, _ in app.exchanges] == [200, 200, 200]
-    for _, _, _, sent in app.exchanges:
-        assert check.check_stream(b"".join(sent)).terminal == "response.completed"
+    assert [e.status for e in app.exchanges] == [200, 200, 200]
+    for exchange in app.exchanges:
+        assert check.check_stream(exchange.answer).terminal == "response.completed"
 
     # AND this is what Codex sent, three times: the fields ...
-    bodies = [body for _, body, _, _ in app.exchanges]
+    bodies = [e.body for e in app.exchanges]
     for body in bodies:
         assert sorted(body) == ["client_metadata", "include", "input", "model",
                                 "parallel_tool_calls", "prompt_cache_key", "reasoning",
@@ -200,7 +169,7 @@ def test_codex_exec_patches_runs_a_command_and_answers_through_the_responses_api
     assert (patch_call["call_id"], patch_call["name"], patch_call["input"]) == (
         "call_patch", "apply_patch", PATCH)
     # ... and the headers
-    for headers, _, _, _ in app.exchanges:
+    for headers in (e.headers for e in app.exchanges):
         assert headers["authorization"] == f"Bearer {KEY}"
         assert headers["accept"] == "text/event-stream"
         assert headers["content-type"] == "application/json"
