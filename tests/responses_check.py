@@ -14,6 +14,7 @@ from functools import cache
 from typing import Any
 
 from openai.types.responses import Response, ResponseItemList, ResponseStreamEvent
+from openai.types.responses.response_item import ResponseItem
 from pydantic import BaseModel, TypeAdapter
 
 # Codes a failed response carries that openai-python's ResponseError.code does not list, yet
@@ -86,8 +87,31 @@ def response(doc: Any) -> Response:
 
 
 def item_list(doc: Any) -> ResponseItemList:
+    for item in doc["data"]:  # one by one first, so that an error names one model
+        strict(_item_type(item), item)
     obj: ResponseItemList = strict(ResponseItemList, doc)
     return obj
+
+
+@cache
+def _items() -> dict[str, list[type[BaseModel]]]:
+    union = typing.get_args(ResponseItem)[0]
+    out: dict[str, list[type[BaseModel]]] = {}
+    for member in typing.get_args(union):
+        out.setdefault(typing.get_args(member.model_fields["type"].annotation)[0],
+                       []).append(member)
+    return out
+
+
+def _item_type(item: dict[str, Any]) -> type[BaseModel]:
+    """ResponseItem's member for ``item``: by type, and for a message by role (an assistant
+    message is an output message, any other an input message)."""
+    members = _items().get(item.get("type", ""), [])
+    assert members, f"openai-python has no input item of type {item.get('type')!r}"
+    if item["type"] == "message":
+        output = item.get("role") == "assistant"
+        members = [m for m in members if (m.__name__ == "ResponseOutputMessage") == output]
+    return members[0]
 
 
 @dataclass

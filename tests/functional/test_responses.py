@@ -34,6 +34,7 @@ from streamgate.providers import (
 )
 from streamgate.runtime import run
 from streamgate.validation import (
+    CAP_IMAGES,
     CAP_JSON_SCHEMA,
     CAP_TOOLS,
     ChatRequest,
@@ -64,9 +65,10 @@ PATCH = ("*** Begin Patch\n*** Add File: hello.txt\n+Hello, \"world\" \\ ünïco
 
 
 def _post(app: App, body: Any, *, headers: Mapping[str, str] | None = None,
-          path: str = PATH, method: str = "POST") -> tuple[Response, bytes]:
-    response = app.handle(chat_event(body, path=path, method=method,
-                                     headers=dict(headers or {})))
+          path: str = PATH, method: str = "POST", query: str = "") -> tuple[Response, bytes]:
+    event = chat_event(body, path=path, method=method, headers=dict(headers or {}))
+    event["rawQueryString"] = query
+    response = app.handle(event)
     raw = body_bytes(response)
     response.close()
     return response, raw
@@ -342,6 +344,43 @@ def test_a_cut_answer_that_does_not_stream_is_an_incomplete_response() -> None:
                     {"input": "A story", "max_output_tokens": 1})
     assert (doc["status"], doc["incomplete_details"]) == ("incomplete",
                                                           {"reason": "max_output_tokens"})
+
+
+def test_every_kind_of_input_item_is_listed_as_openai_python_types_say() -> None:
+    # GIVEN a stored response whose input holds every kind of item we take
+    items: list[dict[str, Any]] = [
+        {"role": "system", "content": "Be brief"},
+        {"role": "developer", "content": [{"type": "input_text", "text": "Use tools"}]},
+        {"role": "user", "content": [
+            {"type": "input_text", "text": "What is this?"},
+            {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo=",
+             "detail": "auto"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": [],
+         "content": [{"type": "reasoning_text", "text": "A picture."}]},
+        {"type": "message", "role": "assistant", "content": [
+            {"type": "output_text", "text": "Let me look.", "annotations": []}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather",
+         "arguments": '{"city": "Oslo"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        {"type": "custom_tool_call", "call_id": "c2", "name": "apply_patch", "input": PATCH},
+        {"type": "custom_tool_call_output", "call_id": "c2",
+         "output": [{"type": "input_text", "text": "Done"}]},
+        {"role": "assistant", "content": "Patched."},
+        {"role": "user", "content": "Thanks"},
+    ]
+    app = make_app(ScriptedProvider(capabilities=frozenset({CAP_TOOLS, CAP_IMAGES})))
+    response, raw = _post(app, {"input": items, "tools": [WEATHER, APPLY_PATCH]})
+    assert response.status == 200, raw
+    # WHEN its input items are listed
+    response, raw = _post(app, None, path=f"{PATH}/{json.loads(raw)['id']}/input_items",
+                          method="GET", query="order=asc&limit=100")
+    # THEN each is valid as openai-python's ResponseItem (an id, and a status on calls and
+    # their outputs), in the order sent
+    listed = json.loads(raw)
+    check.item_list(listed)
+    assert [(i["type"], i.get("role")) for i in listed["data"]] == [
+        (i.get("type", "message"), i.get("role")) for i in items]
+    assert [i["status"] for i in listed["data"] if "call" in i["type"]] == ["completed"] * 4
 
 
 # -- errors before the first byte: a status and OpenAI's error body ------------------------

@@ -696,12 +696,18 @@ def _output_text(output: object, at: str) -> str:
     return "".join(texts)
 
 
+# Input items the input-items list gives a status (openai-python's ResponseItem types require it).
+_STATUSED = frozenset({*_CALLS, *_OUTPUTS})
+
+
 def _number_items(items: list[dict[str, Any]]) -> None:
-    """Give every input item an id (the input-items list needs them), and calls a status."""
+    """Give every input item an id, and assistant messages, calls and their outputs a status
+    (the input-items list needs them)."""
     for item in items:
         if not isinstance(item.get("id"), str) or not item["id"]:
             item["id"] = new_id(_ITEM_PREFIX.get(item.get("type", "message"), "item"))
-        if item.get("type") == "message" and item.get("role") == "assistant":
+        if item.get("type") in _STATUSED or (item.get("type") == "message"
+                                              and item.get("role") == "assistant"):
             item.setdefault("status", "completed")
 
 
