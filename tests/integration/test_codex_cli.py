@@ -1,7 +1,8 @@
 """Codex CLI (npm ``@openai/codex``, pinned in clients/package.json) against the dev server: a
 custom model provider with ``wire_api = "responses"`` in a temporary CODEX_HOME, ``codex exec``
-through a patch (Codex's freeform ``apply_patch``, a custom tool) and a shell command (its
-``exec_command``, a function tool) from a scripted model, exiting 0 with the model's final text.
+through reasoning, text and a patch (Codex's freeform ``apply_patch``, a custom tool), then a
+shell command (its ``exec_command``, a function tool) from a scripted model, exiting 0 with the
+model's final text.
 
 What Codex sends is recorded and asserted: the request fields, the tools and their types, the
 headers. Every answer the dev server sent is checked against openai-python's types as it went
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 
 from streamgate.deadline import Deadline
-from streamgate.providers import Delta, Finish, TextDelta, ToolCallDelta, Usage
+from streamgate.providers import Delta, Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
 from streamgate.validation import CAP_TOOLS, ChatRequest, ToolCall
 from tests import responses_check as check
 from tests.conftest import running_dev_server
@@ -69,7 +70,9 @@ class CodexTask(ScriptedProvider):
         self.requests.append((request, model))
         outputs = [m.content for m in request.messages if m.role == "tool"]
         if not outputs:
-            script: list[Any] = [ToolCallDelta(0, "", "call_patch", "apply_patch"),
+            script: list[Any] = [ReasoningDelta("The file does not exist yet."),
+                                 TextDelta("Adding hello.txt."),
+                                 ToolCallDelta(0, "", "call_patch", "apply_patch"),
                                  ToolCallDelta(0, json.dumps({"input": PATCH})),
                                  Finish("tool_calls")]
         elif len(outputs) == 1:
@@ -164,8 +167,14 @@ def test_codex_exec_patches_runs_a_command_and_answers_through_the_responses_api
             ("message", "user")]
     # ... each turn's calls and outputs sent back with the ids we gave them
     assert [i["type"] for i in bodies[2]["input"][4:]] == [
-        "custom_tool_call", "custom_tool_call_output", "function_call", "function_call_output"]
-    patch_call = bodies[2]["input"][4]
+        "reasoning", "message", "custom_tool_call", "custom_tool_call_output", "function_call",
+        "function_call_output"]
+    reasoning, message, patch_call = bodies[2]["input"][4:7]
+    # (our reasoning item comes back with its text, and encrypted_content null)
+    assert (reasoning["content"], reasoning["encrypted_content"]) == (
+        [{"type": "reasoning_text", "text": "The file does not exist yet."}], None)
+    assert message["role"] == "assistant" and message["content"][0]["text"] == (
+        "Adding hello.txt.")
     assert (patch_call["call_id"], patch_call["name"], patch_call["input"]) == (
         "call_patch", "apply_patch", PATCH)
     # ... and the headers
