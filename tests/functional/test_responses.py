@@ -827,23 +827,27 @@ def _both_turns() -> list[Step]:
             Finish("tool_calls"), Usage(12, 9)]
 
 
-@pytest.mark.parametrize("body", [
-    {"input": "Weather?", "tools": [WEATHER, APPLY_PATCH], "stream": True},
-    {"input": "Weather?", "tools": [WEATHER, APPLY_PATCH]},
-    {"input": "Weather?", "tools": [{"type": "web_search"}], "stream": True},
-], ids=["stream", "document", "error"])
-def test_the_lambda_loop_sends_the_bytes_the_dev_server_sends(body: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("body", "failing"), [
+    ({"input": "Weather?", "tools": [WEATHER, APPLY_PATCH], "stream": True}, False),
+    ({"input": "Weather?", "tools": [WEATHER, APPLY_PATCH]}, False),
+    ({"input": "Weather?", "tools": [{"type": "web_search"}], "stream": True}, False),
+    ({"input": "Weather?", "stream": True}, True),
+], ids=["stream", "document", "error", "failure"])
+def test_the_lambda_loop_sends_the_bytes_the_dev_server_sends(body: dict[str, Any],
+                                                              failing: bool) -> None:
     body = {"model": "scripted-1", **body}
     # GIVEN one request through the dev server ...
-    with running_dev_server(make_app(ScriptedProvider(_both_turns(),
-                                                      capabilities=TOOLS))) as url:
+    def turns() -> list[Step]:
+        return [TextDelta("Looking"), UpstreamError("The model went away")] if failing \
+            else _both_turns()
+
+    with running_dev_server(make_app(ScriptedProvider(turns(), capabilities=TOOLS))) as url:
         served = requests.post(f"{url}{PATH}", json=body, timeout=30)
     # ... and through the runtime loop on a fake Runtime API
     api = FakeRuntimeAPI([chat_event(body, path=PATH)])
     environ = {"AWS_LAMBDA_RUNTIME_API": api.address, "AWS_LAMBDA_FUNCTION_NAME": "streamgate",
                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "1024"}
-    assert run(make_app(ScriptedProvider(_both_turns(), capabilities=TOOLS)),
-               environ=environ) == 0
+    assert run(make_app(ScriptedProvider(turns(), capabilities=TOOLS)), environ=environ) == 0
     api.close()
     (posted,) = api.posted
     prelude_bytes, nuls, looped = posted.chunks[0][1].partition(b"\x00" * 8)
@@ -854,7 +858,11 @@ def test_the_lambda_loop_sends_the_bytes_the_dev_server_sends(body: dict[str, An
     assert prelude["headers"]["content-type"] == served.headers["content-type"]
     assert _normalised(looped) == _normalised(served.content)
     if served.status_code == 200 and body.get("stream"):
-        assert check.check_stream(looped).terminal == "response.completed"
+        terminal = check.check_stream(looped).terminal
+        assert terminal == ("response.failed" if failing else "response.completed")
     elif served.status_code == 200:
         check.response(json.loads(looped))
-    assert posted.trailers == {}
+    # A failure after the first byte also ends the Lambda stream with real trailers
+    error_type = posted.trailers.pop("Lambda-Runtime-Function-Error-Type", None)
+    assert error_type == ("Function.UpstreamError" if failing else None)
+    assert set(posted.trailers) == ({"Lambda-Runtime-Function-Error-Body"} if failing else set())
