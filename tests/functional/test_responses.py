@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -762,11 +762,12 @@ def test_a_stored_response_exists_only_for_the_key_that_created_it(keys: KeyStor
                              key_cache_ttl_s=0)
     app = App(settings, ScriptedProvider(), gate=Gate(settings, keys))
 
-    def client(url: str, key: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=30)
+    with running_dev_server(app) as url, ExitStack() as clients:
+        def client(key: str) -> openai.OpenAI:
+            return clients.enter_context(openai.OpenAI(base_url=f"{url}/v1", api_key=key,
+                                                       max_retries=0, timeout=30))
 
-    with running_dev_server(app) as url:
-        a, b = client(url, alice), client(url, bob)
+        a, b = client(alice), client(bob)
         created = a.responses.create(model="scripted-1", input="Alice's plans")
         # WHEN another key reads, lists, deletes or continues from it, THEN it does not exist
         reads = {"retrieve": lambda: b.responses.retrieve(created.id),
@@ -794,11 +795,11 @@ def test_a_stored_response_exists_only_for_the_key_that_created_it(keys: KeyStor
         assert a.responses.retrieve(created.id).output_text == "Hello, world!"
         # A key that is not one is a 401, one that may not use the model a 403
         with pytest.raises(openai.AuthenticationError):
-            client(url, "sgk_" + "x" * 43).responses.retrieve(created.id)
+            client("sgk_" + "x" * 43).responses.retrieve(created.id)
         with pytest.raises(openai.AuthenticationError):
-            client(url, "sgk_" + "x" * 43).responses.create(model="scripted-1", input="hi")
+            client("sgk_" + "x" * 43).responses.create(model="scripted-1", input="hi")
         with pytest.raises(openai.PermissionDeniedError):
-            client(url, narrow).responses.create(model="scripted-1", input="hi")
+            client(narrow).responses.create(model="scripted-1", input="hi")
 
 
 # -- both drivers, the same bytes ---------------------------------------------------------------

@@ -68,14 +68,15 @@ def server() -> Iterator[tuple[str, Recording, WeatherModel]]:
         yield url, app, provider
 
 
-def _agent(url: str) -> Agent[Any]:
-    """An Agent on the SDK's default model (the Responses API), its client our dev server."""
+def _agent(url: str) -> tuple[Agent[Any], AsyncOpenAI]:
+    """An Agent on the SDK's default model (the Responses API), its client our dev server
+    (close the client in the event loop that used it)."""
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
     set_tracing_disabled(True)
-    set_default_openai_client(AsyncOpenAI(base_url=f"{url}/v1", api_key="unused",
-                                          max_retries=0, timeout=30), use_for_tracing=False)
+    set_default_openai_client(client, use_for_tracing=False)
     set_default_openai_api("responses")
     return Agent(name="Weather", instructions="Answer with the weather tool.", model=MODEL,
-                 tools=[get_weather])
+                 tools=[get_weather]), client
 
 
 def _check_exchanges(app: Recording, provider: WeatherModel, stream: bool) -> None:
@@ -109,10 +110,17 @@ def _check_exchanges(app: Recording, provider: WeatherModel, stream: bool) -> No
 def test_runner_run_calls_the_tool_and_answers(
         server: tuple[str, Recording, WeatherModel]) -> None:
     url, app, provider = server
-    agent = _agent(url)
+    agent, client = _agent(url)
     # The model named by a string is the SDK's default: its Responses model
     assert isinstance(MultiProvider().get_model(MODEL), OpenAIResponsesModel)
-    result = asyncio.run(asyncio.wait_for(Runner.run(agent, "Weather in Oslo?"), 60))
+
+    async def run() -> Any:
+        try:
+            return await asyncio.wait_for(Runner.run(agent, "Weather in Oslo?"), 60)
+        finally:
+            await client.close()
+
+    result = asyncio.run(run())
     assert result.final_output == ANSWER
     first, second = result.raw_responses
     assert first.response_id is not None and first.response_id.startswith("resp_")
@@ -125,18 +133,21 @@ def test_runner_run_calls_the_tool_and_answers(
 def test_runner_run_streamed_calls_the_tool_and_streams_the_answer(
         server: tuple[str, Recording, WeatherModel]) -> None:
     url, app, provider = server
-    agent = _agent(url)
+    agent, client = _agent(url)
 
     async def run() -> tuple[Any, list[str], list[str]]:
         result = Runner.run_streamed(agent, "Weather in Oslo?")
         deltas: list[str] = []
         items: list[str] = []
-        async for event in result.stream_events():
-            if event.type == "raw_response_event" and \
-                    event.data.type == "response.output_text.delta":
-                deltas.append(event.data.delta)
-            elif event.type == "run_item_stream_event":
-                items.append(event.item.type)
+        try:
+            async for event in result.stream_events():
+                if event.type == "raw_response_event" and \
+                        event.data.type == "response.output_text.delta":
+                    deltas.append(event.data.delta)
+                elif event.type == "run_item_stream_event":
+                    items.append(event.item.type)
+        finally:
+            await client.close()
         return result, deltas, items
 
     result, deltas, items = asyncio.run(asyncio.wait_for(run(), 60))
