@@ -1,4 +1,4 @@
-"""Claude Code itself (npm ``@anthropic-ai/claude-code``, pinned in claude_code/package.json),
+"""Claude Code itself (npm ``@anthropic-ai/claude-code``, pinned in clients/package.json),
 unmodified, in print mode against the dev server: one tool-use round trip from a scripted
 backend, then from Claude on a fake Bedrock (the native path), then from the embedded model as
 ``make dev`` serves it. What it sent (endpoints, headers) is recorded and checked. It needs no
@@ -28,7 +28,7 @@ from tests.conftest import running_dev_server
 from tests.fake_bedrock import FakeBedrock, Reply, chunk, claude_end, claude_start, claude_tool
 from tests.fake_bedrock import claude_events as bedrock_text
 from tests.helpers import ScriptedProvider
-from tests.integration.claude_code.setup import Unavailable, claude
+from tests.integration.clients.setup import Unavailable, claude
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "claude-streamgate"  # Claude Code keeps model names with "claude" in them

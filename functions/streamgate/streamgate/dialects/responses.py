@@ -17,7 +17,8 @@ round-trip exactly. A custom tool's grammar (``format``) is given to the model i
 description: no backend here can enforce a Lark or regex grammar. ``reasoning`` items sent back
 are accepted and not sent to the backend (the chat backends take no earlier reasoning).
 ``reasoning.effort`` and ``.summary`` are accepted and echoed; they do not change what the
-backends do (README). Hosted tools, ``background``, ``conversation``, ``prompt``,
+backends do (README). Codex's ``client_metadata`` (ids describing the client) is accepted and
+not kept. Hosted tools, ``background``, ``conversation``, ``prompt``,
 ``truncation: "auto"`` and everything else we cannot honour are a 400 naming the field.
 
 **Answer → events.** ``response.created``, ``response.in_progress``; per output item
@@ -113,7 +114,7 @@ _FIELDS = frozenset({
     "max_output_tokens", "temperature", "top_p", "text", "reasoning", "stream",
     "stream_options", "store", "previous_response_id", "include", "metadata", "user",
     "safety_identifier", "prompt_cache_key", "truncation", "service_tier", "background",
-    "top_logprobs", "max_tool_calls",
+    "top_logprobs", "max_tool_calls", "client_metadata",
 })
 _ITEM_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco",
                 "custom_tool_call": "ctc", "custom_tool_call_output": "ctco",
@@ -275,6 +276,7 @@ class _Parser:
         store = storage_on if store_flag is None else bool(store_flag)
         _include(data.get("include"))
         metadata = _metadata(data.get("metadata"))
+        _client_metadata(data.get("client_metadata"))
         instructions = optional(data, "instructions", str)
         tools, custom = _tools(data.get("tools"))
         tool_choice, tool_choice_name, choice_doc = _tool_choice(data.get("tool_choice"),
@@ -410,6 +412,17 @@ def _metadata(value: object) -> dict[str, str] | None:
                            "values (keys up to 64 characters, values up to 512)",
                            param="metadata")
     return dict(value)
+
+
+def _client_metadata(value: object) -> None:
+    """Codex's ``client_metadata`` (its session, turn and window ids, as strings): what the
+    client says about itself, asking nothing of the answer, so accepted and not kept."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise RequestError("'client_metadata' must be an object of string values",
+                           param="client_metadata")
 
 
 def _reasoning(value: object) -> dict[str, Any] | None:
@@ -684,12 +697,18 @@ def _output_text(output: object, at: str) -> str:
     return "".join(texts)
 
 
+# Input items the input-items list gives a status (openai-python's ResponseItem types require it).
+_STATUSED = frozenset({*_CALLS, *_OUTPUTS})
+
+
 def _number_items(items: list[dict[str, Any]]) -> None:
-    """Give every input item an id (the input-items list needs them), and calls a status."""
+    """Give every input item an id, and assistant messages, calls and their outputs a status
+    (the input-items list needs them)."""
     for item in items:
         if not isinstance(item.get("id"), str) or not item["id"]:
             item["id"] = new_id(_ITEM_PREFIX.get(item.get("type", "message"), "item"))
-        if item.get("type") == "message" and item.get("role") == "assistant":
+        if item.get("type") in _STATUSED or (item.get("type") == "message"
+                                              and item.get("role") == "assistant"):
             item.setdefault("status", "completed")
 
 
@@ -776,8 +795,11 @@ class ResponsesEncoder:
         self._max_bytes = max_bytes
         self._seq = 0
         self._items: list[_Item] = []
-        self._open: _Item | None = None  # the item deltas go to
-        self._calls: dict[int, _Item] = {}  # tool-call index -> its item
+        # The text or reasoning item text deltas go to; a call or the other kind closes it.
+        self._open: _Item | None = None
+        # Tool-call index -> its item. Calls stay open until the answer ends: a backend may
+        # interleave the fragments of parallel calls, and a closed item cannot take more.
+        self._calls: dict[int, _Item] = {}
         self._finish_reason: str | None = None
 
     def headers(self, stream: bool) -> Mapping[str, str]:
@@ -827,11 +849,13 @@ class ResponsesEncoder:
         return self._event(kind, doc)
 
     def _switch(self, kind: str, *, call_id: str = "", name: str = "") -> bytes:
-        """Close the open item (if any) and open one of ``kind``."""
+        """Close the open text or reasoning item (if any) and open one of ``kind`` (a call
+        item is not the open one: it stays open beside it until the end)."""
         out = self._close_open()
         item = _Item(kind, len(self._items), call_id=call_id, name=name)
         self._items.append(item)
-        self._open = item
+        if kind in ("message", "reasoning"):
+            self._open = item
         out += self._event("response.output_item.added",
                            {"output_index": item.index, "item": item.doc()})
         if kind == "message":
@@ -861,11 +885,11 @@ class ResponsesEncoder:
                 "delta": delta.arguments})
         return out  # a custom call's input is known when its arguments are complete
 
-    def _close_open(self) -> bytes:
+    def _close_open(self, status: str = "completed") -> bytes:
         item, self._open = self._open, None
         if item is None:
             return b""
-        return self._done(item, "completed")
+        return self._done(item, status)
 
     def _done(self, item: _Item, status: str) -> bytes:
         """The events that complete ``item``."""
@@ -896,18 +920,9 @@ class ResponsesEncoder:
                                  {"output_index": item.index, "item": item.doc()})
 
     def end(self, outcome: Outcome) -> list[bytes]:
-        out = self._close_open()
-        for item in self._items:  # calls the stream left open (interleaved indexes)
-            if item.status == "in_progress":
-                out += self._done(item, "completed")
-        status, incomplete = _status(outcome.finish_reason)
-        if incomplete is not None:
-            for item in self._items:
-                if item.kind == "message":
-                    item.status = "incomplete"
-        response = self._response(status, outcome, incomplete=incomplete)
-        self._keep(response)
-        kind = "response.completed" if status == "completed" else "response.incomplete"
+        out, response = self._finish(outcome)
+        kind = ("response.completed" if response["status"] == "completed"
+                else "response.incomplete")
         return [out + self._event(kind, {"response": response})]
 
     def fail(self, err: StreamgateError, outcome: Outcome) -> bytes:
@@ -921,28 +936,29 @@ class ResponsesEncoder:
         return self._event("response.failed", {"response": response})
 
     def document(self, answer: Answer, outcome: Outcome) -> bytes:
+        """The whole answer: the items a stream of these deltas ends with."""
         if answer.reasoning:
-            self._add("reasoning", answer.reasoning)
+            self.delta(ReasoningDelta(answer.reasoning))
         if answer.text:
-            self._add("message", answer.text)
-        for call in answer.tool_calls:
-            kind = ("custom_tool_call" if call.name in self.parsed.custom_tools
-                    else "function_call")
-            self._add(kind, call.arguments, call_id=call.id or new_id("call"), name=call.name)
-        status, incomplete = _status(outcome.finish_reason)
-        if incomplete is not None:
-            for item in self._items:
-                if item.kind == "message":
-                    item.status = "incomplete"
-        response = self._response(status, outcome, incomplete=incomplete)
-        self._keep(response)
+            self.delta(TextDelta(answer.text))
+        for i, call in enumerate(answer.tool_calls):
+            self.delta(ToolCallDelta(i, call.arguments, call.id or None, call.name))
+        _, response = self._finish(outcome)
         return sse.json_bytes(response)
 
-    def _add(self, kind: str, text: str, **names: str) -> None:
-        item = _Item(kind, len(self._items), **names)
-        item.parts.append(text)
-        item.status = "completed"
-        self._items.append(item)
+    def _finish(self, outcome: Outcome) -> tuple[bytes, dict[str, Any]]:
+        """Complete the items still open (the ones an answer cut short was cut in: their
+        status says so, in ``output_item.done`` as in the final response), then build and
+        keep the final Response."""
+        status, incomplete = _status(outcome.finish_reason)
+        item_status = "completed" if incomplete is None else "incomplete"
+        out = self._close_open(item_status)
+        for item in self._items:  # the calls, in order
+            if item.status == "in_progress":
+                out += self._done(item, item_status)
+        response = self._response(status, outcome, incomplete=incomplete)
+        self._keep(response)
+        return out, response
 
     # -- the Response object and the record -----------------------------------------------
 
