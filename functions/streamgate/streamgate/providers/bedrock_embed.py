@@ -31,7 +31,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from streamgate.deadline import DEADLINE_MESSAGE
-from streamgate.errors import DeadlineExceededError, StreamgateError, UpstreamError
+from streamgate.errors import (
+    DeadlineExceededError,
+    RequestError,
+    StreamgateError,
+    UpstreamError,
+)
 from streamgate.providers.bedrock import BedrockAccess, BedrockProvider, map_error
 from streamgate.providers.embedding import (
     COHERE_MODELS,
@@ -126,8 +131,10 @@ class BedrockEmbedder:
             raw = response["body"].read()
         except Exception as e:  # noqa: BLE001 - every botocore failure is mapped
             err = map_error(e)
-            if err.param == "messages":  # an input too long: name our field
-                err.param = "input"
+            if isinstance(err, RequestError) and (
+                    err.param == "messages" or "too many input tokens" in err.message.lower()):
+                # an input too long for the model (Titan: "Too many input tokens"): our field
+                err.param, err.code = "input", "context_length_exceeded"
             raise err from e
         try:
             doc = json.loads(raw)
