@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
+from streamgate.auth import Gate
 from streamgate.config import load_settings
+from streamgate.deadline import Deadline
 from streamgate.errors import ConfigError
 from streamgate.handler import App, Response
+from streamgate.keystore import KeyStore, table_definition
+from streamgate.providers.embedding import EmbeddingModel, EmbeddingRequest, Embeddings
 from streamgate.providers.bedrock import BedrockProvider
 from streamgate.providers.bedrock_embed import BedrockEmbedder
 from streamgate.routes import Router, parse_routes
@@ -26,6 +32,7 @@ from tests.fake_openai import Reply as UpstreamReply
 from tests.helpers import ScriptedProvider, body_bytes, chat_event
 
 JSON = {"accept": "application/json"}
+ROOT = Path(__file__).resolve().parents[2]
 PATH = "/v1/embeddings"
 
 
@@ -409,3 +416,61 @@ def test_the_same_text_gives_the_same_vector_and_related_texts_are_closer(
     response, doc = embed(bedrock_app(bedrock), {"model": TITAN, "input": ["a", "b", "a"]})
     a, b, again = (d["embedding"] for d in doc["data"])
     assert a == again and cosine(a, again) == pytest.approx(1.0) and cosine(a, b) < 0.5
+
+
+# -- keys and limits -----------------------------------------------------------------------------
+
+class CountingEmbedder:
+    """An embedder whose backend reports ``tokens`` for any request: what keys must charge."""
+
+    name = "counting"
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+
+    def embedding_models(self) -> dict[str, EmbeddingModel]:
+        return {"counted": EmbeddingModel("counted", 2)}
+
+    def embed(self, request: EmbeddingRequest, model: str, deadline: Deadline) -> Embeddings:
+        return Embeddings([[1.0, 0.0] for _ in request.inputs], self.tokens)
+
+
+@pytest.fixture
+def store(monkeypatch: pytest.MonkeyPatch) -> Iterator[KeyStore]:
+    from moto import mock_aws
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_DYNAMODB", raising=False)
+    with mock_aws():
+        store = KeyStore("keys")
+        store.create_table(table_definition(ROOT / "template.yaml"))
+        yield store
+
+
+def test_keys_count_embedding_tokens_against_limits_and_in_usage(store: KeyStore) -> None:
+    # GIVEN a key with a tokens-per-minute limit and a budget, and a backend counting 42 tokens
+    key, record = store.create("embedder", tpm=100, budget=1_000)
+    s = load_settings({}, provider="local", auth="api_key", keys_table="keys",
+                      key_cache_ttl_s=0, metrics=False)
+    app = App(s, gate=Gate(s, store),
+              router=Router(s, ScriptedProvider(), embedder=CountingEmbedder(42)))
+    auth = {**JSON, "authorization": f"Bearer {key}"}
+    # WHEN it embeds three inputs
+    response = app.handle(chat_event({"model": "counted", "input": ["a", "b", "c"]},
+                                     path=PATH, headers=auth))
+    doc = json.loads(body_bytes(response))
+    response.close()
+    # THEN the answer and the key's usage record carry the backend's 42 input tokens, no output
+    assert response.status == 200, doc
+    assert doc["usage"] == {"prompt_tokens": 42, "total_tokens": 42}
+    today = datetime.now(UTC).date()
+    (usage,) = store.usage(record.id, today.replace(day=1), today)
+    assert (usage.model, usage.requests, usage.prompt_tokens, usage.completion_tokens) == (
+        "counted", 1, 42, 0)
+    assert response.headers["x-ratelimit-limit-tokens"] == "100"
+    # and an input larger than the key's minute could ever hold is a 400 naming input
+    big = app.handle(chat_event({"model": "counted", "input": "x" * 500}, path=PATH,
+                                headers=auth))
+    error = json.loads(body_bytes(big))["error"]
+    big.close()
+    assert (big.status, error["param"], error["code"]) == (
+        400, "input", "request_too_large_for_limit")

@@ -148,8 +148,11 @@ def test_langchain_openai_embeddings_work_unmodified(server: str) -> None:
     # ids, meaningless to another model's vocabulary (so refused here, 400).
     embeddings = OpenAIEmbeddings(model=LOCAL_MODEL, base_url=server + "/v1", api_key="unused",
                                   check_embedding_ctx_length=False, max_retries=0)
-    documents = embeddings.embed_documents(list(RELATED))
-    query = embeddings.embed_query(RELATED[0])
+    try:
+        documents = embeddings.embed_documents(list(RELATED))
+        query = embeddings.embed_query(RELATED[0])
+    finally:
+        embeddings.client._client.close()  # its OpenAI client: LangChain never closes it
     assert [len(v) for v in documents] == [384, 384]
     assert query == pytest.approx(documents[0], abs=1e-4)
 
@@ -159,8 +162,11 @@ def test_llamaindex_openai_embedding_works_unmodified(server: str) -> None:
 
     embedding = OpenAIEmbedding(model_name=LOCAL_MODEL, api_base=server + "/v1",
                                 api_key="unused", max_retries=0)
-    vectors = embedding.get_text_embedding_batch(list(RELATED))
-    query = embedding.get_query_embedding(RELATED[0])
+    try:
+        vectors = embedding.get_text_embedding_batch(list(RELATED))
+        query = embedding.get_query_embedding(RELATED[0])
+    finally:
+        embedding._get_client().close()  # the one it reuses (reuse_client=True)
     assert [len(v) for v in vectors] == [384, 384]
     assert query == pytest.approx(vectors[0], abs=1e-4)
 
