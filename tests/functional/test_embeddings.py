@@ -20,9 +20,9 @@ from streamgate.deadline import Deadline
 from streamgate.errors import ConfigError
 from streamgate.handler import App, Response
 from streamgate.keystore import KeyStore, table_definition
-from streamgate.providers.embedding import EmbeddingModel, EmbeddingRequest, Embeddings
 from streamgate.providers.bedrock import BedrockProvider
 from streamgate.providers.bedrock_embed import BedrockEmbedder
+from streamgate.providers.embedding import EmbeddingModel, EmbeddingRequest, Embeddings
 from streamgate.routes import Router, parse_routes
 from tests.conftest import running_dev_server
 from tests.embedding_checks import cosine, decode_base64, strict_response
