@@ -4,10 +4,15 @@ LangChain's OpenAIEmbeddings and LlamaIndex's OpenAIEmbedding."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
@@ -179,3 +184,53 @@ def test_the_model_is_loaded_on_the_first_request_and_reused(server: str) -> Non
         assert response.status_code == 200
         assert json.loads(response.content)["usage"]["prompt_tokens"] == 3
     assert time.monotonic() - started < 30
+
+
+def _readme_blocks() -> list[tuple[str, str]]:
+    """The README's embeddings examples: (language, text)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    return [(lang, body) for lang, body in re.findall(r"```(\w*)\n(.*?)```", readme, re.S)
+            if "127.0.0.1:8080" in body and any(
+                k in body for k in ("/v1/embeddings", "embeddings.create(", "OpenAIEmbeddings("))]
+
+
+def test_the_readme_examples_work(server: str) -> None:
+    # GIVEN the README's embeddings examples, pointed at this dev server
+    blocks = _readme_blocks()
+    assert [lang for lang, _ in blocks] == ["bash", "python", "python"]
+    for lang, body in blocks:
+        text = body.replace("http://127.0.0.1:8080", server)
+        if lang == "bash":
+            # WHEN the curl example runs THEN it prints one 384-dimension vector per input
+            command = re.sub(r"\\\n\s*", " ", text).strip()
+            done = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                                  timeout=120, check=False)
+            assert done.returncode == 0, done.stderr
+            doc = json.loads(done.stdout)
+            strict_response(doc)
+            assert [len(d["embedding"]) for d in doc["data"]] == [384, 384]
+        else:
+            # WHEN a Python example runs THEN it prints the vector's size first
+            printed = io.StringIO()
+            names: dict[str, object] = {}
+            try:
+                with contextlib.redirect_stdout(printed):
+                    exec(compile(text, "README.md", "exec"), names)
+            finally:
+                _close_clients(names)
+            # (the server's request log lines share this stdout: the example's line is last)
+            assert printed.getvalue().splitlines()[-1].split()[0] == "384", printed.getvalue()
+
+
+def _close_clients(names: dict[str, object]) -> None:
+    """The HTTP clients an example left open (a user's process would exit instead)."""
+    from langchain_openai import OpenAIEmbeddings
+    from llama_index.embeddings.openai import OpenAIEmbedding
+
+    for value in names.values():
+        if isinstance(value, openai.OpenAI):
+            value.close()
+        elif isinstance(value, OpenAIEmbeddings):
+            value.client._client.close()
+        elif isinstance(value, OpenAIEmbedding):
+            value._get_client().close()
