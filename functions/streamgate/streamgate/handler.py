@@ -296,10 +296,11 @@ class App:
             outcome.dialect = dialect.name
             data = decode_body(request.body, self.settings)
             if isinstance(dialect, EmbeddingsDialect):  # one call, not a chat stream
+                outcome.operation = dialect.operation
                 job = dialect.parse(data, call)
                 model, route = self._resolve_embedding_model(job.request)
                 self.gate.authorize(caller, model)
-                outcome.model, outcome.operation = model, dialect.operation
+                outcome.model = model
                 deadline.check()
                 admission = Admission(self.gate, caller, model, 0,
                                       job.request.estimate_tokens())
