@@ -177,6 +177,7 @@ def test_template_passes_sam_validate_lint() -> None:
 # The IAM action that authorises each AWS operation the providers call
 # (https://docs.aws.amazon.com/service-authorization/latest/reference/).
 IAM_ACTIONS = {"ConverseStream": "bedrock:InvokeModelWithResponseStream",
+               "InvokeModel": "bedrock:InvokeModel",
                "AssumeRole": "sts:AssumeRole",
                "GetSecretValue": "secretsmanager:GetSecretValue",
                "GetParameter": "ssm:GetParameter",
@@ -231,6 +232,7 @@ def _aws_operations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     [("bedrock", {"IsBedrock", "CallsBedrock"}),
      ("bedrock-guardrail", {"IsBedrock", "CallsBedrock", "HasGuardrail"}),
      ("bedrock-api-key", {"IsBedrock", "CallsBedrock", "IsApiKey"}),
+     ("bedrock-embeddings", {"IsBedrock", "CallsBedrock", "GrantsEmbeddings"}),
      ("openai-secret", {"IsOpenAI", "HasKeySecret"}),
      ("openai-parameter", {"IsOpenAI", "HasKeyParameter"}),
      ("routes", {"IsRoutes", "CallsBedrock", "HasRouteSecrets", "HasRouteRoles",
@@ -316,6 +318,9 @@ def test_iam_grants_exactly_what_the_provider_calls(
                 headers=headers))
             assert response.status == 200
             response.close()  # records usage
+            if scenario == "bedrock-embeddings":
+                # and an embeddings request, as the template's EmbeddingModels configure it
+                _embed_as_configured(settings, operations)
             if bedrock.requests and "guardrailConfig" in bedrock.requests[0][1]:
                 needed.add("bedrock:ApplyGuardrail")
             if hasattr(provider, "close"):
@@ -333,6 +338,29 @@ def test_iam_grants_exactly_what_the_provider_calls(
     assert env["STREAMGATE_UPSTREAM_API_KEY_PARAMETER"] == {"Ref": "UpstreamApiKeyParameterName"}
     assert env["STREAMGATE_KEYS_TABLE"] == {"Ref": "KeysTable"}
     assert env["STREAMGATE_AUTH"] == {"Ref": "Auth"}
+
+
+def _embed_as_configured(settings: Any, operations: list[str]) -> None:
+    """One Titan embeddings request through the pipeline, its Bedrock calls counted."""
+    from dataclasses import replace
+
+    from streamgate.handler import App
+    from streamgate.providers.bedrock_embed import BedrockEmbedder
+    from streamgate.routes import Router
+    from tests.fake_bedrock_embed import TITAN, FakeBedrockEmbed
+    from tests.helpers import ScriptedProvider
+
+    settings = replace(settings, embedding_models=(TITAN,))
+    with FakeBedrockEmbed() as fake:
+        client = fake.client()
+        client.meta.events.register("before-call.*.*",
+                                    lambda model, **_: operations.append(model.name))
+        app = App(settings, router=Router(settings, ScriptedProvider(),
+                                          embedder=BedrockEmbedder(settings, client)))
+        response = app.handle(chat_event({"model": TITAN, "input": "hi"},
+                                         path="/v1/embeddings"))
+        assert response.status == 200
+        response.close()
 
 
 # What the `sam build` artefact holds besides each wheel's dist-info, written as README.md's
