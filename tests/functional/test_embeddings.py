@@ -6,6 +6,7 @@ against its own types. The embedded model's own tests are in tests/integration."
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from streamgate.auth import Gate
 from streamgate.config import load_settings
 from streamgate.deadline import Deadline
-from streamgate.errors import ConfigError
+from streamgate.errors import ConfigError, DeadlineExceededError
 from streamgate.handler import App, Response
 from streamgate.keystore import KeyStore, table_definition
 from streamgate.providers.bedrock import BedrockProvider
@@ -141,6 +142,19 @@ def test_dimensions_reach_titan_and_the_vector_has_that_size(bedrock: FakeBedroc
     assert len(answer.data[0].embedding) == 256
     assert bedrock.requests[0][1] == {"inputText": "hello there", "normalize": True,
                                       "dimensions": 256}  # the client's, not the route's
+
+
+def test_concurrent_titan_calls_end_at_the_deadline(bedrock: FakeBedrockEmbed) -> None:
+    # GIVEN a Titan endpoint that takes 2 s per call
+    bedrock.delay_s = 2.0
+    s = load_settings({}, provider="bedrock", embedding_models=(TITAN,), bedrock_max_attempts=1)
+    embedder = BedrockEmbedder(s, bedrock.client())
+    request = EmbeddingRequest(TITAN, ("a", "b", "c"), dimensions=1024)
+    # WHEN the request has 0.3 s left THEN it fails with the deadline's 504 by then
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceededError):
+        embedder.embed(request, TITAN, Deadline.after(0.3))
+    assert time.monotonic() - started < 1.8  # not the 2 s of the calls
 
 
 @pytest.mark.parametrize(("model", "dimensions"), [(TITAN, 300), (COHERE, 256)])

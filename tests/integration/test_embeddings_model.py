@@ -19,8 +19,10 @@ import pytest
 import requests
 
 from streamgate.config import load_settings
+from streamgate.deadline import NO_DEADLINE, Deadline
+from streamgate.errors import DeadlineExceededError, UpstreamUnavailableError
 from streamgate.handler import App
-from streamgate.providers.embedding import LOCAL_MODEL
+from streamgate.providers.embedding import LOCAL_MODEL, EmbeddingRequest
 from streamgate.providers.local_embed import LocalEmbedder
 from streamgate.routes import Router
 from tests.conftest import running_dev_server
@@ -234,3 +236,34 @@ def _close_clients(names: dict[str, object]) -> None:
             value.client._client.close()
         elif isinstance(value, OpenAIEmbedding):
             value._get_client().close()
+
+
+def test_a_request_waiting_for_the_busy_model_ends_by_the_queue_timeout_or_its_deadline(
+        ) -> None:
+    # GIVEN a model busy with a long request, and a queue timeout of 0.2 s
+    embedder = LocalEmbedder(load_settings({}, provider="local", local_queue_timeout_s=0.2))
+    small = EmbeddingRequest(LOCAL_MODEL, ("hi",))
+    long = EmbeddingRequest(LOCAL_MODEL, tuple(f"text {i} " * 30 for i in range(48)))
+    try:
+        embedder.embed(small, LOCAL_MODEL, NO_DEADLINE)  # loaded
+        worker = threading.Thread(target=embedder.embed, args=(long, LOCAL_MODEL, NO_DEADLINE))
+        worker.start()
+        while not embedder._lock.locked():
+            time.sleep(0.001)
+        # WHEN another request waits for it THEN it gets 503 with Retry-After after 0.2 s
+        started = time.monotonic()
+        with pytest.raises(UpstreamUnavailableError) as caught:
+            embedder.embed(small, LOCAL_MODEL, NO_DEADLINE)
+        assert caught.value.retry_after == 5
+        assert 0.15 < time.monotonic() - started < 3  # generous: the CPU is shared
+        # and one whose deadline comes first gets 504 by then
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError):
+            embedder.embed(small, LOCAL_MODEL, Deadline.after(0.05))
+        assert time.monotonic() - started < 2
+        worker.join(120)
+        # AND a long request stops between batches at its own deadline
+        with pytest.raises(DeadlineExceededError):
+            embedder.embed(long, LOCAL_MODEL, Deadline.after(0.3))
+    finally:
+        embedder.close()
