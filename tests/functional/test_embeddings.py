@@ -116,8 +116,11 @@ def test_openai_python_gets_titan_vectors_as_floats_and_as_base64(
     assert floats.usage.prompt_tokens == floats.usage.total_tokens == 6 + 5 + 6
     assert floats.model == TITAN
     # and Titan got one text per call, normalised, of the route's size, nothing else
-    assert bedrock.requests[0] == (TITAN, {"inputText": texts[0], "normalize": True,
-                                           "dimensions": 1024})
+    # (the calls are concurrent: their order is not the inputs')
+    assert (TITAN, {"inputText": texts[0], "normalize": True, "dimensions": 1024}
+            ) in bedrock.requests
+    assert {tuple(sorted(body)) for _, body in bedrock.requests} == {
+        ("dimensions", "inputText", "normalize")}
 
 
 def test_several_inputs_to_titan_are_called_concurrently_within_the_bound(
