@@ -14,7 +14,12 @@
    the relay path (the openai provider reading a scripted upstream on loopback): CPU per
    stream and per chunk, per dialect, and each dialect's ratio to chat (issue 21: the
    Responses API at most 1.10).
-3. The upstream SSE decoder: one event of 2, 4, 8 and 16 MB fed in 64 KB reads (the cost must
+3. Embeddings (issue 23): the embedded all-MiniLM-L6-v2 through the dev server (the GGUF
+   conversion and model load a first request pays, then embeddings per second and latency for
+   one input and for batches of 32, and what the pipeline adds over calling the embedder
+   directly); and the relay (the openai embedder against a scripted upstream on loopback):
+   added latency and CPU per request over calling the embedder directly.
+4. The upstream SSE decoder: one event of 2, 4, 8 and 16 MB fed in 64 KB reads (the cost must
    grow linearly: the ratio to the 2 MB figure should stay near 1, 2, 4, 8), and small events.
 
 Prints medians measured in this one run; machines here are shared, so compare ratios, not runs.
@@ -239,6 +244,115 @@ def bench_relay(streams: int, chunks_n: int) -> None:
                 print(f"  {dialect} / chat CPU per chunk: {cost / per_dialect['chat']:.2f}x")
 
 
+EMBED_TEXTS = [f"Sentence {i} about streaming APIs, gateways and retrieval." for i in range(32)]
+
+
+def bench_embeddings_model(requests_n: int) -> None:
+    """The embedded embedding model: what the first request pays, then throughput and latency
+    through the dev server, and the pipeline's share of it."""
+    import tempfile
+    from pathlib import Path
+
+    from streamgate.providers.embedding import LOCAL_MODEL, EmbeddingRequest
+    from streamgate.providers.local_embed import LocalEmbedder, _package_dir, write_gguf
+    from streamgate.routes import Router
+    from tests.helpers import ScriptedProvider
+
+    with tempfile.TemporaryDirectory() as scratch:
+        t0 = time.perf_counter()
+        write_gguf(_package_dir(), Path(scratch) / "model.gguf")
+        convert_s = time.perf_counter() - t0
+    settings = load_settings({}, provider="local", metrics=False)
+    embedder = LocalEmbedder(settings)
+    app = App(settings, router=Router(settings, ScriptedProvider(), embedder=embedder))
+    server = serve("127.0.0.1", 0, app)
+    url = f"http://127.0.0.1:{server.server_port}/v1/embeddings"
+    logging.getLogger("streamgate").setLevel(logging.WARNING)
+    try:
+        t0 = time.perf_counter()
+        first = requests.post(url, json={"model": LOCAL_MODEL, "input": "hello"}, timeout=120)
+        first_s = time.perf_counter() - t0
+        assert first.status_code == 200, first.text
+        print(f"embeddings, embedded {LOCAL_MODEL} ({requests_n} requests each, medians)")
+        print(f"  one-time GGUF conversion {convert_s:.2f} s (first use after install); first "
+              f"request (model load, GGUF cached) {first_s:.2f} s")
+        for batch in (1, 32):
+            body = {"model": LOCAL_MODEL, "input": EMBED_TEXTS[:batch],
+                    "encoding_format": "float"}
+            request = EmbeddingRequest(LOCAL_MODEL, tuple(EMBED_TEXTS[:batch]))
+            served, direct = [], []
+            for _ in range(requests_n):
+                t0 = time.perf_counter()
+                embedder.embed(request, LOCAL_MODEL, NO_DEADLINE)
+                t1 = time.perf_counter()
+                response = requests.post(url, json=body, timeout=120)
+                t2 = time.perf_counter()
+                assert response.status_code == 200, response.text
+                direct.append(t1 - t0)
+                served.append(t2 - t1)
+            median = statistics.median(served)
+            print(f"  {batch:2d} input(s) per request: {median * 1000:7.1f} ms p50, "
+                  f"{pct(served, 0.95) * 1000:7.1f} ms p95, {batch / median:6.1f} embeddings/s;"
+                  f" added over the embedder {(median - statistics.median(direct)) * 1000:5.1f}"
+                  " ms (HTTP + pipeline)")
+    finally:
+        server.shutdown()
+        server.server_close()
+        embedder.close()
+
+
+def bench_embeddings_relay(requests_n: int) -> None:
+    """The openai embedder relaying a scripted upstream: what the pipeline adds per request
+    (16 inputs of 384 dimensions), in time and in CPU of the serving thread."""
+    from streamgate.credentials import ApiKey
+    from streamgate.dialects.embeddings import encode_base64
+    from streamgate.providers.embedding import EmbeddingRequest
+    from streamgate.providers.openai_embed import OpenAIEmbedder
+    from streamgate.routes import Router
+    from tests.fake_openai import FakeUpstream, Reply
+    from tests.helpers import ScriptedProvider
+
+    vector = [((i * 37) % 101 - 50) / 97 for i in range(384)]
+    answer = json.dumps({"object": "list", "model": "e", "usage": {"prompt_tokens": 160,
+                                                                    "total_tokens": 160},
+                         "data": [{"object": "embedding", "index": i,
+                                   "embedding": encode_base64(vector)} for i in range(16)]})
+    replies = [Reply(200, [answer.encode()], {"content-type": "application/json"})
+               for _ in range(requests_n * 2)]
+    body = {"model": "e", "input": EMBED_TEXTS[:16], "encoding_format": "base64"}
+    logging.getLogger("streamgate").setLevel(logging.WARNING)
+    with FakeUpstream(replies) as fake:
+        settings = load_settings({}, provider="openai", upstream_base_url=fake.url,
+                                 embedding_models=("e@384",), metrics=False)
+        embedder = OpenAIEmbedder(settings, ApiKey(None, 60, value="sk-bench"))
+        app = App(settings, router=Router(settings, ScriptedProvider(), embedder=embedder))
+        request = EmbeddingRequest("e", tuple(EMBED_TEXTS[:16]), encoding_format="base64")
+        direct, piped, cpu = [], [], []
+        try:
+            for _ in range(requests_n):  # interleaved, so drift falls on both alike
+                t0 = time.perf_counter()
+                embedder.embed(request, "e", NO_DEADLINE)
+                t1 = time.perf_counter()
+                c0 = time.thread_time()
+                response = app.handle(_event("/v1/embeddings", body))
+                for _ in response.body:
+                    pass
+                response.close()
+                cpu.append(time.thread_time() - c0)
+                t2 = time.perf_counter()
+                assert response.status == 200, response.status
+                direct.append(t1 - t0)
+                piped.append(t2 - t1)
+        finally:
+            app.router.close()
+    added = (statistics.median(piped) - statistics.median(direct)) * 1000
+    print(f"embeddings relay, openai embedder, scripted upstream on loopback ({requests_n} "
+          "requests of 16 inputs x 384 dimensions, base64, medians)")
+    print(f"  {statistics.median(piped) * 1000:6.2f} ms per request, "
+          f"{16 / statistics.median(piped):7.0f} embeddings/s; added over the embedder "
+          f"{added:5.2f} ms; CPU per request {statistics.median(cpu) * 1000:5.2f} ms")
+
+
 def bench_decoder() -> None:
     from streamgate.sse import Decoder
 
@@ -279,8 +393,10 @@ def main() -> None:
     if not args.only_model:
         bench_pipeline(rounds=2000, chunks_n=20_000)
         bench_relay(streams=30, chunks_n=500)
+        bench_embeddings_relay(requests_n=200)
         bench_decoder()
     if not args.skip_model:
+        bench_embeddings_model(args.requests)
         bench_model(args.requests, args.min_tokens)
 
 

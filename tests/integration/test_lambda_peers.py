@@ -180,6 +180,7 @@ def test_template_passes_sam_validate_lint() -> None:
 IAM_ACTIONS = {"ConverseStream": "bedrock:InvokeModelWithResponseStream",
                "InvokeModelWithResponseStream": "bedrock:InvokeModelWithResponseStream",
                "CountTokens": "bedrock:CountTokens",
+               "InvokeModel": "bedrock:InvokeModel",
                "AssumeRole": "sts:AssumeRole",
                "GetSecretValue": "secretsmanager:GetSecretValue",
                "GetParameter": "ssm:GetParameter",
@@ -238,6 +239,7 @@ def _aws_operations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
      ("bedrock-guardrail", {"IsBedrock", "CallsBedrock", "HasGuardrail"}),
      ("bedrock-api-key", {"IsBedrock", "CallsBedrock", "IsApiKey"}),
      ("bedrock-responses-store", {"IsBedrock", "CallsBedrock", "StoresResponses"}),
+     ("bedrock-embeddings", {"IsBedrock", "CallsBedrock", "GrantsEmbeddings"}),
      ("openai-secret", {"IsOpenAI", "HasKeySecret"}),
      ("openai-parameter", {"IsOpenAI", "HasKeyParameter"}),
      ("routes", {"IsRoutes", "CallsBedrock", "HasRouteSecrets", "HasRouteRoles",
@@ -366,6 +368,9 @@ def test_iam_grants_exactly_what_the_provider_calls(
                          **body}, path=path, headers=headers))
                     assert response.status == 200, path
                     response.close()
+            if scenario == "bedrock-embeddings":
+                # and an embeddings request, as the template's EmbeddingModels configure it
+                _embed_as_configured(settings, operations)
             if bedrock.requests and "guardrailConfig" in bedrock.requests[0][1]:
                 needed.add("bedrock:ApplyGuardrail")
             if hasattr(provider, "close"):
@@ -387,6 +392,29 @@ def test_iam_grants_exactly_what_the_provider_calls(
     assert env["STREAMGATE_RESPONSES_TABLE"] == {
         "Fn::If": ["StoresResponses", {"Ref": "ResponsesTable"}, ""]}
     assert env["STREAMGATE_RESPONSES_TTL_S"] == {"Ref": "ResponsesTtlSeconds"}
+
+
+def _embed_as_configured(settings: Any, operations: list[str]) -> None:
+    """One Titan embeddings request through the pipeline, its Bedrock calls counted."""
+    from dataclasses import replace
+
+    from streamgate.handler import App
+    from streamgate.providers.bedrock_embed import BedrockEmbedder
+    from streamgate.routes import Router
+    from tests.fake_bedrock_embed import TITAN, FakeBedrockEmbed
+    from tests.helpers import ScriptedProvider
+
+    settings = replace(settings, embedding_models=(TITAN,))
+    with FakeBedrockEmbed() as fake:
+        client = fake.client()
+        client.meta.events.register("before-call.*.*",
+                                    lambda model, **_: operations.append(model.name))
+        app = App(settings, router=Router(settings, ScriptedProvider(),
+                                          embedder=BedrockEmbedder(settings, client)))
+        response = app.handle(chat_event({"model": TITAN, "input": "hi"},
+                                         path="/v1/embeddings"))
+        assert response.status == 200
+        response.close()
 
 
 # What the `sam build` artefact holds besides each wheel's dist-info, written as README.md's

@@ -188,6 +188,12 @@ class Admission:
         reserve = self.prompt_estimate + self.max_tokens
         for limit, what in ((key.tpm, "tokens-per-minute limit"),
                             (key.budget, "monthly token budget")):
+            if limit is not None and reserve > limit and not self.max_tokens:
+                # No output tokens (embeddings): only the input can be made smaller.
+                raise RequestError(
+                    f"This request's input is about {reserve} tokens, more than this key's "
+                    f"{what} of {limit}. Send fewer or shorter inputs.",
+                    param="input", code="request_too_large_for_limit")
             if limit is not None and reserve > limit:
                 raise RequestError(
                     f"This request may use up to {reserve} tokens (about "

@@ -71,6 +71,10 @@ class Settings:
     log_content: bool = False
     # Local (embedded) model.
     local_model_path: str = ""
+    # Models served on POST /v1/embeddings by the configured provider (without routes):
+    # "name[=backend-model][@dimensions]", comma-separated (providers/embedding.py). Empty:
+    # the embedded all-minilm-l6-v2 for the local provider, none for the others.
+    embedding_models: tuple[str, ...] = ()
     local_threads: int = 0  # 0 = all available cores
     local_context_tokens: int = 4_096
     # How long a request waits for the embedded model while another request holds it.
@@ -159,6 +163,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "tracing": ("STREAMGATE_TRACING", bool),
     "log_content": ("STREAMGATE_LOG_CONTENT", bool),
     "local_model_path": ("STREAMGATE_LOCAL_MODEL_PATH", str),
+    "embedding_models": ("STREAMGATE_EMBEDDING_MODELS", tuple),
     "local_threads": ("STREAMGATE_LOCAL_THREADS", int),
     "local_context_tokens": ("STREAMGATE_LOCAL_CONTEXT_TOKENS", int),
     "local_queue_timeout_s": ("STREAMGATE_LOCAL_QUEUE_TIMEOUT_S", float),

@@ -3,6 +3,9 @@
 The path picks the API dialect (streamgate/dialects/: Chat Completions, Responses): it parses
 the body into the provider-neutral request and encodes the answer and its errors; everything
 between (keys, limits, routes and providers, deadlines, telemetry) is the same for all of them.
+Embeddings (``POST /v1/embeddings``) are a dialect whose operation is not a chat stream: after
+the same steps (key, model and route, authorization, admission of its input tokens with no
+output, the deadline) :meth:`App._embed` makes one routed call and answers one document.
 
 Both drivers (the Lambda runtime loop and the local dev server) call :meth:`App.handle` and
 write the :class:`Response` it returns: the status and headers first, then each body item as
@@ -41,6 +44,7 @@ from streamgate.config import Settings, load_settings
 from streamgate.deadline import NO_DEADLINE, Deadline
 from streamgate.dialects import Answer, AnswerCall, Call, Dialect, Encoder
 from streamgate.dialects.chat import ChatDialect
+from streamgate.dialects.embeddings import EmbeddingsDialect, EmbeddingsParsed
 from streamgate.errors import (
     InternalError,
     MethodNotAllowedError,
@@ -65,6 +69,7 @@ from streamgate.providers import (
     Usage,
 )
 from streamgate.providers import create_provider as _create_provider
+from streamgate.providers.embedding import EmbeddingRequest, create_embedder
 from streamgate.routes import Route, Router
 from streamgate.telemetry import Telemetry
 from streamgate.validation import (
@@ -130,15 +135,20 @@ class Response:
                     logger.exception("could not finish the request's accounting")
 
 
-def dialects(settings: Settings) -> tuple[Dialect, ...]:
+# What a POST path speaks: a chat dialect, or embeddings (one call, not a stream).
+Served = Dialect | EmbeddingsDialect
+
+
+def dialects(settings: Settings) -> tuple[Served, ...]:
     """The API dialects this service speaks, each on its own POST path."""
     from streamgate.dialects.anthropic import MessagesDialect
     from streamgate.dialects.responses import ResponsesDialect
 
-    return (ChatDialect(settings), ResponsesDialect(settings), MessagesDialect(settings))
+    return (ChatDialect(settings), ResponsesDialect(settings), MessagesDialect(settings),
+            EmbeddingsDialect(settings))
 
 
-def routes(served: tuple[Dialect, ...]) -> dict[str, tuple[str, ...]]:
+def routes(served: tuple[Served, ...]) -> dict[str, tuple[str, ...]]:
     """Every path the API serves (as openapi.yaml and the template spell it) → its methods."""
     table: dict[str, tuple[str, ...]] = {MODELS_PATH: ("GET",), HEALTH_PATH: ("GET",)}
     for dialect in served:
@@ -174,7 +184,8 @@ class App:
                 if self._router is None:
                     s = self.settings
                     self._router = (Router(s) if s.routed
-                                    else Router(s, _create_provider(s)))
+                                    else Router(s, _create_provider(s),
+                                                embedder=create_embedder(s)))
         return self._router
 
     def default_model(self) -> str:
@@ -237,7 +248,7 @@ class App:
             self.telemetry.end_provider_call(outcome.trace, outcome)
             self.telemetry.finish(status, outcome)
 
-    def _dialect_of(self, path: str) -> Dialect:
+    def _dialect_of(self, path: str) -> Served:
         """The dialect whose paths ``path`` is on (its errors are that dialect's), else the
         first (Chat Completions)."""
         for dialect in self.dialects:
@@ -245,7 +256,7 @@ class App:
                 return dialect
         return self.dialects[0]
 
-    def _error(self, err: StreamgateError, dialect: Dialect, outcome: Outcome, *,
+    def _error(self, err: StreamgateError, dialect: Served, outcome: Outcome, *,
                stream: bool = False) -> Response:
         """An error before the first byte, in the dialect's words."""
         status, headers, body = dialect.error(err, stream=stream)
@@ -257,7 +268,7 @@ class App:
                 own_origin: str | None) -> tuple[Response, Admission | None]:
         stream = False
         admission: Admission | None = None
-        dialect = self.dialects[0]
+        dialect: Served = self.dialects[0]
         parsed: Any = None
         try:
             request = parse_event(event)
@@ -299,6 +310,19 @@ class App:
                 return _json(status, doc, outcome), None
             outcome.dialect = dialect.name
             data = decode_body(request.body, self.settings)
+            if isinstance(dialect, EmbeddingsDialect):  # one call, not a chat stream
+                outcome.operation = dialect.operation
+                job = dialect.parse(data, call)
+                model, route = self._resolve_embedding_model(job.request)
+                self.gate.authorize(caller, model)
+                outcome.model = model
+                deadline.check()
+                admission = Admission(self.gate, caller, model, 0,
+                                      job.request.estimate_tokens())
+                admission.take()
+                response = self._embed(dialect, job, route, deadline, outcome)
+                response.headers.update(admission.headers())
+                return response, admission
             stream = data.get("stream") is True and _accepts_sse(request)
             parsed = dialect.parse(data, call)
             chat = parsed.chat
@@ -325,7 +349,7 @@ class App:
             response.headers.update(admission.headers())
         return response, admission
 
-    def _route(self, path: str, dialect: Dialect) -> tuple[tuple[str, ...], bool]:
+    def _route(self, path: str, dialect: Served) -> tuple[tuple[str, ...], bool]:
         """The methods ``path`` takes, and whether it is one of a dialect's resources (a
         stored object) rather than its POST path; 404 for a path nobody serves."""
         methods = self.routes.get(path)
@@ -378,8 +402,39 @@ class App:
         the route's first target honours."""
         model = chat.model or self.default_model()
         route = self.router.route(model)
+        if route.embedding is not None:
+            raise RequestError(f"The model `{model}` is an embedding model: use it on POST "
+                               "/v1/embeddings", param="model", code="model_not_supported")
         check_supported(chat, self.router.capabilities(route))
         return model, route
+
+    def _resolve_embedding_model(self, request: EmbeddingRequest) -> tuple[str, Route]:
+        """The public embedding model (the first one when the request names none) and its
+        route; 404 for a model nobody serves, 400 for a chat model."""
+        router = self.router
+        model = request.model or next(
+            (m for m in router.models() if router.route(m).embedding is not None), "")
+        if not model:
+            raise NotFoundError("This server has no embedding model", param="model",
+                                code="model_not_found")
+        route = router.route(model)
+        if route.embedding is None:
+            raise RequestError(f"The model `{model}` is not an embedding model: use it on POST "
+                               "/v1/chat/completions", param="model",
+                               code="model_not_supported")
+        return model, route
+
+    def _embed(self, dialect: EmbeddingsDialect, job: EmbeddingsParsed, route: Route,
+               deadline: Deadline, outcome: Outcome) -> Response:
+        """One routed embeddings call; its usage is what the backend counted."""
+        outcome.trace = self.telemetry.begin_provider_call(route.name)
+        target, result = self.router.embed(route, job.request, deadline,
+                                           attempts=outcome.fallbacks)
+        outcome.backend = target.name
+        outcome.usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=0)
+        body = dialect.document(job, route.name, result)
+        return Response(200, {**dialect.headers(), BACKEND_HEADER: target.name}, iter([body]),
+                        outcome)
 
     def _generate(self, dialect: Dialect, parsed: Any, chat: ChatRequest, route: Route,
                   deadline: Deadline, outcome: Outcome) -> Response:

@@ -23,6 +23,8 @@ class Outcome:
     path: str = ""
     # The API dialect that answered ("chat", "responses", ...), once the path has chosen one.
     dialect: str = ""
+    # gen_ai.operation.name: "chat" (Chat Completions, Responses) or "embeddings".
+    operation: str = "chat"
     stream: bool = False
     caller: str = ""  # key id or IAM ARN, never a key
     started: float = field(default_factory=time.monotonic)

@@ -32,6 +32,13 @@ is no fallback. When every target fails, the answer is the most meaningful of th
 429 (with the shortest Retry-After) if all were throttled, else 504 if all timed out, else 503
 if any was unavailable, else 502: never a generic 500.
 
+Embeddings (``POST /v1/embeddings``): a route whose targets are embedding models (a documented
+one, such as ``amazon.titan-embed-text-v2:0``, or any target given ``"dimensions"``, which an
+upstream's model needs) routes and falls back by the same rules, through :meth:`Router.embed`.
+Its targets must all give vectors of one size, and a route may not mix chat and embedding
+models: either is refused when the document loads (providers/embedding.py says how sizes are
+known).
+
 Shared state (several requests at once): the table is replaced whole, never changed in place;
 providers are built once per distinct backend (kind and settings, not model) and shared by
 every route that names it, their clients being thread-safe; cooldowns are a dict under a lock.
@@ -46,7 +53,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from streamgate.errors import (
     ConfigError,
@@ -61,6 +68,16 @@ from streamgate.errors import (
     UpstreamUnavailableError,
 )
 from streamgate.providers import Delta, Provider, create_provider
+from streamgate.providers.embedding import (
+    MAX_DIMENSIONS,
+    Embedder,
+    EmbeddingModel,
+    EmbeddingRequest,
+    Embeddings,
+    check_embedding,
+    check_vectors,
+    model_info,
+)
 from streamgate.validation import check_supported
 
 if TYPE_CHECKING:
@@ -73,7 +90,7 @@ logger = logging.getLogger(__name__)
 KINDS = ("bedrock", "openai", "local")
 # The settings a target may carry, by kind (anything else is a typo, refused at load).
 _COMMON = {"kind", "name", "model", "connect_timeout_s", "first_token_timeout_s",
-           "idle_timeout_s", "max_attempts"}
+           "idle_timeout_s", "max_attempts", "dimensions"}
 _FIELDS: dict[str, frozenset[str]] = {
     "bedrock": frozenset(_COMMON | {"region", "endpoint_url", "role_arn", "external_id",
                                     "guardrail_id", "guardrail_version"}),
@@ -94,6 +111,8 @@ class Target:
     # Settings of the backend itself (region, base URL, key source, timeouts...): targets with
     # equal settings share one provider, whatever model they ask it for.
     options: tuple[tuple[str, Any], ...] = ()
+    # Set for an embedding model: what it gives and takes (providers/embedding.py).
+    embedding: EmbeddingModel | None = None
 
     @property
     def backend(self) -> str:
@@ -105,6 +124,11 @@ class Route:
     name: str
     targets: tuple[Target, ...]
     fallback_on_client_errors: bool = False
+
+    @property
+    def embedding(self) -> EmbeddingModel | None:
+        """Set when this is an embeddings route: its first target's model."""
+        return self.targets[0].embedding
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +193,7 @@ def _route(public: str, spec: Any, source: str) -> Route:
     names = [t.name for t in built]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: target names must differ ({', '.join(names)})")
+    _check_embedding_route(built, where)
     return Route(public, built, fallback)
 
 
@@ -187,6 +212,11 @@ def _target(public: str, index: int, spec: Any, where: str) -> Target:
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not math.isfinite(value) or value <= 0):
                 raise ConfigError(f"{at}: {key!r} must be a positive number of seconds")
+        elif key == "dimensions":
+            if isinstance(value, bool) or not isinstance(value, int) or not (
+                    1 <= value <= MAX_DIMENSIONS):
+                raise ConfigError(f"{at}: 'dimensions' must be an integer from 1 to "
+                                  f"{MAX_DIMENSIONS}")
         elif key == "max_attempts":
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10:
                 raise ConfigError(f"{at}: 'max_attempts' must be an integer from 1 to 10")
@@ -206,8 +236,31 @@ def _target(public: str, index: int, spec: Any, where: str) -> Target:
         raise ConfigError(f"{at}: \"external_id\" goes with \"role_arn\"")
     if kind == "bedrock" and "guardrail_version" in spec and "guardrail_id" not in spec:
         raise ConfigError(f"{at}: \"guardrail_version\" goes with \"guardrail_id\"")
-    options = tuple(sorted((k, v) for k, v in spec.items() if k not in ("kind", "name", "model")))
-    return Target(str(name), kind, str(model), options)
+    options = tuple(sorted((k, v) for k, v in spec.items()
+                           if k not in ("kind", "name", "model", "dimensions")))
+    try:
+        embedding = model_info(kind, str(model), spec.get("dimensions"))
+    except ConfigError as e:
+        raise ConfigError(f"{at}: {e.message}") from None
+    if embedding is None and "dimensions" in spec:
+        raise ConfigError(f"{at}: \"dimensions\" is for embedding models, and {model!r} is not "
+                          f"one the {kind} kind serves")
+    return Target(str(name), kind, str(model), options, embedding)
+
+
+def _check_embedding_route(targets: tuple[Target, ...], where: str) -> None:
+    """An embeddings route's targets are all embedding models of one vector size."""
+    sizes = {t.embedding.dimensions for t in targets if t.embedding is not None}
+    if not sizes:
+        return
+    if any(t.embedding is None for t in targets):
+        raise ConfigError(f"{where} mixes chat and embedding models: a route serves one or "
+                          "the other")
+    if len(sizes) > 1:
+        listed = ", ".join(f"{t.name}: {t.embedding.dimensions}" for t in targets
+                           if t.embedding is not None)
+        raise ConfigError(f"{where}: its targets give vectors of different sizes ({listed}); "
+                          "clients could not compare them")
 
 
 def build_provider(settings: Settings, target: Target) -> Provider:
@@ -235,6 +288,35 @@ def build_provider(settings: Settings, target: Target) -> Provider:
                     **{f"upstream_{k}": o[k] for k in common if k in o})
         return create_provider(s)
     return create_provider(replace(settings, provider="local"))
+
+
+def build_embedder(settings: Settings, target: Target) -> Embedder:
+    """The embedder for an embedding target's backend, configured as build_provider does."""
+    o = dict(target.options)
+    if target.kind == "bedrock":
+        from streamgate.providers import bedrock, bedrock_embed
+
+        s = replace(settings, provider="bedrock",
+                    bedrock_region=o.get("region", settings.bedrock_region),
+                    **{f"bedrock_{k}": o[k] for k in ("connect_timeout_s", "first_token_timeout_s",
+                                                      "max_attempts") if k in o})
+        return bedrock_embed.BedrockEmbedder(s, access=bedrock.BedrockAccess(
+            endpoint_url=o.get("endpoint_url", ""), role_arn=o.get("role_arn", ""),
+            external_id=o.get("external_id", "")))
+    if target.kind == "openai":
+        from streamgate.providers import openai_embed
+
+        s = replace(settings, provider="openai", upstream_base_url=o["base_url"],
+                    upstream_api_key_secret=o.get("api_key_secret", ""),
+                    upstream_api_key_parameter=o.get("api_key_parameter", ""),
+                    upstream_api_key=o.get("api_key", ""),
+                    **{f"upstream_{k}": o[k] for k in ("connect_timeout_s",
+                                                       "first_token_timeout_s", "max_attempts")
+                       if k in o})
+        return openai_embed.build(s)
+    from streamgate.providers import local_embed
+
+    return local_embed.LocalEmbedder(replace(settings, provider="local", embedding_models=()))
 
 
 @dataclass
@@ -285,9 +367,18 @@ class Router:
                  build: Callable[[Settings, Target], Provider] = build_provider,
                  read_parameter: Callable[[str], tuple[str, str]] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 allow_local: bool = True) -> None:
+                 allow_local: bool = True, embedder: Embedder | None = None,
+                 build_embedder: Callable[[Settings, Target], Embedder] = build_embedder,
+                 ) -> None:
         self._settings = settings
         self._single = provider
+        # Without routes: the provider's embedding models (its own embedder, or the provider
+        # itself when it embeds too, as test fakes do), each a one-target route.
+        if embedder is None and provider is not None and hasattr(provider, "embed"):
+            embedder = cast("Embedder", provider)
+        self._single_embedder = embedder
+        self._build_embedder = build_embedder
+        self._embedders: dict[str, Embedder] = {}
         self._build = build
         self._read_parameter = read_parameter or _read_parameter
         self._clock = clock
@@ -325,7 +416,7 @@ class Router:
         table = self._parse(text, source)
         for route in table.routes.values():  # build now: a bad key source fails the init
             for target in route.targets:
-                self._provider_for(target)
+                self._backend_for(target)
         self._table = table
 
     def _parse(self, text: str, source: str) -> RouteTable:
@@ -353,7 +444,7 @@ class Router:
                 table = self._parse(text, f"SSM parameter {name}")
                 for route in table.routes.values():
                     for target in route.targets:
-                        self._provider_for(target)
+                        self._backend_for(target)
                 self._table, self._version = table, version
                 logger.info("routes re-read from %s (version %s)", name, version)
         except StreamgateError as e:
@@ -367,8 +458,32 @@ class Router:
     def _single_table(self) -> RouteTable:
         provider = self._single
         assert provider is not None
-        return RouteTable({m: Route(m, (Target(provider.name, provider.name, m),))
-                           for m in provider.models()}, self._settings.route_cooldown_s)
+        routes = {m: Route(m, (Target(provider.name, provider.name, m),))
+                  for m in provider.models()}
+        embedder = self._single_embedder
+        if embedder is not None:
+            routes.update({m: Route(m, (Target(embedder.name, embedder.name, info.model,
+                                               embedding=info),))
+                           for m, info in embedder.embedding_models().items()})
+        return RouteTable(routes, self._settings.route_cooldown_s)
+
+    def _backend_for(self, target: Target) -> Provider | Embedder:
+        return (self._embedder_for(target) if target.embedding is not None
+                else self._provider_for(target))
+
+    def _embedder_for(self, target: Target) -> Embedder:
+        if self._single is not None:
+            assert self._single_embedder is not None
+            return self._single_embedder
+        key = target.backend
+        embedder = self._embedders.get(key)
+        if embedder is None:
+            with self._providers_lock:
+                embedder = self._embedders.get(key)
+                if embedder is None:
+                    embedder = self._embedders[key] = self._build_embedder(self._settings,
+                                                                           target)
+        return embedder
 
     def _provider_for(self, target: Target) -> Provider:
         if self._single is not None:
@@ -413,7 +528,7 @@ class Router:
 
     def owner(self, route: Route) -> str:
         """Who serves a route, for ``/v1/models``: the first target's kind."""
-        return self._provider_for(route.targets[0]).name
+        return self._backend_for(route.targets[0]).name
 
     def first(self, route: Route) -> tuple[Provider, str]:
         """The provider of a route's first target and the model it asks it for: the backend
@@ -476,9 +591,62 @@ class Router:
                 retry_after=1)
         raise _most_meaningful(failures)
 
+    def embed(self, route: Route, request: EmbeddingRequest, deadline: Deadline, *,
+              attempts: list[dict[str, str]] | None = None) -> tuple[Target, Embeddings]:
+        """The embeddings of the first target that gives them, by :meth:`open`'s rules (a
+        target skipped while cooling, or when it cannot honour the request as a fallback),
+        each answer checked to hold one vector of the route's size per input."""
+        tried: list[dict[str, str]] = attempts if attempts is not None else []
+        cooldown = self._current().cooldown_s
+        order = [t for t in route.targets if not self._cooling_down(t)] or list(route.targets)
+        tried += [Attempt(t.name, "cooling").record() for t in route.targets if t not in order]
+        failures: list[StreamgateError] = []
+        for position, target in enumerate(order):
+            deadline.check()
+            info = target.embedding
+            assert info is not None
+            fallback = position > 0 or target is not route.targets[0]
+            try:
+                check_embedding(request, info)
+            except RequestError:
+                if not fallback:
+                    raise
+                tried.append(Attempt(target.name, "cannot_honour").record())
+                continue
+            # A model of several sizes gives the route's unless the request asks another.
+            ask = replace(request, dimensions=request.dimensions or (
+                info.dimensions if info.choices else None))
+            try:
+                result = self._embedder_for(target).embed(ask, target.model, deadline)
+                return target, check_vectors(result, request,
+                                             request.dimensions or info.dimensions,
+                                             f"Backend {target.name}")
+            except StreamgateError as e:
+                if isinstance(e, DeadlineExceededError):
+                    raise
+                if not _worth_another_backend(e, route):
+                    if fallback and isinstance(e, RequestError):
+                        tried.append(Attempt(target.name, e.code or "invalid_request").record())
+                        continue
+                    raise
+                self._cool(target, cooldown)
+                tried.append(Attempt(target.name, e.code or e.type).record())
+                failures.append(e)
+                logger.warning("route %s: target %s failed (%s); %s", route.name, target.name,
+                               e.code, "trying the next" if position + 1 < len(order)
+                               else "no target left")
+        if not failures:
+            raise UpstreamUnavailableError(
+                f"No backend of model `{route.name}` can serve this request now",
+                retry_after=1)
+        raise _most_meaningful(failures)
+
     def close(self) -> None:
-        for provider in {id(p): p for p in self._providers.values()}.values():
-            close = getattr(provider, "close", None)
+        backends: list[Any] = [*self._providers.values(), *self._embedders.values()]
+        if self._single_embedder is not None and not hasattr(self._single_embedder, "stream"):
+            backends.append(self._single_embedder)  # an embedder of its own, not the provider
+        for backend in {id(b): b for b in backends}.values():
+            close = getattr(backend, "close", None)
             if close is not None:
                 close()
 

@@ -188,11 +188,12 @@ class Telemetry:
         # A 200 that ended with neither a finish reason nor an error: the client left; or it
         # left before the answer began (the dev server sees that).
         disconnected = (outcome.model is not None and status == 200 and err is None
-                        and outcome.finish_reason is None) or status == 499
+                        and outcome.finish_reason is None and outcome.operation == "chat"
+                        ) or status == 499
         record: dict[str, Any] = {
             "request_id": outcome.request_id, "method": outcome.method, "path": outcome.path,
             "status": status, "key_id": outcome.caller or None, "provider": self.provider,
-            "model": outcome.model, "stream": outcome.stream,
+            "model": outcome.model, "operation": outcome.operation, "stream": outcome.stream,
             "ttft_ms": None if ttft_ms is None else round(ttft_ms, 1),
             "duration_ms": round(duration_ms, 1),
             "prompt_tokens": outcome.usage.prompt_tokens if outcome.usage else None,
