@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.clients
 
 CODEX_VERSION = "0.171.0"
 MODEL = "scripted-codex"
+ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-streamgate-codex-test"
 PATCH = "*** Begin Patch\n*** Add File: hello.txt\n+hello from codex\n*** End Patch\n"
 FINAL = "hello.txt says: hello from codex"
@@ -88,26 +90,20 @@ class CodexTask(ScriptedProvider):
 def _run_codex(codex: Path, url: str, home: Path, work: Path,
                prompt: str) -> subprocess.CompletedProcess[str]:
     (home / "catalog.json").write_text(json.dumps(CATALOG))
-    (home / "config.toml").write_text(f"""
-model = "{MODEL}"
-model_provider = "streamgate"
-approval_policy = "never"
+    # The README's config.toml, pointed at this server, plus what a test needs on top: no
+    # approvals, no update check or analytics, and a model catalog that makes apply_patch
+    # Codex's freeform (custom) tool.
+    readme = re.search(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert readme is not None, "the README shows no Codex config.toml"
+    config = readme.group(1).replace("http://127.0.0.1:8080", url)
+    assert 'model = "gemma-3-270m"\n' in config
+    config = config.replace('model = "gemma-3-270m"\n', f'model = "{MODEL}"\n', 1)
+    (home / "config.toml").write_text(f"""approval_policy = "never"
 model_catalog_json = "{home / 'catalog.json'}"
 check_for_update_on_startup = false
-# Tools Streamgate cannot serve (a hosted tool, namespaced tools) are not offered.
-web_search = "disabled"
-
-[features]
-multi_agent = false
-
+""" + config + """
 [analytics]
 enabled = false
-
-[model_providers.streamgate]
-name = "Streamgate"
-base_url = "{url}/v1"
-env_key = "STREAMGATE_API_KEY"
-wire_api = "responses"
 """)
     env = {"PATH": os.environ["PATH"], "HOME": str(home), "CODEX_HOME": str(home),
            "STREAMGATE_API_KEY": KEY, "LANG": "C.UTF-8"}

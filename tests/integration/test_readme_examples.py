@@ -25,6 +25,8 @@ README = (ROOT / "README.md").read_text()
 URL = "http://127.0.0.1:8080"
 # Examples run by other tests (a piece of each block -> where).
 COVERED_ELSEWHERE = {
+    'wire_api = "responses"': "tests/integration/test_codex_cli.py (Codex runs with this "
+                              "config.toml)",
     "make dev    # set up everything": "the commands themselves: CI runs `make test`",
     "export AWS_ENDPOINT_URL_DYNAMODB": "tests/integration/test_keys_e2e.py",
     "-m llama_cpp.server": "tests/integration/test_openai_upstream_real.py",
@@ -85,7 +87,7 @@ def test_the_python_examples_stream_an_answer(server: str) -> None:
             exec(compile(body.replace(URL, server), "README.md", "exec"), {})
         assert len(printed.getvalue().strip()) > 100, body
         ran += 1
-    assert ran == 2  # the OpenAI SDK and requests
+    assert ran == 3  # the OpenAI SDK, requests and the Agents SDK
 
 
 def test_the_curl_examples_do_what_the_readme_says(server: str) -> None:
