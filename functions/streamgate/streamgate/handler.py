@@ -110,7 +110,7 @@ class Outcome:
     caller: str = ""  # key id or IAM ARN, never a key
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
-    trace: Any = None  # the provider call's X-Ray subsegment, when tracing
+    trace: Any = None  # the request's spans (telemetry.begin_request), when tracing
     # The route's target that answered, and the targets skipped or failed before it.
     backend: str | None = None
     fallbacks: list[dict[str, str]] = field(default_factory=list)
@@ -193,6 +193,7 @@ class App:
         the origin of the pages this server serves ("" for none), to the event's domain over
         HTTPS (the Function URL's)."""
         outcome = Outcome(request_id=_request_id(event, context))
+        outcome.trace = self.telemetry.begin_request(event, outcome.request_id)
         try:
             cors_headers, preflight = _rest_api_cors(self.settings, event, outcome)
             if preflight:
@@ -215,6 +216,7 @@ class App:
         """An error the driver found before there was an event (the dev server at its limit,
         a request it could not read), answered and recorded like any other."""
         outcome = Outcome(request_id=uuid.uuid4().hex)
+        outcome.trace = self.telemetry.begin_request(None, outcome.request_id)
         return self._finalise(error_response(err, outcome=outcome), outcome, None)
 
     def _finalise(self, response: Response, outcome: Outcome,
@@ -233,7 +235,7 @@ class App:
             if admission is not None:
                 admission.settle(outcome)
         finally:
-            self.telemetry.end_provider_call(outcome.trace, outcome)
+            self.telemetry.end_request(outcome.trace, status, outcome)
             self.telemetry.finish(status, outcome)
 
     def _handle(self, event: Mapping[str, Any], context: LambdaContext | None,
@@ -320,10 +322,12 @@ class App:
     def _chat(self, chat: ChatRequest, route: Route, deadline: Deadline,
               outcome: Outcome) -> Response:
         builder = ChunkBuilder(route.name, include_usage=chat.include_usage)
-        outcome.trace = self.telemetry.begin_provider_call(route.name)
+        observe = self.telemetry.provider_call(outcome.trace, "chat", chat,
+                                               builder.completion_id)
         # The route's targets are tried until one gives its first delta: a failure before
         # that (throttled, bad model, unreachable) becomes a real HTTP error.
-        deltas = self.router.open(route, chat, deadline, attempts=outcome.fallbacks)
+        deltas = self.router.open(route, chat, deadline, attempts=outcome.fallbacks,
+                                  observe=observe)
         outcome.backend = deltas.target.name
         headers = {BACKEND_HEADER: deltas.target.name}
         try:
