@@ -487,3 +487,44 @@ def test_nothing_of_opentelemetry_is_imported_when_tracing_is_off(
     assert done.returncode == 0, done.stderr[-2000:]
     # THEN OpenTelemetry (and our modules using it) were imported only with tracing on
     assert json.loads(done.stdout.strip().splitlines()[-1]) == loaded
+
+
+def test_the_readmes_any_otlp_backend_example_exports_with_its_headers(
+        receiver: OtlpReceiver) -> None:
+    import re
+
+    from tests.fake_openai import FakeUpstream
+
+    # GIVEN the README's example for any OTLP backend: its variables, the endpoint ours
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(),
+                                       re.S) if "OTEL_EXPORTER_OTLP_HEADERS=" in b)
+    variables = dict(re.findall(r"^(\w+)=(\S+)", block, re.M))
+    assert variables["OTEL_EXPORTER_OTLP_ENDPOINT"] == "https://api.honeycomb.io"
+    variables["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.url.removesuffix("/v1/traces")
+    # WHEN the dev server runs with them (as `make dev` runs it; an upstream in place of the
+    # embedded model) and answers a request
+    with FakeUpstream([UpstreamReply(body=[text_stream("Hi")])]) as upstream:
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT / 'functions/streamgate'}",
+               "STREAMGATE_PROVIDER": "openai", "STREAMGATE_UPSTREAM_BASE_URL": upstream.url,
+               "OTEL_BSP_SCHEDULE_DELAY": "50", **variables}
+        process = subprocess.Popen([sys.executable, "-m", "streamgate.devserver", "--port", "0"],
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                   text=True)
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            port = int(re.search(r"127\.0\.0\.1:(\d+)/", line).group(1))  # type: ignore[union-attr]
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", CHAT, body=json.dumps(_stream(model="upstream-model")))
+            assert sse_data(conn.getresponse().read())[-1] == "[DONE]"
+            conn.close()
+            # THEN its spans reach the endpoint with the backend's header
+            spans = receiver.wait_for(2)
+        finally:
+            process.terminate()
+            process.wait(10)
+            assert process.stdout is not None
+            process.stdout.close()
+    assert receiver.requests[0].headers["x-honeycomb-team"] == "YOUR_KEY"
+    assert {s.kind for s in spans} == {"SERVER", "CLIENT"}
+    assert spans[0].resource["service.name"] == "streamgate"

@@ -31,6 +31,10 @@ COVERED_ELSEWHERE = {
     'import OpenAI from "openai"': "tests/integration/test_browser.py (the SDK in Chromium)",
     "make sam-local": "tests/integration/test_sam_local.py (SAM's start-api, the openai "
                       "provider relaying, as make sam-local runs it)",
+    "OTEL_EXPORTER_OTLP_HEADERS=": "tests/functional/test_tracing.py (the dev server process "
+                                   "with these variables, exporting to a receiver)",
+    "jaegertracing/jaeger": "tests/unit/test_otlp.py (the exporter's default endpoint is "
+                            "localhost:4318, Jaeger's OTLP/HTTP port)",
 }
 
 
