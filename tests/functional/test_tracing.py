@@ -528,3 +528,25 @@ def test_the_readmes_any_otlp_backend_example_exports_with_its_headers(
     assert receiver.requests[0].headers["x-honeycomb-team"] == "YOUR_KEY"
     assert {s.kind for s in spans} == {"SERVER", "CLIENT"}
     assert spans[0].resource["service.name"] == "streamgate"
+
+
+_EXITS = """
+from tests.helpers import body_bytes, chat_event, make_app
+app = make_app(tracing=True, metrics=False)
+response = app.handle(chat_event({"prompt": "hi", "stream": True}))
+body_bytes(response)
+response.close()
+"""
+
+
+def test_spans_still_queued_leave_when_the_process_exits(receiver: OtlpReceiver) -> None:
+    # GIVEN a process whose batches would leave only after a minute
+    # WHEN it answers one request and exits (the dev server stopped with Ctrl-C, say)
+    done = subprocess.run(
+        [sys.executable, "-c", _EXITS], capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT / 'functions/streamgate'}:{ROOT}",
+             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url,
+             "OTEL_BSP_SCHEDULE_DELAY": "60000"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    # THEN its spans were exported on the way out
+    assert {s.kind for s in receiver.wait_for(2, timeout=1)} == {"SERVER", "CLIENT"}

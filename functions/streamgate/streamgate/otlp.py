@@ -249,6 +249,8 @@ class Exporter:
             self._authority = f"[{self._host}]" + ("" if default_port else f":{self._port}")
         self._path = (url.path or "/") + (f"?{url.query}" if url.query else "")
         self._url = f"{url.scheme}://{self._authority}{self._path}"
+        # What the log names: no path or query, which some backends give a key in.
+        self._where = f"{url.scheme}://{self._authority}"
         self._headers = dict(settings.headers)
         # X-Ray also takes an API key as a bearer token: then there is nothing to sign.
         self._sign = bool(settings.sigv4_region) and "authorization" not in self._headers
@@ -288,7 +290,7 @@ class Exporter:
         self.close()
         if not self._failing:
             logger.warning("trace export to %s failed, %d spans dropped (logged once until "
-                           "exports work again): %s", self._url, count, why)
+                           "exports work again): %s", self._where, count, why)
         self._failing = True
         self._dropped_while_failing += count
         return False
@@ -383,8 +385,8 @@ class BatchProcessor(SpanProcessor):
                 self._dropped += 1
                 self._handled += 1
                 if self._dropped == 1 or self._dropped % 1000 == 0:
-                    logger.warning("the span queue is full: %d spans dropped so far",
-                                   self._dropped)
+                    logger.warning("%d spans dropped so far (the export queue was full, or "
+                                   "shutting down)", self._dropped)
                 return
             self._queue.append(span)
             if len(self._queue) >= self._max_batch:

@@ -46,10 +46,12 @@ closed, from the :class:`~streamgate.handler.Outcome` the handler filled in.
 
 from __future__ import annotations
 
+import atexit
 import json
 import re
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -103,6 +105,9 @@ class Tracing:
         self.provider.add_span_processor(self.processor)
         self.tracer = self.provider.get_tracer(SCOPE, schema_url=SCHEMA_URL)
         self._closed = threading.Event()
+        # At interpreter exit (the dev server stopped), what is queued still leaves, within
+        # the flush timeout. A weak reference: an app nobody uses any more is not kept alive.
+        atexit.register(_shutdown, weakref.ref(self))
 
     def begin_request(self, event: Mapping[str, Any] | None, xray_header: str | None,
                       request_id: str) -> RequestTrace:
@@ -143,6 +148,12 @@ class Tracing:
             self._closed.set()
             self.processor.shutdown(self.otlp.flush_timeout_s)
             self.exporter.close()
+
+
+def _shutdown(ref: weakref.ref[Tracing]) -> None:
+    tracing = ref()
+    if tracing is not None:
+        tracing.shutdown()
 
 
 class RequestTrace:
