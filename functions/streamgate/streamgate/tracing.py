@@ -80,7 +80,7 @@ SCOPE = "streamgate"
 # is one ("openai" for any OpenAI-compatible server: the conventions set it from what the
 # client speaks, not from who answers).
 PROVIDER_NAMES = {"bedrock": "aws.bedrock", "openai": "openai", "local": "llama.cpp"}
-_XRAY = re.compile(r"Root=1-([0-9a-f]{8})-([0-9a-f]{24})(?:;|$)")
+_XRAY = re.compile(r"(?:^|;)Root=1-([0-9a-f]{8})-([0-9a-f]{24})(?:;|$)")
 _XRAY_PARENT = re.compile(r"(?:^|;)Parent=([0-9a-f]{16})(?:;|$)")
 _XRAY_SAMPLED = re.compile(r"(?:^|;)Sampled=1(?:;|$)")
 _METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
