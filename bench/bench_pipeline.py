@@ -8,8 +8,11 @@
    contract is more than 1,375 characters in at least 5 chunks, every time), and the time a
    whole answer takes. ``--min-tokens N`` sets the embedded model's default minimum
    (``STREAMGATE_LOCAL_DEFAULT_MIN_TOKENS``) to compare; 0 is the model left alone.
-2. The pipeline's own cost with an instant provider: added time to first byte over calling the
-   provider directly, and microseconds per chunk for validation + chunk building + SSE encoding.
+2. The pipeline's own cost with an instant provider, per API dialect (Chat Completions,
+   Responses): added time to first byte over calling the provider directly, and microseconds
+   per chunk for parsing + event building + SSE encoding; then the relay path (the openai
+   provider reading a scripted upstream on loopback): CPU per stream and per chunk, per
+   dialect, and the Responses/chat ratio (issue 21: at most 1.10).
 3. The upstream SSE decoder: one event of 2, 4, 8 and 16 MB fed in 64 KB reads (the cost must
    grow linearly: the ratio to the 2 MB figure should stay near 1, 2, 4, 8), and small events.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 from collections.abc import Iterator
@@ -115,44 +119,119 @@ class InstantProvider:
         yield from self.deltas
 
 
-def bench_pipeline(rounds: int, chunks_n: int) -> None:
-    body = json.dumps({"model": "instant", "messages": [
-        {"role": "system", "content": "You are concise."},
-        {"role": "user", "content": PROMPT}], "stream": True,
-        "stream_options": {"include_usage": True}, "max_tokens": 256, "temperature": 0.5})
-    event = {"version": "2.0", "rawPath": "/v1/chat/completions", "headers": {},
-             "requestContext": {"http": {"method": "POST"}}, "body": body}
-    settings = load_settings({}, provider="local")
-    provider = InstantProvider(1)
-    app = App(settings, provider)
-    request = ChatRequest(model="instant", messages=())
-    direct, piped = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter_ns()
-        next(provider.stream(request, "instant", NO_DEADLINE))
-        t1 = time.perf_counter_ns()
-        next(app.handle(event).body)
-        t2 = time.perf_counter_ns()
-        direct.append(t1 - t0)
-        piped.append(t2 - t1)
-    added_ms = (statistics.median(piped) - statistics.median(direct)) / 1e6
-    print(f"pipeline, instant provider, {rounds} rounds")
-    print(f"  added time to first byte    median {added_ms:.3f} ms")
+# The same conversation in each dialect's words (streamed, usage included).
+_MESSAGES = [{"role": "system", "content": "You are concise."},
+             {"role": "user", "content": PROMPT}]
+DIALECT_BODIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "chat": ("/v1/chat/completions", {
+        "model": "instant", "messages": _MESSAGES, "stream": True,
+        "stream_options": {"include_usage": True}, "max_tokens": 256, "temperature": 0.5}),
+    "responses": ("/v1/responses", {
+        "model": "instant", "instructions": "You are concise.", "input": PROMPT,
+        "stream": True, "store": False, "max_output_tokens": 256, "temperature": 0.5}),
+}
 
-    many = InstantProvider(chunks_n)
-    app = App(settings, many)
-    per_chunk = []
-    for _ in range(7):
-        t0 = time.perf_counter_ns()
-        for _ in many.stream(request, "instant", NO_DEADLINE):
-            pass
-        t1 = time.perf_counter_ns()
-        for _ in app.handle(event).body:
-            pass
-        t2 = time.perf_counter_ns()
-        per_chunk.append(((t2 - t1) - (t1 - t0)) / chunks_n / 1000)
-    print(f"  per chunk (build + encode)  median {statistics.median(per_chunk):.2f} us"
-          f" over {chunks_n} chunks")
+
+def _event(path: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {"version": "2.0", "rawPath": path, "headers": {},
+            "requestContext": {"http": {"method": "POST"}}, "body": json.dumps(body)}
+
+
+def bench_pipeline(rounds: int, chunks_n: int) -> None:
+    """Per dialect: the time the pipeline adds before the first byte, and its cost per chunk
+    (parse once, then build + encode each event), over an instant provider."""
+    settings = load_settings({}, provider="local", metrics=False)
+    request = ChatRequest(model="instant", messages=())
+    print(f"pipeline, instant provider ({rounds} rounds; {chunks_n} chunks, median of 7)")
+    per_dialect: dict[str, float] = {}
+    for dialect, (path, body) in DIALECT_BODIES.items():
+        event = _event(path, body)
+        provider = InstantProvider(1)
+        app = App(settings, provider)
+        direct, piped = [], []
+        for _ in range(rounds):
+            t0 = time.perf_counter_ns()
+            next(provider.stream(request, "instant", NO_DEADLINE))
+            t1 = time.perf_counter_ns()
+            response = app.handle(event)
+            next(response.body)
+            response.close()
+            t2 = time.perf_counter_ns()
+            direct.append(t1 - t0)
+            piped.append(t2 - t1)
+        added_ms = (statistics.median(piped) - statistics.median(direct)) / 1e6
+
+        many = InstantProvider(chunks_n)
+        app = App(settings, many)
+        per_chunk = []
+        for _ in range(7):
+            t0 = time.perf_counter_ns()
+            for _ in many.stream(request, "instant", NO_DEADLINE):
+                pass
+            t1 = time.perf_counter_ns()
+            response = app.handle(event)
+            for _ in response.body:
+                pass
+            response.close()
+            t2 = time.perf_counter_ns()
+            per_chunk.append(((t2 - t1) - (t1 - t0)) / chunks_n / 1000)
+        per_dialect[dialect] = statistics.median(per_chunk)
+        print(f"  {dialect:10s} added time to first byte median {added_ms:.3f} ms   per chunk "
+              f"(build + encode) median {per_dialect[dialect]:.2f} us")
+    for dialect, cost in per_dialect.items():
+        if dialect != "chat":
+            print(f"  {dialect} / chat per chunk: {cost / per_dialect['chat']:.2f}x")
+
+
+def bench_relay(streams: int, chunks_n: int) -> None:
+    """Per dialect, through the openai provider against a scripted upstream on loopback (the
+    relay path): CPU time of this process per stream and per relayed chunk, and the time to
+    the first byte, median of ``streams`` streams read to the end."""
+    from streamgate.credentials import ApiKey
+    from streamgate.providers.openai import OpenAIProvider, Upstream
+    from tests.fake_openai import FakeUpstream, Reply, text_stream
+
+    stream = text_stream(*["token "] * chunks_n, usage=(10, chunks_n))
+    replies = [Reply(200, [stream]) for _ in range(streams * len(DIALECT_BODIES))]
+    logging.getLogger("streamgate").setLevel(logging.WARNING)  # no request record per stream
+    with FakeUpstream(replies, models=("scripted",)) as fake:
+        settings = load_settings({}, provider="openai", upstream_base_url=fake.url,
+                                 metrics=False)
+        provider = OpenAIProvider(settings, ApiKey(None, 60, value="sk-bench"),
+                                  Upstream(fake.url, settings.upstream_connect_timeout_s))
+        app = App(settings, provider)
+        print(f"relay, openai provider, scripted upstream on loopback ({streams} streams of "
+              f"{chunks_n} chunks per dialect, medians)")
+        cpu: dict[str, list[float]] = {d: [] for d in DIALECT_BODIES}
+        first: dict[str, list[float]] = {d: [] for d in DIALECT_BODIES}
+        try:
+            # Interleaved (one stream of each dialect per round), so drift and noise fall on
+            # both alike; CPU of this thread only (the scripted upstream runs in another).
+            for _ in range(streams):
+                for dialect, (path, body) in DIALECT_BODIES.items():
+                    event = _event(path, {**body, "model": "scripted"})
+                    c0, t0 = time.thread_time(), time.perf_counter()
+                    response = app.handle(event)
+                    assert response.status == 200, response.status
+                    body_iter = iter(response.body)
+                    next(body_iter)
+                    first[dialect].append((time.perf_counter() - t0) * 1000)
+                    for _ in body_iter:
+                        pass
+                    response.close()
+                    cpu[dialect].append(time.thread_time() - c0)
+            per_dialect: dict[str, float] = {}
+            for dialect in DIALECT_BODIES:
+                stream_cpu = statistics.median(cpu[dialect])
+                per_dialect[dialect] = stream_cpu / chunks_n * 1e6
+                print(f"  {dialect:10s} first byte {statistics.median(first[dialect]):6.2f} ms"
+                      f"   CPU per stream {stream_cpu * 1000:6.2f} ms   per chunk "
+                      f"{per_dialect[dialect]:6.2f} us")
+        finally:
+            provider.close()
+        for dialect, cost in per_dialect.items():
+            if dialect != "chat":
+                print(f"  {dialect} / chat CPU per chunk: {cost / per_dialect['chat']:.2f}x")
 
 
 def bench_decoder() -> None:
@@ -194,6 +273,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.only_model:
         bench_pipeline(rounds=2000, chunks_n=20_000)
+        bench_relay(streams=30, chunks_n=500)
         bench_decoder()
     if not args.skip_model:
         bench_model(args.requests, args.min_tokens)

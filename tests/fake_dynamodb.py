@@ -1,7 +1,8 @@
-"""DynamoDB endpoints for the keys table's failure tests: moto's server on a loopback port, a
+"""DynamoDB endpoints for the tables' failure tests: moto's server on a loopback port, a
 TCP endpoint that accepts connections and never answers, and a proxy in front of moto's
 server that fails the calls a rule picks. botocore talks to all three over real sockets, so
-its timeouts, error parsing and our retries run for real."""
+its timeouts, error parsing and our retries run for real. And the stored responses' table,
+built from template.yaml's definition."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any
 
 from tests.fake_http import start_server
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextmanager
@@ -70,6 +74,9 @@ def hanging_endpoint() -> Iterator[str]:
 FAIL = "fail"  # answer 500 InternalServerError, as DynamoDB does when it has a bad moment
 HANG = "hang"  # never answer (until the proxy stops)
 LOSE = "lose"  # forward it (the write happens), then drop the connection: the answer is lost
+# A BatchWriteItem or BatchGetItem: forward only its first request of each table and answer the
+# rest as UnprocessedItems / UnprocessedKeys, as DynamoDB does with what it throttled.
+PARTIAL = "partial"
 
 
 @dataclass
@@ -133,7 +140,7 @@ class FlakyTable:
         conn = http.client.HTTPConnection(self.upstream, timeout=30)
         try:
             headers = {k: v for k, v in handler.headers.items()
-                       if k.lower() not in ("host", "connection")}
+                       if k.lower() not in ("host", "connection", "content-length")}
             conn.request("POST", handler.path, body=raw, headers=headers)
             answer = conn.getresponse()
             return answer.status, answer.getheaders(), answer.read()
@@ -167,7 +174,13 @@ class FlakyTable:
                     self.end_headers()
                     self.wfile.write(body)
                     return
+                withheld: dict[str, Any] = {}
+                if action == PARTIAL:
+                    raw, withheld = _withhold(operation, raw)
                 status, headers, body = proxy._forward(self, raw)
+                if action == PARTIAL and status == 200:
+                    body = json.dumps({**json.loads(body), **withheld}).encode()
+                    headers = [(k, v) for k, v in headers if k.lower() != "x-amz-crc32"]
                 if action == LOSE:
                     self.close_connection = True
                     return
@@ -181,6 +194,45 @@ class FlakyTable:
                 self.wfile.write(body)
 
         return Handler
+
+
+def _withhold(operation: str, raw: bytes) -> tuple[bytes, dict[str, Any]]:
+    """A batch request cut to the first request of each table, and what DynamoDB answers about
+    the rest (``UnprocessedItems`` or ``UnprocessedKeys``)."""
+    doc = json.loads(raw)
+    kept: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for table, requests in doc["RequestItems"].items():
+        if operation == "BatchGetItem":
+            keys = requests["Keys"]
+            kept[table] = {**requests, "Keys": keys[:1]}
+            if keys[1:]:
+                rest[table] = {**requests, "Keys": keys[1:]}
+        else:
+            kept[table] = requests[:1]
+            if requests[1:]:
+                rest[table] = requests[1:]
+    name = "UnprocessedKeys" if operation == "BatchGetItem" else "UnprocessedItems"
+    return json.dumps({**doc, "RequestItems": kept}).encode(), {name: rest}
+
+
+def create_responses_table(client: Any, table: str) -> None:
+    """The stored responses' table exactly as template.yaml declares it, as far as the API
+    creates it (point-in-time recovery and encryption at rest are CloudFormation's and change
+    nothing a caller sees)."""
+    from streamgate.keystore import load_template
+
+    definition = load_template(ROOT / "template.yaml")["Resources"]["ResponsesTable"][
+        "Properties"]
+    # Whatever the template adds must be created here too, or knowingly left out.
+    assert set(definition) == {"BillingMode", "AttributeDefinitions", "KeySchema",
+                               "TimeToLiveSpecification", "PointInTimeRecoverySpecification",
+                               "SSESpecification"}
+    client.create_table(TableName=table, BillingMode=definition["BillingMode"],
+                        AttributeDefinitions=definition["AttributeDefinitions"],
+                        KeySchema=definition["KeySchema"])
+    client.update_time_to_live(TableName=table,
+                               TimeToLiveSpecification=definition["TimeToLiveSpecification"])
 
 
 def client_for(url: str, *, timeout_s: float = 5.0) -> Any:

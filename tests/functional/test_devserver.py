@@ -216,7 +216,7 @@ def test_cors_is_answered_as_the_function_url_would() -> None:
                               headers={"origin": other}, timeout=10)
     assert preflight.status_code == 204
     assert preflight.headers["access-control-allow-origin"] == allowed
-    assert preflight.headers["access-control-allow-methods"] == "POST, GET"
+    assert preflight.headers["access-control-allow-methods"] == "POST, GET, DELETE"
     assert "authorization" in preflight.headers["access-control-allow-headers"]
     assert answer.status_code == 200
     assert answer.headers["access-control-allow-origin"] == allowed

@@ -15,12 +15,13 @@ from pydantic import BaseModel
 
 from streamgate.config import load_settings
 from streamgate.credentials import ApiKey
+from streamgate.dialects.chat import parse_request
 from streamgate.errors import StreamgateError
 from streamgate.handler import App
 from streamgate.providers import Finish, TextDelta, Usage
 from streamgate.providers.bedrock import BedrockProvider, converse_request
 from streamgate.providers.openai import OpenAIProvider, Upstream
-from streamgate.validation import CAP_JSON_OBJECT, CAP_JSON_SCHEMA, ResponseFormat, parse_request
+from streamgate.validation import CAP_JSON_OBJECT, CAP_JSON_SCHEMA, ResponseFormat
 from tests import fake_bedrock, fake_openai
 from tests.conftest import running_dev_server
 from tests.fake_bedrock import FakeBedrock, finish_events, start_event, stream_exception, text_block

@@ -550,3 +550,23 @@ def test_spans_still_queued_leave_when_the_process_exits(receiver: OtlpReceiver)
     assert done.returncode == 0, done.stderr[-2000:]
     # THEN its spans were exported on the way out
     assert {s.kind for s in receiver.wait_for(2, timeout=1)} == {"SERVER", "CLIENT"}
+
+
+def test_a_responses_api_answer_is_traced_as_a_chat_call_with_the_response_id(
+        traced: Callable[..., App], receiver: OtlpReceiver) -> None:
+    # GIVEN a traced app
+    app = traced()
+    # WHEN a client streams an answer through the Responses API
+    response = app.handle(chat_event({"input": PROMPT, "stream": True},
+                                     path="/v1/responses"))
+    events = [json.loads(d) for d in sse_data(b"".join(response.body))]
+    response.close()
+    app.telemetry.flush(5)
+    # THEN the request and its provider call are traced like a chat completion's, the call's
+    # response id the one the client got
+    server, (call,) = split(receiver.wait_for(2))
+    (completed,) = [e for e in events if e["type"] == "response.completed"]
+    assert server.name == "POST /v1/responses"
+    assert (call.name, call.attributes["gen_ai.operation.name"]) == ("chat scripted-1", "chat")
+    assert call.attributes["gen_ai.response.id"] == completed["response"]["id"]
+    assert call.attributes["gen_ai.response.finish_reasons"] == ["stop"]

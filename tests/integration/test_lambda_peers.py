@@ -4,6 +4,7 @@ and `sam build`. aws-sam-cli lives in its own virtualenv (.venv-sam, made by `ma
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import platform
@@ -182,7 +183,10 @@ IAM_ACTIONS = {"ConverseStream": "bedrock:InvokeModelWithResponseStream",
                "GetParameter": "ssm:GetParameter",
                "GetItem": "dynamodb:GetItem", "UpdateItem": "dynamodb:UpdateItem",
                # authorised per item it writes; the usage transaction only updates
-               "TransactWriteItems": "dynamodb:UpdateItem"}
+               "TransactWriteItems": "dynamodb:UpdateItem",
+               "PutItem": "dynamodb:PutItem", "DeleteItem": "dynamodb:DeleteItem",
+               "BatchGetItem": "dynamodb:BatchGetItem",
+               "BatchWriteItem": "dynamodb:BatchWriteItem"}
 
 
 def _template() -> dict[str, Any]:
@@ -231,6 +235,7 @@ def _aws_operations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     [("bedrock", {"IsBedrock", "CallsBedrock"}),
      ("bedrock-guardrail", {"IsBedrock", "CallsBedrock", "HasGuardrail"}),
      ("bedrock-api-key", {"IsBedrock", "CallsBedrock", "IsApiKey"}),
+     ("bedrock-responses-store", {"IsBedrock", "CallsBedrock", "StoresResponses"}),
      ("openai-secret", {"IsOpenAI", "HasKeySecret"}),
      ("openai-parameter", {"IsOpenAI", "HasKeyParameter"}),
      ("routes", {"IsRoutes", "CallsBedrock", "HasRouteSecrets", "HasRouteRoles",
@@ -243,11 +248,14 @@ def test_iam_grants_exactly_what_the_provider_calls(
     from moto import mock_aws
 
     from streamgate.config import load_settings
+    from streamgate.deadline import NO_DEADLINE
     from streamgate.handler import App
     from streamgate.keystore import KeyStore, table_definition
     from streamgate.providers import create_provider
     from streamgate.providers.bedrock import BedrockProvider
+    from streamgate.responsestore import StoredResponse, create_store, encode
     from tests.fake_bedrock import FakeBedrock, Reply, text_events
+    from tests.fake_dynamodb import create_responses_table
     from tests.fake_openai import FakeUpstream, completion_reply
 
     # GIVEN the provider configured as the template configures it, against fakes
@@ -300,6 +308,24 @@ def test_iam_grants_exactly_what_the_provider_calls(
                 settings = replace(settings, auth="api_key", keys_table="keys")
                 headers = {"authorization": f"Bearer {key}"}
                 operations.clear()
+            if scenario == "bedrock-responses-store":
+                # What the Responses dialect asks of the store, as the template configures it:
+                # a small and a split record stored, overwritten, read and deleted.
+                create_responses_table(boto3.client("dynamodb"), "responses")
+                settings = replace(settings, responses_store="dynamodb",
+                                   responses_table="responses")
+                operations.clear()
+                responses = create_store(settings)
+                assert responses is not None
+                small = encode(StoredResponse({"id": "r"}, (), "k"))
+                split = encode(StoredResponse(
+                    {"id": "r", "text": base64.b64encode(os.urandom(600_000)).decode()}, (), "k"))
+                for first, then in ((small, split), (split, small)):
+                    responses.put("r", first, "k", NO_DEADLINE)
+                    responses.put("r", then, "k", NO_DEADLINE)
+                    assert responses.get("r", "k", NO_DEADLINE) is not None
+                    assert responses.delete("r", "k", NO_DEADLINE)
+                assert {"BatchGetItem", "BatchWriteItem"} <= set(operations)
         else:
             boto3.client("secretsmanager").create_secret(Name="k", SecretString="sk-1")
             boto3.client("ssm").put_parameter(Name="/k", Value="sk-1", Type="SecureString")
@@ -333,6 +359,10 @@ def test_iam_grants_exactly_what_the_provider_calls(
     assert env["STREAMGATE_UPSTREAM_API_KEY_PARAMETER"] == {"Ref": "UpstreamApiKeyParameterName"}
     assert env["STREAMGATE_KEYS_TABLE"] == {"Ref": "KeysTable"}
     assert env["STREAMGATE_AUTH"] == {"Ref": "Auth"}
+    assert env["STREAMGATE_RESPONSES_STORE"] == {"Ref": "ResponsesStore"}
+    assert env["STREAMGATE_RESPONSES_TABLE"] == {
+        "Fn::If": ["StoresResponses", {"Ref": "ResponsesTable"}, ""]}
+    assert env["STREAMGATE_RESPONSES_TTL_S"] == {"Ref": "ResponsesTtlSeconds"}
 
 
 # SAM's own translator (what CloudFormation's AWS::Serverless transform runs) on template.yaml,

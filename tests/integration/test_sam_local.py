@@ -272,7 +272,7 @@ def test_cors_preflights_reach_the_function_and_get_the_function_urls_answer(
         response = api.request("OPTIONS", path, headers=preflight)
         assert response.status_code == 204, (path, response.text)
         assert response.headers["access-control-allow-origin"] == ORIGIN
-        assert response.headers["access-control-allow-methods"] == "POST, GET"
+        assert response.headers["access-control-allow-methods"] == "POST, GET, DELETE"
         assert response.headers["access-control-max-age"] == "600"
     refused = api.request("OPTIONS", "/v1/chat/completions",
                           headers={**preflight, "Origin": "https://elsewhere.example"})

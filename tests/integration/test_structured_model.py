@@ -15,12 +15,12 @@ from pydantic import BaseModel, Field
 
 from streamgate.config import load_settings
 from streamgate.deadline import NO_DEADLINE
+from streamgate.dialects.chat import parse_request
 from streamgate.handler import App
 from streamgate.providers import Finish, Provider, TextDelta
 from streamgate.providers import local as local_module
 from streamgate.providers import openai as openai_provider
 from streamgate.providers.grammar import JSON_OBJECT_GRAMMAR, GrammarFilter, text_tokens
-from streamgate.validation import parse_request
 from tests.conftest import running_dev_server
 
 pytestmark = pytest.mark.model

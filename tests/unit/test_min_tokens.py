@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from streamgate.config import load_settings
+from streamgate.dialects.chat import parse_request
 from streamgate.errors import RequestError
 from streamgate.providers.openai import upstream_body
 from streamgate.validation import (
@@ -12,7 +13,6 @@ from streamgate.validation import (
     CAP_MIN_TOKENS,
     CAP_TOOLS,
     check_supported,
-    parse_request,
 )
 
 SETTINGS = load_settings({})

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamgate import sse
-from streamgate.chunks import ChunkBuilder
+from streamgate.dialects.chat import ChunkBuilder
 from tests.helpers import ScriptedProvider, body_bytes, chat_event, make_app
 
 BOUNDED = settings(max_examples=300, deadline=None,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from streamgate import sse
-from streamgate.chunks import ChunkBuilder
+from streamgate.dialects.chat import ChunkBuilder
 from streamgate.providers import Usage
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from streamgate.config import load_settings
+from streamgate.dialects.chat import parse_request
 from streamgate.errors import StreamgateError
 from streamgate.validation import (
     CAP_IMAGES,
@@ -28,7 +29,6 @@ from streamgate.validation import (
     ToolCall,
     check_supported,
     decode_body,
-    parse_request,
 )
 
 SETTINGS = load_settings({})

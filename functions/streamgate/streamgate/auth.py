@@ -61,7 +61,7 @@ from streamgate.validation import ChatRequest, Image, input_chars
 
 if TYPE_CHECKING:
     from streamgate.config import Settings
-    from streamgate.handler import Outcome
+    from streamgate.outcome import Outcome
 
 logger = logging.getLogger(__name__)
 

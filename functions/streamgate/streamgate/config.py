@@ -21,6 +21,7 @@ PROVIDERS = ("bedrock", "openai", "local", "routes")
 # api_key: Bearer keys checked against the keys table; iam: the Function URL's AWS_IAM auth
 # (requests must carry a signed identity); none: anyone (local development).
 AUTH_MODES = ("api_key", "iam", "none")
+RESPONSE_STORES = ("memory", "dynamodb", "off")  # see responsestore.py
 # What a browser sends as Origin (RFC 6454 §6.1): scheme://host[:port], nothing after it.
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
 
@@ -122,6 +123,13 @@ class Settings:
     # How long a backend that failed (throttled, unavailable, 5xx, unreachable, too slow to its
     # first token) is skipped by this container (a routes document may set its own).
     route_cooldown_s: float = 30.0
+    # Stored responses of the Responses API (responsestore.py): "memory" (this process only,
+    # the dev server's), "dynamodb" (responses_table; what Lambda uses) or "off".
+    responses_store: str = "memory"
+    responses_table: str = ""
+    responses_ttl_s: float = 30 * 86_400.0  # as long as OpenAI keeps a stored response
+    responses_max_bytes: int = 4 << 20  # one record, as compressed JSON
+    responses_memory_items: int = 1_000
 
     @property
     def routed(self) -> bool:
@@ -182,6 +190,11 @@ _ENV: dict[str, tuple[str, type]] = {
     "routes_parameter": ("STREAMGATE_ROUTES_PARAMETER", str),
     "routes_ttl_s": ("STREAMGATE_ROUTES_TTL_S", float),
     "route_cooldown_s": ("STREAMGATE_ROUTE_COOLDOWN_S", float),
+    "responses_store": ("STREAMGATE_RESPONSES_STORE", str),
+    "responses_table": ("STREAMGATE_RESPONSES_TABLE", str),
+    "responses_ttl_s": ("STREAMGATE_RESPONSES_TTL_S", float),
+    "responses_max_bytes": ("STREAMGATE_RESPONSES_MAX_BYTES", int),
+    "responses_memory_items": ("STREAMGATE_RESPONSES_MEMORY_ITEMS", int),
 }
 
 
@@ -251,6 +264,11 @@ def load_settings(
     if settings.provider == "routes" and not (settings.routes or settings.routes_parameter):
         raise ConfigError("STREAMGATE_PROVIDER=routes needs STREAMGATE_ROUTES (the document, or "
                           "@file) or STREAMGATE_ROUTES_PARAMETER (an SSM parameter holding it)")
+    if settings.responses_store not in RESPONSE_STORES:
+        raise ConfigError("STREAMGATE_RESPONSES_STORE must be one of "
+                          f"{', '.join(RESPONSE_STORES)}, got {settings.responses_store!r}")
+    if settings.responses_store == "dynamodb" and not settings.responses_table:
+        raise ConfigError("STREAMGATE_RESPONSES_STORE=dynamodb needs STREAMGATE_RESPONSES_TABLE")
     if settings.keys_timeout_s <= 0:
         raise ConfigError("STREAMGATE_KEYS_TIMEOUT_S must be more than 0")
     if settings.default_max_tokens > settings.max_tokens_cap:

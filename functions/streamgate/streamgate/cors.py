@@ -22,7 +22,7 @@ import ipaddress
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-ALLOW_METHODS = ("POST", "GET")
+ALLOW_METHODS = ("POST", "GET", "DELETE")  # DELETE: /v1/responses/{id}
 # What browser clients send: ours (the playground, fetch), and the official OpenAI JavaScript
 # SDK's own headers (its preflight, captured by tests/integration/test_browser.py, must ask
 # for nothing outside this list), plus the headers OpenAI documents for clients to set.

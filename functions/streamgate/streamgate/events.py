@@ -35,6 +35,8 @@ class HttpRequest:
     # The domain the request was sent to (requestContext.domainName): the Function URL's or
     # the API's own, whose HTTPS origin is the origin of a page the function serves.
     domain: str = ""
+    # The query string's parameters (the last value of a repeated one).
+    query: Mapping[str, str] = field(default_factory=dict)
 
 
 def parse_event(event: Mapping[str, Any]) -> HttpRequest:
@@ -50,6 +52,7 @@ def parse_event(event: Mapping[str, Any]) -> HttpRequest:
         authorizer = _mapping(context.get("authorizer"), "requestContext.authorizer")
         iam = _mapping(authorizer.get("iam"), "requestContext.authorizer.iam")
         principal = iam.get("userArn")
+        query = _query_string(_string(event.get("rawQueryString") or "", "rawQueryString"))
     elif "httpMethod" in event:
         method = event.get("httpMethod")
         path = event.get("path") or "/"
@@ -60,6 +63,9 @@ def parse_event(event: Mapping[str, Any]) -> HttpRequest:
                 headers[str(name).lower()] = ",".join(str(v) for v in values)
         identity = _mapping(context.get("identity"), "requestContext.identity")
         principal = identity.get("userArn")
+        query = {str(k): _string(v, "queryStringParameters") for k, v in
+                 _mapping(event.get("queryStringParameters"), "queryStringParameters").items()
+                 if v is not None}
     else:
         raise RequestError("Unsupported event: expected a Function URL or API Gateway event")
     request = HttpRequest(
@@ -70,9 +76,10 @@ def parse_event(event: Mapping[str, Any]) -> HttpRequest:
         request_id=_string(context.get("requestId") or "", "requestContext.requestId"),
         principal=_string(principal or "", "principal"),
         domain=_string(context.get("domainName") or "", "requestContext.domainName"),
+        query=query,
     )
     for name, value in (("method", request.method), ("path", request.path),
-                        *request.headers.items()):
+                        *request.headers.items(), *request.query.items()):
         if not _is_utf8(value) or not _is_utf8(name):
             raise RequestError(f"The request's {name if _is_utf8(name) else 'headers'} "
                                "hold text that is not valid Unicode")
@@ -123,6 +130,16 @@ def _string(value: object, name: str) -> str:
     if not isinstance(value, str):
         raise RequestError(f"Malformed event: '{name}' must be a string")
     return value
+
+
+def _query_string(raw: str) -> dict[str, str]:
+    """``a=1&b=x%20y`` → ``{"a": "1", "b": "x y"}`` (what cannot be decoded is replaced)."""
+    from urllib.parse import parse_qsl
+
+    try:
+        return dict(parse_qsl(raw, keep_blank_values=True, max_num_fields=100))
+    except ValueError as e:
+        raise RequestError("The query string has too many parameters") from e
 
 
 def _headers(headers: object) -> dict[str, str]:

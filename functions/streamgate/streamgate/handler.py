@@ -1,11 +1,15 @@
-"""The pipeline: HTTP event → validated request → provider deltas → OpenAI chunks → SSE bytes.
+"""The pipeline: HTTP event → a dialect's request → provider deltas → the dialect's events → bytes.
+
+The path picks the API dialect (streamgate/dialects/: Chat Completions, Responses): it parses
+the body into the provider-neutral request and encodes the answer and its errors; everything
+between (keys, limits, routes and providers, deadlines, telemetry) is the same for all of them.
 
 Both drivers (the Lambda runtime loop and the local dev server) call :meth:`App.handle` and
 write the :class:`Response` it returns: the status and headers first, then each body item as
 one write. Everything that can fail before the first byte is done before ``handle`` returns
 (including reading the provider's first delta), so it becomes a real HTTP status. After that
-the body generator reports failures as one in-band SSE error event and records them in
-``Response.outcome`` so a driver can add trailers; it never raises, except ``GeneratorExit``
+the body generator reports failures as one in-band error event of its dialect and records them
+in ``Response.outcome`` so a driver can add trailers; it never raises, except ``GeneratorExit``
 when a driver closes it because the client went away.
 
 A request from a browser page of an origin that is neither the server's own nor allowed
@@ -13,10 +17,10 @@ A request from a browser page of an origin that is neither the server's own nor 
 only keeps such a page from reading the answer, not from spending the model.
 
 Nothing a client sends makes ``handle`` raise: whatever escapes the pipeline becomes a 500
-with an OpenAI body. Every request has a :class:`~streamgate.deadline.Deadline` (the Lambda
-deadline minus the margin, or the dev server's request timeout); a request whose deadline has
-already passed is answered 504 before it is admitted or reaches a model, and every wait in
-the provider ends by it.
+with an error body of the request's dialect. Every request has a
+:class:`~streamgate.deadline.Deadline` (the Lambda deadline minus the margin, or the dev
+server's request timeout); a request whose deadline has already passed is answered 504 before
+it is admitted or reaches a model, and every wait in the provider ends by it.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ from typing import Any, Protocol
 
 from streamgate import cors, playground, sse
 from streamgate.auth import Admission, Caller, Gate
-from streamgate.chunks import ChunkBuilder, tool_call_object
 from streamgate.config import Settings, load_settings
 from streamgate.deadline import NO_DEADLINE, Deadline
+from streamgate.dialects import Answer, AnswerCall, Call, Dialect, Encoder
+from streamgate.dialects.chat import ChatDialect
 from streamgate.errors import (
     InternalError,
     MethodNotAllowedError,
@@ -46,10 +51,10 @@ from streamgate.errors import (
     from_exception,
 )
 from streamgate.events import HttpRequest, parse_event
+from streamgate.outcome import Outcome
 from streamgate.providers import (
     Delta,
     Finish,
-    FinishReason,
     Provider,
     ReasoningDelta,
     TextDelta,
@@ -59,22 +64,14 @@ from streamgate.providers import (
 from streamgate.providers import create_provider as _create_provider
 from streamgate.routes import Route, Router
 from streamgate.telemetry import Telemetry
-from streamgate.validation import ChatRequest, check_supported, decode_body, parse_request
+from streamgate.validation import ChatRequest, check_supported, decode_body
 
 logger = logging.getLogger(__name__)
 
-CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
 HEALTH_PATH = "/health"
-_ROUTES = {CHAT_PATH: "POST", MODELS_PATH: "GET", HEALTH_PATH: "GET"}
 # Not part of the API (nor of openapi.yaml): the playground page, when Settings.playground.
 PLAYGROUND_PATH = "/"
-
-SSE_HEADERS = {
-    "content-type": "text/event-stream",
-    "cache-control": "no-cache",
-    "x-accel-buffering": "no",
-}
 JSON_HEADERS = {"content-type": "application/json", "cache-control": "no-store"}
 # Which of the model's backends (a route target's name) served the answer.
 BACKEND_HEADER = "x-streamgate-backend"
@@ -96,36 +93,6 @@ class LambdaContext(Protocol):
     aws_request_id: str
 
     def get_remaining_time_in_millis(self) -> int: ...
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What happened to one request, filled in while the body streams; telemetry reads it when
-    the response is closed."""
-
-    request_id: str = ""
-    method: str = ""
-    path: str = ""
-    stream: bool = False
-    caller: str = ""  # key id or IAM ARN, never a key
-    started: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    trace: Any = None  # the request's spans (telemetry.begin_request), when tracing
-    # The route's target that answered, and the targets skipped or failed before it.
-    backend: str | None = None
-    fallbacks: list[dict[str, str]] = field(default_factory=list)
-    # Only with STREAMGATE_LOG_CONTENT (debugging): the text in and out.
-    prompt_text: str | None = None
-    completion_text: list[str] = field(default_factory=list)
-    model: str | None = None
-    error: StreamgateError | None = None
-    finish_reason: FinishReason | None = None
-    usage: Usage | None = None
-    chunks: int = 0
-    # What the provider produced (content deltas and their characters), to charge a stream
-    # that ended without usage.
-    deltas: int = 0
-    produced_chars: int = 0
 
 
 @dataclass(slots=True)
@@ -155,9 +122,26 @@ class Response:
                     logger.exception("could not finish the request's accounting")
 
 
+def dialects(settings: Settings) -> tuple[Dialect, ...]:
+    """The API dialects this service speaks, each on its own POST path."""
+    from streamgate.dialects.responses import ResponsesDialect
+
+    return (ChatDialect(settings), ResponsesDialect(settings))
+
+
+def routes(served: tuple[Dialect, ...]) -> dict[str, tuple[str, ...]]:
+    """Every path the API serves (as openapi.yaml and the template spell it) → its methods."""
+    table: dict[str, tuple[str, ...]] = {MODELS_PATH: ("GET",), HEALTH_PATH: ("GET",)}
+    for dialect in served:
+        table[dialect.path] = ("POST",)
+        for path, methods in dialect.resources().items():
+            table[path] = methods
+    return table
+
+
 class App:
-    """One configured service: settings plus a router (the routes document's, or the one
-    provider's models as one-target routes) built on first use."""
+    """One configured service: settings, the dialects it speaks, and a router (the routes
+    document's, or the one provider's models as one-target routes) built on first use."""
 
     def __init__(self, settings: Settings, provider: Provider | None = None, *,
                  gate: Gate | None = None, router: Router | None = None) -> None:
@@ -166,6 +150,9 @@ class App:
         self.gate = gate or Gate(settings)
         self.telemetry = Telemetry(settings)
         self._lock = threading.Lock()
+        self.dialects = dialects(settings)
+        self._by_path = {d.path: d for d in self.dialects}
+        self.routes = routes(self.dialects)
 
     @classmethod
     def from_env(cls, *, defaults: Mapping[str, str] | None = None) -> App:
@@ -195,7 +182,7 @@ class App:
         outcome = Outcome(request_id=_request_id(event, context))
         outcome.trace = self.telemetry.begin_request(event, outcome.request_id)
         try:
-            cors_headers, preflight = _rest_api_cors(self.settings, event, outcome)
+            cors_headers, preflight = self._rest_api_cors(event, outcome)
             if preflight:
                 response, admission = Response(204, {}, iter([]), outcome), None
             else:
@@ -206,18 +193,19 @@ class App:
             response.headers.update(cors_headers)
         except Exception:  # a bug: still an answer, never an exception in a driver
             logger.exception("unhandled error building the response")
-            response = error_response(
+            response = self._error(
                 InternalError("The server had an error while processing your request."),
-                outcome=outcome)
+                self.dialects[0], outcome)
             admission = None
         return self._finalise(response, outcome, admission)
 
-    def refuse(self, err: StreamgateError) -> Response:
+    def refuse(self, err: StreamgateError, path: str = "") -> Response:
         """An error the driver found before there was an event (the dev server at its limit,
-        a request it could not read), answered and recorded like any other."""
+        a request it could not read), answered and recorded like any other, in the dialect
+        of ``path`` when it names one."""
         outcome = Outcome(request_id=uuid.uuid4().hex)
         outcome.trace = self.telemetry.begin_request(None, outcome.request_id)
-        return self._finalise(error_response(err, outcome=outcome), outcome, None)
+        return self._finalise(self._error(err, self._dialect_of(path), outcome), outcome, None)
 
     def _finalise(self, response: Response, outcome: Outcome,
                   admission: Admission | None) -> Response:
@@ -238,14 +226,32 @@ class App:
             self.telemetry.end_request(outcome.trace, status, outcome)
             self.telemetry.finish(status, outcome)
 
+    def _dialect_of(self, path: str) -> Dialect:
+        """The dialect whose paths ``path`` is on (its errors are that dialect's), else the
+        first (Chat Completions)."""
+        for dialect in self.dialects:
+            if path == dialect.path or path.startswith(dialect.path + "/"):
+                return dialect
+        return self.dialects[0]
+
+    def _error(self, err: StreamgateError, dialect: Dialect, outcome: Outcome, *,
+               stream: bool = False) -> Response:
+        """An error before the first byte, in the dialect's words."""
+        status, headers, body = dialect.error(err, stream=stream)
+        outcome.error = err
+        return Response(status, headers, iter([body]), outcome)
+
     def _handle(self, event: Mapping[str, Any], context: LambdaContext | None,
                 outcome: Outcome, deadline: Deadline,
                 own_origin: str | None) -> tuple[Response, Admission | None]:
-        wants_sse = False
+        stream = False
         admission: Admission | None = None
+        dialect = self.dialects[0]
+        parsed: Any = None
         try:
             request = parse_event(event)
             outcome.method, outcome.path = request.method, request.path
+            dialect = self._dialect_of(request.path)
             # A page from another origin may send a simple POST without asking (cors.py):
             # refused here, before any route, key lookup or model call.
             origin = request.headers.get("origin")
@@ -260,25 +266,29 @@ class App:
                     raise MethodNotAllowedError(
                         f"Method {request.method} is not allowed on /; use GET", allow="GET")
                 return _playground(outcome), None
-            allowed = _ROUTES.get(request.path)
-            if allowed is None:
-                raise NotFoundError(f"Unknown path {request.path!r}; try POST {CHAT_PATH}")
-            if request.method != allowed:
+            methods, resource = self._route(request.path, dialect)
+            if request.method not in methods:
+                allow = ", ".join(methods)
                 raise MethodNotAllowedError(
-                    f"Method {request.method} is not allowed on {request.path}; use {allowed}",
-                    allow=allowed,
-                )
+                    f"Method {request.method} is not allowed on {request.path}; use {allow}",
+                    allow=allow)
             if request.path == HEALTH_PATH:
                 return _json(200, {"status": "ok", "provider": self.settings.provider},
                              outcome), None
             # Who is calling is settled before the body is even read.
             caller = self.gate.authenticate(request)
             outcome.caller = caller.key.id if caller.key is not None else caller.principal
+            call = Call(outcome.caller, deadline, request)
             if request.path == MODELS_PATH:
                 return _json(200, self._models(caller), outcome), None
+            if resource:
+                status, doc = dialect.resource(request, call)
+                return _json(status, doc, outcome), None
+            outcome.dialect = dialect.name
             data = decode_body(request.body, self.settings)
-            wants_sse = data.get("stream") is True and _accepts_sse(request)
-            chat = parse_request(data, self.settings)
+            stream = data.get("stream") is True and _accepts_sse(request)
+            parsed = dialect.parse(data, call)
+            chat = parsed.chat
             outcome.stream = chat.stream
             if self.settings.log_content:
                 outcome.prompt_text = "\n".join(m.content for m in chat.messages)
@@ -290,15 +300,28 @@ class App:
             deadline.check()  # no time left: admit nothing, start no model call
             admission = self.gate.admission(caller, chat, model)
             admission.take()
-            response = self._chat(chat, route, deadline, outcome)
+            response = self._generate(dialect, parsed, chat, route, deadline, outcome)
         except Exception as e:
             err = from_exception(e)
             if not isinstance(e, StreamgateError):
                 logger.exception("unhandled error before the first byte")
-            response = error_response(err, sse_event=wants_sse, outcome=outcome)
+            elif parsed is not None:  # name the field as the client's dialect does
+                err.param = parsed.chat.client_param(err.param)
+            response = self._error(err, dialect, outcome, stream=stream)
         if admission is not None:
             response.headers.update(admission.headers())
         return response, admission
+
+    def _route(self, path: str, dialect: Dialect) -> tuple[tuple[str, ...], bool]:
+        """The methods ``path`` takes, and whether it is one of a dialect's resources (a
+        stored object) rather than its POST path; 404 for a path nobody serves."""
+        methods = self.routes.get(path)
+        if methods is not None:
+            return methods, path != dialect.path and path not in (MODELS_PATH, HEALTH_PATH)
+        methods = dialect.resource_methods(path)
+        if methods:
+            return methods, True
+        raise NotFoundError(f"Unknown path {path!r}; try POST {self.dialects[0].path}")
 
     def _models(self, caller: Caller) -> dict[str, Any]:
         router = self.router
@@ -319,11 +342,12 @@ class App:
         check_supported(chat, self.router.capabilities(route))
         return model, route
 
-    def _chat(self, chat: ChatRequest, route: Route, deadline: Deadline,
-              outcome: Outcome) -> Response:
-        builder = ChunkBuilder(route.name, include_usage=chat.include_usage)
+    def _generate(self, dialect: Dialect, parsed: Any, chat: ChatRequest, route: Route,
+                  deadline: Deadline, outcome: Outcome) -> Response:
+        encoder = dialect.encoder(parsed, route.name)
+        # Every dialect's answer is a chat inference (gen_ai.operation.name "chat").
         observe = self.telemetry.provider_call(outcome.trace, "chat", chat,
-                                               builder.completion_id)
+                                               _answer_id(encoder))
         # The route's targets are tried until one gives its first delta: a failure before
         # that (throttled, bad model, unreachable) becomes a real HTTP error.
         deltas = self.router.open(route, chat, deadline, attempts=outcome.fallbacks,
@@ -333,20 +357,45 @@ class App:
         try:
             first = next(deltas, None)
             if not chat.stream:
-                body = _complete(first, deltas, builder, outcome, deadline)
-                return Response(200, {**JSON_HEADERS, **headers}, iter([body]), outcome)
+                body = _complete(first, deltas, encoder, outcome, deadline)
+                return Response(200, {**encoder.headers(False), **headers}, iter([body]),
+                                outcome)
         except BaseException:
             _close(deltas)
             raise
-        return Response(200, {**SSE_HEADERS, **headers},
-                        _stream(first, deltas, builder, outcome, deadline), outcome)
+        return Response(200, {**encoder.headers(True), **headers},
+                        _stream(first, deltas, encoder, outcome, deadline), outcome)
+
+    def _rest_api_cors(self, event: Mapping[str, Any],
+                       outcome: Outcome) -> tuple[dict[str, str], bool]:
+        """CORS headers for a REST API (v1) event from an allowed origin, and whether it is a
+        preflight to answer with them alone. The Function URL adds its own (Function URL
+        events get none here); the REST API passes OPTIONS and CORS to the function."""
+        settings = self.settings
+        if (not settings.cors_origins or not isinstance(event, Mapping)
+                or "httpMethod" not in event):
+            return {}, False
+        try:
+            request = parse_event(event)
+        except StreamgateError:
+            return {}, False  # the pipeline answers it
+        preflight = (cors.is_preflight(request.method, request.headers)
+                     and self._serves(request.path))
+        headers = cors.cors_headers(settings.cors_origins, request.headers.get("origin"),
+                                    preflight=preflight)
+        if preflight and headers:
+            outcome.method, outcome.path = request.method, request.path
+        return headers, preflight and bool(headers)
+
+    def _serves(self, path: str) -> bool:
+        return path in self.routes or bool(self._dialect_of(path).resource_methods(path))
 
 
 def _observe(
     first: Delta | None, deltas: Iterator[Delta], outcome: Outcome, deadline: Deadline
 ) -> Iterator[TextDelta | ReasoningDelta | ToolCallDelta | Finish]:
-    """The provider's deltas with the checks both response kinds share: the deadline before
-    each one, finish reason and usage recorded in ``outcome``, and a finish reason required."""
+    """The provider's deltas with the checks every answer shares: the deadline before each
+    one, finish reason and usage recorded in ``outcome``, and a finish reason required."""
     log_content = outcome.prompt_text is not None  # set only when content is logged
     delta = first
     while delta is not None:
@@ -373,34 +422,27 @@ def _observe(
 def _stream(
     first: Delta | None,
     deltas: Iterator[Delta],
-    builder: ChunkBuilder,
+    encoder: Encoder,
     outcome: Outcome,
     deadline: Deadline,
 ) -> Iterator[bytes]:
-    """SSE events for one completion; failures end it with one in-band error event."""
+    """The events of one answer; a failure ends them with one in-band error event."""
     try:
+        head = encoder.start()
+        if head:
+            yield head
         for delta in _observe(first, deltas, outcome, deadline):
-            if isinstance(delta, Finish):
-                chunk = builder.finish(delta.reason)
-            elif isinstance(delta, ToolCallDelta):
-                chunk = builder.tool_call(delta)
-            elif not delta.text:
-                continue
-            elif isinstance(delta, ReasoningDelta):
-                chunk = builder.reasoning(delta.text)
-            else:
-                chunk = builder.text(delta.text)
-            outcome.chunks += 1
-            yield sse.data_event(chunk)
-        if builder.include_usage and outcome.usage is not None:
-            yield sse.data_event(builder.usage(outcome.usage))
-        yield sse.DONE
+            event = encoder.delta(delta)
+            if event:
+                outcome.chunks += 1
+                yield event
+        yield from encoder.end(outcome)
     except Exception as e:
         err = from_exception(e)
         if not isinstance(e, StreamgateError):
             logger.exception("unhandled error after the first byte")
         outcome.error = err
-        yield sse.data_event(err.body())
+        yield encoder.fail(err, outcome)
     finally:
         _close(deltas)
 
@@ -408,15 +450,14 @@ def _stream(
 def _complete(
     first: Delta | None,
     deltas: Iterator[Delta],
-    builder: ChunkBuilder,
+    encoder: Encoder,
     outcome: Outcome,
     deadline: Deadline,
 ) -> bytes:
-    """The whole ``chat.completion`` document, the same deltas joined; any failure is a real
-    status."""
+    """The whole answer, the same deltas joined; any failure is a real status."""
     text: list[str] = []
     reasoning: list[str] = []
-    calls: dict[int, dict[str, Any]] = {}
+    calls: dict[int, AnswerCall] = {}
     for delta in _observe(first, deltas, outcome, deadline):
         if isinstance(delta, TextDelta):
             text.append(delta.text)
@@ -425,26 +466,12 @@ def _complete(
         elif isinstance(delta, ToolCallDelta):
             call = calls.get(delta.index)
             if call is None:
-                calls[delta.index] = tool_call_object(
-                    delta.index, delta.id or "", delta.name or "", delta.arguments)
+                calls[delta.index] = AnswerCall(delta.id or "", delta.name or "",
+                                                delta.arguments)
             else:
-                call["function"]["arguments"] += delta.arguments
-    assert outcome.finish_reason is not None  # _observe guarantees it
-    doc = builder.completion(
-        "".join(text), outcome.finish_reason, outcome.usage,
-        reasoning="".join(reasoning), tool_calls=[calls[i] for i in sorted(calls)])
-    return sse.json_bytes(doc)
-
-
-def error_response(err: StreamgateError, *, sse_event: bool = False,
-                   outcome: Outcome | None = None) -> Response:
-    """An error before the first byte: real status, OpenAI body, as JSON or one SSE event."""
-    headers = dict(SSE_HEADERS if sse_event else JSON_HEADERS)
-    headers.update(err.headers())
-    body = sse.data_event(err.body()) if sse_event else sse.json_bytes(err.body())
-    outcome = outcome or Outcome()
-    outcome.error = err
-    return Response(err.status, headers, iter([body]), outcome)
+                call.arguments += delta.arguments
+    answer = Answer("".join(text), "".join(reasoning), [calls[i] for i in sorted(calls)])
+    return encoder.document(answer, outcome)
 
 
 def _playground(outcome: Outcome) -> Response:
@@ -456,26 +483,6 @@ def _playground(outcome: Outcome) -> Response:
 
 def _json(status: int, doc: Mapping[str, Any], outcome: Outcome) -> Response:
     return Response(status, dict(JSON_HEADERS), iter([sse.json_bytes(doc)]), outcome)
-
-
-def _rest_api_cors(settings: Settings, event: Mapping[str, Any],
-                   outcome: Outcome) -> tuple[dict[str, str], bool]:
-    """CORS headers for a REST API (v1) event from an allowed origin, and whether it is a
-    preflight to answer with them alone. The Function URL adds its own (Function URL events
-    get none here); the REST API passes OPTIONS and CORS to the function."""
-    if (not settings.cors_origins or not isinstance(event, Mapping)
-            or "httpMethod" not in event):
-        return {}, False
-    try:
-        request = parse_event(event)
-    except StreamgateError:
-        return {}, False  # the pipeline answers it
-    preflight = cors.is_preflight(request.method, request.headers) and request.path in _ROUTES
-    headers = cors.cors_headers(settings.cors_origins, request.headers.get("origin"),
-                                preflight=preflight)
-    if preflight and headers:
-        outcome.method, outcome.path = request.method, request.path
-    return headers, preflight and bool(headers)
 
 
 def _accepts_sse(request: HttpRequest) -> bool:
@@ -506,6 +513,13 @@ def _deadline(context: LambdaContext | None, settings: Settings) -> Deadline:
         return NO_DEADLINE
     remaining_ms = context.get_remaining_time_in_millis() - settings.deadline_margin_ms
     return Deadline(time.monotonic() + remaining_ms / 1000)
+
+
+def _answer_id(encoder: Encoder) -> str:
+    """The id the client gets for this answer (a chat completion's, a response's), for its
+    trace; "" if the encoder has none."""
+    builder = getattr(encoder, "builder", None)
+    return str(getattr(encoder, "response_id", "") or getattr(builder, "completion_id", ""))
 
 
 def _close(deltas: Iterator[Delta]) -> None:

@@ -40,6 +40,12 @@ def data_event(obj: Any) -> bytes:
     return b"data: " + json_bytes(obj) + b"\n\n"
 
 
+def named_event(name: str, obj: Any) -> bytes:
+    """One SSE event with an ``event:`` field (``name`` is ours: plain ASCII, no newline)
+    carrying ``obj`` as JSON: ``event: <name>\ndata: {...}\n\n``."""
+    return b"event: " + name.encode("ascii") + b"\ndata: " + json_bytes(obj) + b"\n\n"
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     data: str

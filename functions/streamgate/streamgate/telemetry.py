@@ -43,7 +43,7 @@ from streamgate.config import trace_id
 
 if TYPE_CHECKING:
     from streamgate.config import Settings
-    from streamgate.handler import Outcome
+    from streamgate.outcome import Outcome
     from streamgate.routes import Target
     from streamgate.validation import ChatRequest
 

@@ -70,7 +70,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from streamgate.config import OtlpSettings, Settings
-    from streamgate.handler import Outcome
+    from streamgate.outcome import Outcome
     from streamgate.routes import Target
     from streamgate.validation import ChatRequest, Message
 

@@ -1,10 +1,11 @@
-"""Parse and validate a chat-completions request body into a :class:`ChatRequest`.
+"""The provider-neutral request every API dialect parses into, and the checks they share.
 
-Follows the OpenAI request schema (https://platform.openai.com/docs/api-reference/chat/create)
-plus our short form ``{"prompt": "...", "stream": true}``. Unknown fields are ignored; known
-fields that no provider here can honour are rejected with a 400 naming the ``param``, never
-dropped silently. Provider-specific support (penalties, seed, ...) is checked by
-:func:`check_supported` against the capabilities the provider declares.
+A dialect (streamgate/dialects/) turns its own body into a :class:`ChatRequest`: messages with
+roles, text and images, tool calls and their results, tools, sampling and format settings.
+Providers take only this. The checks here are drawn the same way for every dialect: the body as
+JSON (size, UTF-8, lone surrogates), images as data URLs, tool-call arguments as JSON objects,
+JSON Schema formats within bounds, numbers in range, and :func:`check_supported`, the 400 for a
+field the chosen provider cannot honour (never a silent drop), by the capabilities it declares.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from streamgate.config import Settings
@@ -29,7 +30,7 @@ CAP_PENALTIES = "penalties"  # frequency_penalty, presence_penalty
 CAP_SEED = "seed"
 CAP_MIN_TOKENS = "min_tokens"  # min_tokens (vLLM's extension) above 0
 CAP_TOOLS = "tools"  # tools, tool_choice, assistant tool_calls, tool messages
-CAP_IMAGES = "images"  # image_url content parts (data: URLs)
+CAP_IMAGES = "images"  # image content parts (data: URLs)
 CAP_SEQUENTIAL_TOOLS = "sequential_tools"  # parallel_tool_calls: false
 CAP_JSON_SCHEMA = "json_schema"  # response_format {"type": "json_schema", ...}
 CAP_JSON_OBJECT = "json_object"  # response_format {"type": "json_object"}
@@ -38,11 +39,10 @@ MAX_TOOLS = 128  # OpenAI's limit
 # data:image/<type>;base64,<payload> -> the format name providers use.
 IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg",
                "image/gif": "gif", "image/webp": "webp"}
-TOOL_CHOICES = ("none", "auto", "required")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
-# OpenAI's rule for response_format.json_schema.name.
-_SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-# Our caps on response_format.json_schema.schema: its compact JSON text, and how deeply its
+# OpenAI's rule for a JSON schema's name (and a function's).
+SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+# Our caps on a JSON schema format's schema: its compact JSON text, and how deeply its
 # objects and arrays nest (grammar converters and validators walk it recursively).
 MAX_SCHEMA_CHARS = 100_000
 MAX_SCHEMA_DEPTH = 32
@@ -98,6 +98,9 @@ class Message:
     parts: tuple[str | Image, ...] = ()
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None  # role "tool": the call this message answers
+    # Where the message came from in the client's request, when that is not ``messages[i]``
+    # (``input[2]``, ``messages[0].content[1]``): what a 400 about it names.
+    at: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +125,25 @@ class ChatRequest:
     tool_choice_name: str | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    # How the client's dialect names what this request calls by the chat names (a 400 names
+    # the field the client sent): ``{"response_format": "text.format", ...}``; see
+    # :meth:`client_param`.
+    params: Mapping[str, str] = field(default_factory=dict)
+
+    def client_param(self, param: str | None) -> str | None:
+        """``param`` (a chat name, as checks and providers give it) as the client's dialect
+        names it: a mapped name, or a message's own place (``input[3]``) for ``messages[i]``."""
+        if param is None:
+            return None
+        if param in self.params:
+            return self.params[param]
+        if param.startswith("messages["):
+            index, _, rest = param[9:].partition("]")
+            if index.isdigit() and int(index) < len(self.messages):
+                at = self.messages[int(index)].at
+                if at:
+                    return at + rest
+        return param
 
 
 def decode_body(body: bytes | None, settings: Settings) -> dict[str, Any]:
@@ -162,7 +184,7 @@ def input_chars(messages: Sequence[Message], tools: Sequence[Tool],
         chars += len(tool.name) + len(tool.description or "")
         chars += len(json.dumps(tool.parameters)) if tool.parameters else 0
     if response_format is not None and response_format.schema is not None:
-        chars += len(_compact(response_format.schema))
+        chars += len(compact(response_format.schema))
     return chars
 
 
@@ -171,66 +193,79 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"invalid JSON constant {name}")
 
 
-def parse_request(data: Mapping[str, Any], settings: Settings) -> ChatRequest:
-    """Validate a decoded body. Raises :class:`RequestError` naming the offending ``param``."""
-    prompt = data.get("prompt")
-    messages = data.get("messages")
-    if prompt is not None and messages is not None:
-        raise RequestError("Provide either 'prompt' or 'messages', not both", param="prompt")
-    if prompt is not None:
-        parsed: tuple[Message, ...] = (Message("user", _prompt(prompt, settings)),)
-    elif messages is not None:
-        if isinstance(messages, list) and len(messages) > settings.max_messages:
-            raise RequestError(f"'messages' exceeds the maximum of {settings.max_messages} "
-                               "messages", param="messages", code="too_many_messages")
-        parsed = _messages(messages)
-    else:
-        raise RequestError("'messages' is required (or 'prompt' for the short form)",
-                           param="messages")
+def parse_json_text(text: str, at: str, what: str) -> Any:
+    """JSON text inside a request (tool-call arguments), as the body is read: no NaN."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise RequestError(f"'{at}' is not valid JSON{what}", param=at) from e
 
-    _reject_unsupported(data)
 
-    stream = _optional(data, "stream", bool)
-    stream_options = _optional(data, "stream_options", dict)
-    include_usage = False
-    if stream_options is not None:
-        if not stream:
-            raise RequestError("'stream_options' is only allowed when 'stream' is true",
-                               param="stream_options")
-        include_usage = bool(_optional(stream_options, "include_usage", bool,
-                                       name="stream_options.include_usage"))
+def tool_arguments(arguments: object, at: str) -> str:
+    """A tool call's ``arguments``: JSON object text ("" means ``{}``)."""
+    if not isinstance(arguments, str):
+        raise RequestError(f"'{at}' must be a string of JSON", param=at)
+    if not isinstance(parse_json_text(arguments or "{}", at, ""), dict):
+        raise RequestError(f"'{at}' must be a JSON object", param=at)
+    return arguments or "{}"
 
-    max_tokens = _max_tokens(data, settings)
-    min_tokens = _min_tokens(data, max_tokens, settings)
-    temperature = _number(data, "temperature", 0.0, 2.0)
-    top_p = _number(data, "top_p", 0.0, 1.0)
-    tools = _tools(data.get("tools"))
-    tool_choice, tool_choice_name = _tool_choice(data.get("tool_choice"), tools)
-    response_format = _response_format(data.get("response_format"))
-    if input_chars(parsed, tools, response_format) > settings.max_input_chars:
-        raise RequestError(f"The input exceeds the maximum of {settings.max_input_chars} "
-                           "characters across messages and tools", param="messages",
-                           code="input_too_long")
-    return ChatRequest(
-        model=_model(data),
-        messages=parsed,
-        stream=bool(stream),
-        include_usage=include_usage,
-        max_tokens=max_tokens,
-        min_tokens=min_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        stop=_stop(data.get("stop")),
-        seed=_optional(data, "seed", int),
-        user=_optional(data, "user", str),
-        frequency_penalty=_number(data, "frequency_penalty", -2.0, 2.0),
-        presence_penalty=_number(data, "presence_penalty", -2.0, 2.0),
-        tools=tools,
-        tool_choice=tool_choice,
-        tool_choice_name=tool_choice_name,
-        parallel_tool_calls=_optional(data, "parallel_tool_calls", bool),
-        response_format=response_format,
+
+def function_tool(tools: Sequence[Tool], name: object, description: object,
+                  parameters: object, strict: object, at: str, name_at: str) -> Tool:
+    """A function tool, its name unique among ``tools`` (the ones before it)."""
+    if not isinstance(name, str) or not name:
+        raise RequestError(f"'{name_at}' must be a non-empty string", param=name_at)
+    if any(t.name == name for t in tools):
+        raise RequestError(f"Tool name {name!r} appears twice", param=name_at)
+    holder = {"description": description, "parameters": parameters, "strict": strict}
+    return Tool(
+        name,
+        optional(holder, "description", str, name=f"{at}.description"),
+        optional(holder, "parameters", dict, name=f"{at}.parameters"),
+        optional(holder, "strict", bool, name=f"{at}.strict"),
     )
+
+
+def json_schema_format(spec: Mapping[str, Any], at: str) -> ResponseFormat:
+    """A ``json_schema`` format's fields (``name``, ``description``, ``schema``, ``strict``) by
+    OpenAI's rules and our bounds; ``at`` is where they sit in the request."""
+    name = spec.get("name")
+    if not isinstance(name, str) or not SCHEMA_NAME.fullmatch(name):
+        raise RequestError(f"'{at}.name' must be 1 to 64 characters of a-z, A-Z, 0-9, '_' "
+                           "and '-'", param=f"{at}.name")
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise RequestError(f"'{at}.schema' must be a JSON Schema object", param=f"{at}.schema")
+    if len(compact(schema)) > MAX_SCHEMA_CHARS:
+        raise RequestError(f"'{at}.schema' exceeds the maximum of {MAX_SCHEMA_CHARS} "
+                           "characters (as compact JSON)", param=f"{at}.schema")
+    if depth(schema) > MAX_SCHEMA_DEPTH:
+        raise RequestError(f"'{at}.schema' nests objects and arrays more than "
+                           f"{MAX_SCHEMA_DEPTH} levels deep", param=f"{at}.schema")
+    return ResponseFormat(
+        "json_schema", name,
+        optional(spec, "description", str, name=f"{at}.description"),
+        schema,
+        optional(spec, "strict", bool, name=f"{at}.strict"),
+    )
+
+
+def token_limit(value: int | None, name: str, settings: Settings) -> int | None:
+    """An output token limit: 1 to the configured cap."""
+    if value is None:
+        return None
+    if value < 1:
+        raise RequestError(f"'{name}' must be at least 1", param=name)
+    if value > settings.max_tokens_cap:
+        raise RequestError(f"'{name}' must be at most {settings.max_tokens_cap}", param=name)
+    return value
+
+
+def model_name(data: Mapping[str, Any]) -> str | None:
+    model: str | None = optional(data, "model", str)
+    if model is not None and not model.strip():
+        raise RequestError("'model' must not be empty", param="model")
+    return model
 
 
 def check_supported(request: ChatRequest, capabilities: frozenset[str]) -> None:
@@ -267,277 +302,33 @@ def check_supported(request: ChatRequest, capabilities: frozenset[str]) -> None:
                            f"model{hint}", param="response_format")
 
 
-def _prompt(prompt: object, settings: Settings) -> str:
-    if not isinstance(prompt, str):
-        raise RequestError("'prompt' must be a string", param="prompt")
-    if not prompt.strip():
-        raise RequestError("Prompt cannot be empty", param="prompt")
-    if len(prompt) > settings.max_prompt_chars:
-        raise RequestError(
-            f"Prompt exceeds maximum length of {settings.max_prompt_chars} chars", param="prompt"
-        )
-    return prompt
-
-
-def _messages(messages: object) -> tuple[Message, ...]:
-    if not isinstance(messages, list):
-        raise RequestError("'messages' must be an array", param="messages")
-    if not messages:
-        raise RequestError("'messages' must contain at least one message", param="messages")
-    out = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise RequestError(f"'{where}' must be an object", param=where)
-        role = message.get("role")
-        if not isinstance(role, str):
-            raise RequestError(f"'{where}.role' must be a string", param=f"{where}.role")
-        if role not in ROLES:
-            raise RequestError(
-                f"'{where}.role' must be one of {', '.join(sorted(ROLES))}; got {role!r}",
-                param=f"{where}.role",
-            )
-        out.append(_message(role, message, where))
-    return tuple(out)
-
-
-def _message(role: str, message: Mapping[str, Any], where: str) -> Message:
-    content = message.get("content")
-    tool_calls: tuple[ToolCall, ...] = ()
-    if message.get("tool_calls") is not None:
-        if role != "assistant":
-            raise RequestError("Only assistant messages may carry 'tool_calls'",
-                               param=f"{where}.tool_calls")
-        tool_calls = _tool_calls(message["tool_calls"], f"{where}.tool_calls")
-        if content is None:  # OpenAI sends null content next to tool calls
-            return Message(role, "", tool_calls=tool_calls)
-    tool_call_id = None
-    if role == "tool":
-        tool_call_id = message.get("tool_call_id")
-        if not isinstance(tool_call_id, str) or not tool_call_id:
-            raise RequestError(f"'{where}.tool_call_id' must be a non-empty string",
-                               param=f"{where}.tool_call_id")
-    text, parts = _content(content, where, images=role == "user")
-    return Message(role, text, parts, tool_calls, tool_call_id)
-
-
-def _content(content: object, where: str, *, images: bool) -> tuple[str, tuple[str | Image, ...]]:
-    """The joined text, and the ordered parts if any of them is an image."""
-    if isinstance(content, str):
-        return content, ()
-    if not isinstance(content, list):
-        kinds = "text and image parts" if images else "text parts"
-        raise RequestError(f"'{where}.content' must be a string or an array of {kinds}",
-                           param=f"{where}.content")
-    parts: list[str | Image] = []
-    for j, part in enumerate(content):
-        at = f"{where}.content[{j}]"
-        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise RequestError(f"'{at}' must be an object with a 'type'", param=at)
-        if part["type"] == "text":
-            if not isinstance(part.get("text"), str):
-                raise RequestError(f"'{at}.text' must be a string", param=f"{at}.text")
-            parts.append(part["text"])
-        elif part["type"] == "image_url" and images:
-            parts.append(_image(part.get("image_url"), f"{at}.image_url"))
-        else:
-            scope = "outside user messages" if part["type"] == "image_url" else "here"
-            raise RequestError(
-                f"Content parts of type {part['type']!r} are not supported {scope}",
-                param=f"{at}.type",
-            )
-    text = "".join(p for p in parts if isinstance(p, str))
-    return text, (tuple(parts) if any(isinstance(p, Image) for p in parts) else ())
-
-
-def _image(image_url: object, at: str) -> Image:
-    """An ``image_url`` part: data URLs only; this service never fetches a remote URL."""
-    if not isinstance(image_url, dict) or not isinstance(image_url.get("url"), str):
-        raise RequestError(f"'{at}.url' must be a string", param=f"{at}.url")
-    url = image_url["url"]
-    detail = image_url.get("detail")
-    if detail not in (None, "auto"):
-        raise RequestError(f"'{at}.detail' {detail!r} is not supported; use 'auto'",
-                           param=f"{at}.detail")
+def data_url_image(url: str, at: str) -> Image:
+    """An image given as a URL (``at`` names the field): data URLs only; this service never
+    fetches a remote URL."""
     if not url.startswith("data:"):
         raise RequestError(
             "Only data: URLs (data:image/png;base64,...) are accepted for images; "
-            "this service does not fetch remote URLs", param=f"{at}.url")
+            "this service does not fetch remote URLs", param=at)
     header, sep, payload = url[5:].partition(",")
     media_type, _, encoding = header.partition(";")
     if not sep or encoding != "base64":
         raise RequestError("Image data URLs must be base64-encoded (data:<type>;base64,...)",
-                           param=f"{at}.url")
+                           param=at)
     image_format = IMAGE_TYPES.get(media_type.lower())
     if image_format is None:
         raise RequestError(
             f"Image type {media_type!r} is not supported; use PNG, JPEG, GIF or WebP",
-            param=f"{at}.url")
+            param=at)
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise RequestError("Image data URL is not valid base64", param=f"{at}.url") from e
+        raise RequestError("Image data URL is not valid base64", param=at) from e
     if not data:
-        raise RequestError("Image data URL is empty", param=f"{at}.url")
+        raise RequestError("Image data URL is empty", param=at)
     return Image(image_format, data)
 
 
-def _tool_calls(value: object, where: str) -> tuple[ToolCall, ...]:
-    if not isinstance(value, list):
-        raise RequestError(f"'{where}' must be an array", param=where)
-    calls = []
-    for j, call in enumerate(value):
-        at = f"{where}[{j}]"
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(call, dict) or call.get("type", "function") != "function" or (
-                not isinstance(function, dict)):
-            raise RequestError(f"'{at}' must be a function tool call", param=at)
-        if not isinstance(call.get("id"), str) or not call["id"]:
-            raise RequestError(f"'{at}.id' must be a non-empty string", param=f"{at}.id")
-        name = function.get("name")
-        if not isinstance(name, str) or not name:
-            raise RequestError(f"'{at}.function.name' must be a non-empty string",
-                               param=f"{at}.function.name")
-        arguments = function.get("arguments")
-        if not isinstance(arguments, str):
-            raise RequestError(f"'{at}.function.arguments' must be a string of JSON",
-                               param=f"{at}.function.arguments")
-        try:
-            parsed = json.loads(arguments or "{}")
-        except ValueError as e:
-            raise RequestError(f"'{at}.function.arguments' is not valid JSON",
-                               param=f"{at}.function.arguments") from e
-        if not isinstance(parsed, dict):
-            raise RequestError(f"'{at}.function.arguments' must be a JSON object",
-                               param=f"{at}.function.arguments")
-        calls.append(ToolCall(call["id"], name, arguments or "{}"))
-    return tuple(calls)
-
-
-def _tools(value: object) -> tuple[Tool, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise RequestError("'tools' must be an array", param="tools")
-    if len(value) > MAX_TOOLS:
-        raise RequestError(f"'tools' accepts at most {MAX_TOOLS} tools", param="tools")
-    tools: list[Tool] = []
-    for i, tool in enumerate(value):
-        at = f"tools[{i}]"
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type") != "function" or (
-                not isinstance(function, dict)):
-            raise RequestError(f"'{at}' must be {{\"type\": \"function\", \"function\": {{...}}}}",
-                               param=at)
-        name = function.get("name")
-        if not isinstance(name, str) or not name:
-            raise RequestError(f"'{at}.function.name' must be a non-empty string",
-                               param=f"{at}.function.name")
-        if any(t.name == name for t in tools):
-            raise RequestError(f"Tool name {name!r} appears twice", param=f"{at}.function.name")
-        tools.append(Tool(
-            name,
-            _optional(function, "description", str, name=f"{at}.function.description"),
-            _optional(function, "parameters", dict, name=f"{at}.function.parameters"),
-            _optional(function, "strict", bool, name=f"{at}.function.strict"),
-        ))
-    return tuple(tools)
-
-
-def _tool_choice(value: object, tools: tuple[Tool, ...]) -> tuple[str | None, str | None]:
-    if value is None:
-        return None, None
-    if value in TOOL_CHOICES:
-        choice, name = str(value), None
-    elif (isinstance(value, dict) and value.get("type") == "function"
-          and isinstance(value.get("function"), dict)
-          and isinstance(value["function"].get("name"), str)):
-        choice, name = "function", value["function"]["name"]
-        if tools and all(t.name != name for t in tools):
-            raise RequestError(f"'tool_choice' names {name!r}, which is not in 'tools'",
-                               param="tool_choice")
-    else:
-        raise RequestError(
-            "'tool_choice' must be 'none', 'auto', 'required' or "
-            '{"type": "function", "function": {"name": ...}}', param="tool_choice")
-    if choice != "none" and not tools:
-        raise RequestError("'tool_choice' is only allowed when 'tools' are given",
-                           param="tool_choice")
-    return choice, name
-
-
-# Fields whose only honest value here is "off": anything else changes the output in a way no
-# provider of ours can deliver.
-_OFF_VALUES: dict[str, tuple[object, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None,),
-    "functions": (None, []),
-    "function_call": (None, "none"),
-    "logit_bias": (None, {}),
-    "audio": (None,),
-    "prediction": (None,),
-    "web_search_options": (None,),
-    "modalities": (None, ["text"]),
-}
-
-
-def _reject_unsupported(data: Mapping[str, Any]) -> None:
-    n = data.get("n")
-    if n is not None and (not _is_int(n) or n < 1):
-        raise RequestError("'n' must be a positive integer", param="n")
-    if n is not None and n > 1:
-        raise RequestError("Only n=1 is supported", param="n")
-    for name, allowed in _OFF_VALUES.items():
-        if name in data and not any(
-            data[name] == value and type(data[name]) is type(value) for value in allowed
-        ):
-            raise RequestError(f"'{name}' is not supported by this model", param=name)
-
-
-def _response_format(value: object) -> ResponseFormat | None:
-    """``response_format`` by OpenAI's rules. A field we do not know inside it is refused, not
-    ignored: it would change the answer's shape (``{"type": "json_object", "schema": ...}``)."""
-    if value is None:
-        return None
-    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
-        raise RequestError("'response_format' must be an object with a 'type'",
-                           param="response_format")
-    kind = value["type"]
-    if kind not in RESPONSE_FORMATS:
-        raise RequestError("'response_format.type' must be 'text', 'json_object' or "
-                           f"'json_schema'; got {kind!r}", param="response_format.type")
-    _known_fields(value, ("type", "json_schema") if kind == "json_schema" else ("type",),
-                  "response_format")
-    if kind != "json_schema":
-        return ResponseFormat(kind)
-    at = "response_format.json_schema"
-    spec = value.get("json_schema")
-    if not isinstance(spec, dict):
-        raise RequestError(f"'{at}' must be an object with 'name' and 'schema' when "
-                           "'response_format.type' is 'json_schema'", param=at)
-    _known_fields(spec, ("name", "description", "schema", "strict"), at)
-    name = spec.get("name")
-    if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
-        raise RequestError(f"'{at}.name' must be 1 to 64 characters of a-z, A-Z, 0-9, '_' "
-                           "and '-'", param=f"{at}.name")
-    schema = spec.get("schema")
-    if not isinstance(schema, dict):
-        raise RequestError(f"'{at}.schema' must be a JSON Schema object", param=f"{at}.schema")
-    if len(_compact(schema)) > MAX_SCHEMA_CHARS:
-        raise RequestError(f"'{at}.schema' exceeds the maximum of {MAX_SCHEMA_CHARS} "
-                           "characters (as compact JSON)", param=f"{at}.schema")
-    if _depth(schema) > MAX_SCHEMA_DEPTH:
-        raise RequestError(f"'{at}.schema' nests objects and arrays more than "
-                           f"{MAX_SCHEMA_DEPTH} levels deep", param=f"{at}.schema")
-    return ResponseFormat(
-        kind, name,
-        _optional(spec, "description", str, name=f"{at}.description"),
-        schema,
-        _optional(spec, "strict", bool, name=f"{at}.strict"),
-    )
-
-
-def _known_fields(value: Mapping[str, Any], known: tuple[str, ...], at: str) -> None:
+def known_fields(value: Mapping[str, Any], known: tuple[str, ...], at: str) -> None:
     """400 for a field outside ``known`` (null fields say nothing and pass)."""
     for key, item in value.items():
         if key not in known and item is not None:
@@ -545,11 +336,11 @@ def _known_fields(value: Mapping[str, Any], known: tuple[str, ...], at: str) -> 
                                + ", ".join(repr(k) for k in known), param=f"{at}.{key}")
 
 
-def _compact(document: Any) -> str:
+def compact(document: Any) -> str:
     return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
 
 
-def _depth(document: Any) -> int:
+def depth(document: Any) -> int:
     """How deeply objects and arrays nest in a decoded JSON document (a scalar is 0)."""
     deepest = 0
     stack: list[tuple[Any, int]] = [(document, 0)]
@@ -563,56 +354,20 @@ def _depth(document: Any) -> int:
     return deepest
 
 
-def _model(data: Mapping[str, Any]) -> str | None:
-    model: str | None = _optional(data, "model", str)
-    if model is not None and not model.strip():
-        raise RequestError("'model' must not be empty", param="model")
-    return model
-
-
-def _max_tokens(data: Mapping[str, Any], settings: Settings) -> int | None:
-    a: int | None = _optional(data, "max_completion_tokens", int)
-    b: int | None = _optional(data, "max_tokens", int)
-    if a is not None and b is not None and a != b:
-        raise RequestError("'max_tokens' and 'max_completion_tokens' disagree; send one",
-                           param="max_tokens")
-    value, name = (a, "max_completion_tokens") if a is not None else (b, "max_tokens")
-    if value is None:
-        return None
-    if value < 1:
-        raise RequestError(f"'{name}' must be at least 1", param=name)
-    if value > settings.max_tokens_cap:
-        raise RequestError(f"'{name}' must be at most {settings.max_tokens_cap}", param=name)
-    return value
-
-
-def _min_tokens(data: Mapping[str, Any], max_tokens: int | None,
-                settings: Settings) -> int | None:
-    """vLLM's ``min_tokens``: 0 up to the request's ``max_tokens`` (or the default one)."""
-    value: int | None = _optional(data, "min_tokens", int)
-    if value is None:
-        return None
-    if value < 0:
-        raise RequestError("'min_tokens' must be at least 0", param="min_tokens")
-    limit = max_tokens if max_tokens is not None else settings.default_max_tokens
-    if value > limit:
-        raise RequestError(f"'min_tokens' must not exceed max_tokens ({limit})",
-                           param="min_tokens")
-    return value
-
-
-def _stop(stop: object) -> tuple[str, ...]:
+def stop_sequences(stop: object, param: str = "stop", limit: int | None = 4) -> tuple[str, ...]:
+    """Stop sequences: one non-empty string or an array of them, at most ``limit``."""
     if stop is None:
         return ()
     items = [stop] if isinstance(stop, str) else stop
     if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
-        raise RequestError("'stop' must be a non-empty string or an array of them", param="stop")
-    if len(items) > 4:
-        raise RequestError("'stop' accepts at most 4 sequences", param="stop")
+        raise RequestError(f"'{param}' must be a non-empty string or an array of them",
+                           param=param)
+    if limit is not None and len(items) > limit:
+        raise RequestError(f"'{param}' accepts at most {limit} sequences", param=param)
     return tuple(items)
 
 
-def _number(data: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
+def number(data: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
     value = data.get(name)
     if value is None:
         return None
@@ -623,19 +378,19 @@ def _number(data: Mapping[str, Any], name: str, low: float, high: float) -> floa
     return float(value)
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", str: "a string", dict: "an object"}
 
 
-def _optional(data: Mapping[str, Any], key: str, kind: type, *, name: str | None = None) -> Any:
+def optional(data: Mapping[str, Any], key: str, kind: type, *, name: str | None = None) -> Any:
     """``data[key]`` if present and of ``kind`` (bool is not an int), None if absent or null."""
     value = data.get(key)
     if value is None:
         return None
-    ok = _is_int(value) if kind is int else isinstance(value, kind)
+    ok = is_int(value) if kind is int else isinstance(value, kind)
     if not ok:
         label = name or key
         raise RequestError(f"'{label}' must be {_TYPE_NAMES[kind]}", param=label)

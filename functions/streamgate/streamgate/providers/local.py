@@ -35,6 +35,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,8 @@ from streamgate.validation import (
     CAP_MIN_TOKENS,
     CAP_PENALTIES,
     CAP_SEED,
+    CAP_SEQUENTIAL_TOOLS,
+    CAP_TOOLS,
 )
 
 if TYPE_CHECKING:
@@ -86,15 +89,23 @@ _REPEAT_PENALTY = 1.2
 _QUEUE_POLL_S = 0.1
 
 
-def render_prompt(messages: tuple[Message, ...]) -> str:
-    """Chat messages → the question-and-answer document the base model continues."""
+def render_prompt(messages: tuple[Message, ...], tools: str = "") -> str:
+    """Chat messages → the question-and-answer document the base model continues; ``tools``
+    is the line naming the tools it may call (localtools.render_tools)."""
+    from streamgate.providers.localtools import render_calls, render_result
+
     system = "\n\n".join(m.content for m in messages if m.role in ("system", "developer"))
-    parts = [system + "\n\n" if system.strip() else _FRAME]
+    parts = [system + "\n\n" if system.strip() else _FRAME, tools]
+    names = {call.id: call.name for m in messages for call in m.tool_calls}
     for message in messages:
         if message.role == "user":
             parts.append(f"Question: {message.content}\n\n")
         elif message.role == "assistant":
-            parts.append(f"{_ANSWER}{message.content}\n\n")
+            calls = render_calls(message)
+            parts.append(f"{_ANSWER}{message.content}\n{calls}\n" if calls
+                         else f"{_ANSWER}{message.content}\n\n")
+        elif message.role == "tool":
+            parts.append(render_result(message, names))
     parts.append(_ANSWER)
     return "".join(parts)
 
@@ -136,7 +147,7 @@ def _sha256(path: Path) -> str:
 class LocalProvider:
     name = "local"
     capabilities = frozenset({CAP_PENALTIES, CAP_SEED, CAP_MIN_TOKENS, CAP_JSON_SCHEMA,
-                              CAP_JSON_OBJECT})
+                              CAP_JSON_OBJECT, CAP_TOOLS, CAP_SEQUENTIAL_TOOLS})
 
     def __init__(self, llm: Any, settings: Settings) -> None:
         self._llm = llm
@@ -157,16 +168,20 @@ class LocalProvider:
         return [MODEL_ID]
 
     def stream(self, request: ChatRequest, model: str, deadline: Deadline) -> Iterator[Delta]:
-        fmt = request.response_format
+        from streamgate.providers import localtools
+
+        call = localtools.forced(request)  # a grammar makes the answer one tool call
+        fmt = localtools.call_format(request) if call else request.response_format
         grammar = None
         if fmt is not None and fmt.constrained:
             from streamgate.providers.grammar import grammar_for
 
             grammar = grammar_for(fmt)  # a schema it cannot express: 400 before any wait
             if request.min_tokens:
-                raise RequestError("'min_tokens' cannot be combined with a JSON "
-                                   "'response_format' on this model: the grammar decides "
-                                   "where the answer ends", param="min_tokens")
+                what = "a required tool call" if call else "a JSON 'response_format'"
+                raise RequestError(f"'min_tokens' cannot be combined with {what} on this "
+                                   "model: the grammar decides where the answer ends",
+                                   param="min_tokens")
         self._acquire(deadline)
         constraint = None
         try:
@@ -178,7 +193,9 @@ class LocalProvider:
                     self._text_tokens = text_tokens(vocab)
                 constraint = GrammarFilter(vocab, grammar, usable=self._text_tokens,
                                            likeliest=_TOP_K)
-            yield from self._generate(request, constraint)
+            # A call ends where its grammar does; stop sequences apply to text answers.
+            deltas = self._generate(replace(request, stop=()) if call else request, constraint)
+            yield from localtools.as_call(deltas, request) if call else deltas
         finally:
             if constraint is not None:
                 logger.debug("grammar: %d whole-vocabulary checks",
@@ -206,7 +223,10 @@ class LocalProvider:
         import llama_cpp
 
         llm = self._llm
-        prompt = llm.tokenize(render_prompt(request.messages).encode("utf-8"), add_bos=True)
+        from streamgate.providers.localtools import render_tools
+
+        document = render_prompt(request.messages, render_tools(request))
+        prompt = llm.tokenize(document.encode("utf-8"), add_bos=True)
         n_ctx = llm.n_ctx()
         if len(prompt) >= n_ctx:
             raise RequestError(
