@@ -4,8 +4,12 @@
 
 - cold start: from spawning `bootstrap` (as the cloud does, with the interpreter and
   bootstrap.py as arguments) to its first GET /next on a fake Runtime API, with the Bedrock
-  provider configured; against the same run's baseline, a FastAPI app under uvicorn (what the
-  Lambda Web Adapter runs) from spawn to answering its first request; reported as a ratio;
+  provider configured, tracing off and on (STREAMGATE_TRACING: the OpenTelemetry SDK and our
+  OTLP exporter are set up during init); against the same run's baseline, a FastAPI app under
+  uvicorn (what the Lambda Web Adapter runs) from spawn to answering its first request;
+  reported as a ratio;
+- what tracing's import and set-up cost alone: building the telemetry with and without it in a
+  fresh interpreter;
 - peak RSS of the runtime process after one streamed invocation through a fake Bedrock;
 - the deployment zip's size.
 
@@ -37,12 +41,18 @@ ENV = {**os.environ, "STREAMGATE_PROVIDER": "bedrock", "AWS_REGION": "us-east-1"
        "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def cold_start_ours() -> float:
+# Tracing on, towards a port where nothing listens: init builds the exporter, nothing is sent.
+TRACING = {"STREAMGATE_TRACING": "true",
+           "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:9/v1/traces"}
+
+
+def cold_start_ours(tracing: bool = False) -> float:
     with FakeRuntimeAPI([]) as api:
         api.hold_when_empty.clear()
         start = time.perf_counter()
         process = subprocess.Popen([str(BOOTSTRAP), sys.executable, "/var/runtime/bootstrap.py"],
-                                   env={**ENV, "AWS_LAMBDA_RUNTIME_API": api.address})
+                                   env={**ENV, **(TRACING if tracing else {}),
+                                        "AWS_LAMBDA_RUNTIME_API": api.address})
         while not api.next_times:
             time.sleep(0.0005)
         elapsed = api.next_times[0] - start
@@ -69,6 +79,27 @@ def cold_start_fastapi() -> float:
     finally:
         process.terminate()
         process.wait(10)
+
+
+_SETUP = """
+import sys, time
+from streamgate import telemetry
+from streamgate.config import load_settings
+settings = load_settings({}, provider="bedrock", tracing=sys.argv[1] == "on")
+telemetry.logger()  # Powertools' logger: built either way
+start = time.perf_counter()
+built = telemetry.Telemetry(settings)
+print((time.perf_counter() - start) * 1000)
+"""
+
+
+def tracing_setup_ms(tracing: bool) -> float:
+    """Building the telemetry (with tracing: importing OpenTelemetry, our exporter, the tracer
+    provider and its export thread) in a fresh interpreter."""
+    done = subprocess.run([sys.executable, "-c", _SETUP, "on" if tracing else "off"],
+                          env={**ENV, **TRACING, "PYTHONPATH": f"{FUNCTION}"},
+                          capture_output=True, text=True, check=True, timeout=60)
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def peak_rss_mib() -> float:
@@ -105,17 +136,25 @@ def zip_size_kib() -> tuple[float, int]:
 
 def main() -> None:
     rounds = 15
-    ours, theirs = [], []
-    for _ in range(rounds):  # interleaved, so both see the same machine load
+    ours, traced, theirs, setup_off, setup_on = [], [], [], [], []
+    for _ in range(rounds):  # interleaved, so all see the same machine load
         ours.append(cold_start_ours())
+        traced.append(cold_start_ours(tracing=True))
         theirs.append(cold_start_fastapi())
-    a, b = statistics.median(ours), statistics.median(theirs)
+        setup_off.append(tracing_setup_ms(False))
+        setup_on.append(tracing_setup_ms(True))
+    a, b, t = statistics.median(ours), statistics.median(theirs), statistics.median(traced)
     print(f"cold start, {rounds} rounds each, interleaved")
     print(f"  streamgate bootstrap -> first GET next (Bedrock configured)  median {a:6.1f} ms"
           f"   min {min(ours):6.1f} ms")
+    print(f"  the same with tracing on                                    median {t:6.1f} ms"
+          f"   min {min(traced):6.1f} ms")
     print(f"  FastAPI + uvicorn -> first response (baseline)              median {b:6.1f} ms"
           f"   min {min(theirs):6.1f} ms")
     print(f"  ratio baseline / streamgate                                  {b / a:6.1f}x")
+    print(f"telemetry set-up in a fresh interpreter: tracing off median "
+          f"{statistics.median(setup_off):.1f} ms, on median {statistics.median(setup_on):.1f} ms"
+          f" (min {min(setup_on):.1f} ms)")
     print(f"peak RSS of one streamed invocation (200 chunks via fake Bedrock)  "
           f"{peak_rss_mib():.1f} MiB")
     size, count = zip_size_kib()

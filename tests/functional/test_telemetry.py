@@ -157,62 +157,6 @@ def test_the_lambda_loop_flushes_after_a_stream_that_failed(
     assert out.metrics()["Errors"] == 1.0
 
 
-_TRACED = """
-from streamgate.errors import UpstreamError
-from streamgate.providers import TextDelta
-from streamgate.config import load_settings
-from streamgate.handler import App
-from tests.helpers import ScriptedProvider, body_bytes, chat_event
-settings = load_settings({}, provider="openai", upstream_base_url="http://127.0.0.1:9/v1",
-                         tracing=True)
-for script in (None, [TextDelta("x"), UpstreamError("gone")]):
-    app = App(settings, ScriptedProvider(script))
-    response = app.handle(chat_event({"prompt": "hi", "stream": True}))
-    body_bytes(response)
-    response.close()
-"""
-
-
-def test_with_tracing_the_provider_call_is_an_xray_subsegment() -> None:
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    # GIVEN an X-Ray daemon (a UDP socket) and the variables Lambda sets for an invocation
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as daemon:
-        daemon.bind(("127.0.0.1", 0))
-        daemon.settimeout(10)
-        env = {**os.environ, "LAMBDA_TASK_ROOT": "/var/task", "AWS_LAMBDA_FUNCTION_NAME": "sg",
-               "AWS_XRAY_DAEMON_ADDRESS": f"127.0.0.1:{daemon.getsockname()[1]}",
-               "_X_AMZN_TRACE_ID": "Root=1-5759e988-bd862e3fe1be46a994272793;"
-                                   "Parent=53995c3f42cd8ad8;Sampled=1",
-               "PYTHONPATH": f"{root / 'functions' / 'streamgate'}:{root}"}
-        # WHEN a traced process serves one good and one failing stream (in a process of its
-        # own: the X-Ray SDK configures itself for Lambda once, globally)
-        subprocess.run([sys.executable, "-c", _TRACED], env=env, check=True, timeout=60,
-                       capture_output=True)
-        segments = []
-        while len(segments) < 2:
-            for line in daemon.recv(65536).decode().splitlines():
-                if line.startswith('{"id"'):
-                    segments.append(json.loads(line))
-    # THEN each provider call is a subsegment of the invocation's trace
-    good, bad = segments
-    for segment in segments:
-        assert (segment["type"], segment["name"], segment["namespace"]) == (
-            "subsegment", "provider", "remote")
-        assert segment["trace_id"] == "1-5759e988-bd862e3fe1be46a994272793"
-        assert segment["parent_id"] == "53995c3f42cd8ad8"
-        assert segment["end_time"] >= segment["start_time"]
-    assert good["annotations"] == {"provider": "openai", "model": "scripted-1",
-                                   "finish_reason": "stop"}
-    assert good["metadata"]["default"]["usage"] == {"prompt_tokens": 5, "completion_tokens": 4}
-    assert bad["fault"] is True and bad["annotations"]["error_code"] == "upstream_error"
-
-
 def test_a_metrics_flush_that_fails_loses_nothing_else_and_doubles_nothing_later(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     import sys

@@ -417,6 +417,64 @@ def _embed_as_configured(settings: Any, operations: list[str]) -> None:
         response.close()
 
 
+# SAM's own translator (what CloudFormation's AWS::Serverless transform runs) on template.yaml,
+# for the Tracing parameter given: the function role's managed policies, the actions of its
+# inline statements, and whether Lambda's own X-Ray tracing (TracingConfig) is set.
+_TRANSLATE = """
+import json, sys
+from samcli.yamlhelper import yaml_parse
+from samtranslator.translator.transform import transform
+doc = yaml_parse(open(sys.argv[1]).read())
+doc["Resources"]["StreamgateFunction"]["Properties"]["CodeUri"] = "s3://bucket/key"
+class NoManagedPolicies:
+    def load(self): return {}
+out = transform(doc, {"Tracing": sys.argv[2]}, NoManagedPolicies())["Resources"]
+role = out["StreamgateFunctionRole"]["Properties"]
+actions = []  # [condition, action] of each X-Ray action of the inline policies
+for policy in role.get("Policies", []):
+    condition, policy = policy["Fn::If"][:2] if "Fn::If" in policy else (None, policy)
+    for st in policy["PolicyDocument"]["Statement"]:
+        for a in [st["Action"]] if isinstance(st["Action"], str) else st["Action"]:
+            if a.startswith("xray:"):
+                actions.append([condition, a, st["Resource"]])
+print(json.dumps([role["ManagedPolicyArns"], actions,
+                  "TracingConfig" in out["StreamgateFunction"]["Properties"]]))
+"""
+
+
+@pytest.mark.parametrize("tracing", ["Active", "Disabled"])
+def test_tracing_grants_only_what_xrays_otlp_endpoint_authorises(tracing: str) -> None:
+    from streamgate.config import load_otlp_settings
+
+    # GIVEN template.yaml with Tracing=Active or Disabled
+    # WHEN SAM's translator turns it into CloudFormation
+    done = subprocess.run([_sam_python(), "-c", _TRANSLATE, str(ROOT / "template.yaml"), tracing],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "AWS_DEFAULT_REGION": "us-east-1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    managed, xray_actions, lambda_tracing = json.loads(done.stdout.strip().splitlines()[-1])
+    # THEN the role's only X-Ray permission is xray:PutTraceSegments (what X-Ray's OTLP
+    # endpoint authorises an export as; it takes no resource-level permission), only when
+    # Tracing=Active; never SAM's AWSXrayWriteOnlyAccess, which Lambda's own X-Ray tracing
+    # would bring: that stays off
+    assert managed == ["arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"]
+    assert xray_actions == [["HasTracing", "xray:PutTraceSegments", "*"]]
+    assert _template()["Conditions"]["HasTracing"] == {
+        "Fn::Equals": [{"Ref": "Tracing"}, "Active"]}
+    assert lambda_tracing is False
+    # AND with tracing the exporter is pointed at X-Ray's OTLP endpoint in the stack's region,
+    # which it signs for service xray in that region
+    function = _template()["Resources"]["StreamgateFunction"]["Properties"]
+    env = function["Environment"]["Variables"]
+    condition, endpoint, _ = env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]["Fn::If"]
+    assert (condition, endpoint) == (
+        "HasTracing", {"Fn::Sub": "https://xray.${AWS::Region}.${AWS::URLSuffix}/v1/traces"})
+    assert env["STREAMGATE_TRACING"] == {"Fn::If": ["HasTracing", "true", "false"]}
+    assert load_otlp_settings({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT":
+                               "https://xray.eu-west-1.amazonaws.com/v1/traces"}
+                              ).sigv4_region == "eu-west-1"
+
+
 # What the `sam build` artefact holds besides each wheel's dist-info, written as README.md's
 # "## Tests" section names it: the bootstrap, our package, and the wheels of
 # functions/streamgate/requirements.txt installed with --no-deps (boto3 and botocore come from
@@ -424,7 +482,7 @@ def _embed_as_configured(settings: Any, operations: list[str]) -> None:
 PACKED = (
     "bootstrap", "streamgate/",
     "aws_lambda_powertools/", "jmespath/", "typing_extensions.py",  # Powertools and its two
-    "aws_xray_sdk/", "wrapt/",  # the X-Ray SDK and the one it needs beside botocore
+    "opentelemetry/",  # opentelemetry-api, -sdk and -semantic-conventions share the namespace
 )
 
 

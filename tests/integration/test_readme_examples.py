@@ -38,6 +38,10 @@ COVERED_ELSEWHERE = {
     "/v1/embeddings": "tests/integration/test_embeddings_model.py (with the embedding model)",
     "embeddings.create(": "tests/integration/test_embeddings_model.py",
     "OpenAIEmbeddings(": "tests/integration/test_embeddings_model.py",
+    "OTEL_EXPORTER_OTLP_HEADERS=": "tests/functional/test_tracing.py (the dev server process "
+                                   "with these variables, exporting to a receiver)",
+    "jaegertracing/jaeger": "tests/unit/test_otlp.py (the exporter's default endpoint is "
+                            "localhost:4318, Jaeger's OTLP/HTTP port)",
 }
 
 

@@ -375,3 +375,110 @@ def trace_id() -> str | None:
         return _TRACE_ID.get()
     except LookupError:
         return os.environ.get(_TRACE_HEADER) or None
+
+
+@dataclass(frozen=True, slots=True)
+class OtlpSettings:
+    """Where traces go when ``STREAMGATE_TRACING`` is on (streamgate/tracing.py): OTLP over
+    HTTP with protobuf bodies, configured by the exporter variables of the OpenTelemetry
+    specification (``OTEL_EXPORTER_OTLP_*``, the ``_TRACES_`` ones first; "OpenTelemetry
+    Protocol Exporter", specification 1.x) and the batch processor's (``OTEL_BSP_*``)."""
+
+    endpoint: str = "http://localhost:4318/v1/traces"
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    timeout_s: float = 10.0
+    gzip: bool = False
+    service_name: str = "streamgate"
+    # Sign each export with SigV4 for X-Ray (service "xray") in this region: set from an
+    # https://xray.<region>.amazonaws.com endpoint, or by STREAMGATE_TRACING_SIGV4_REGION (an
+    # X-Ray VPC endpoint). Empty: unsigned.
+    sigv4_region: str = ""
+    # How long the Lambda loop waits, after a response is written, for its spans to leave.
+    flush_timeout_s: float = 2.0
+    schedule_delay_s: float = 5.0
+    max_queue_size: int = 2048
+    max_export_batch_size: int = 512
+    # Resource attributes from the Lambda environment (cloud.*, faas.*), when there is one.
+    resource: tuple[tuple[str, str | int], ...] = ()
+
+
+# X-Ray's OTLP traces endpoint (https://docs.aws.amazon.com/xray/latest/devguide/
+# xray-opentelemetry.html): SigV4-signed for service "xray" in the region it names.
+_XRAY_ENDPOINT = re.compile(r"https://xray\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?(?::443)?/")
+
+
+def load_otlp_settings(environ: Mapping[str, str] | None = None) -> OtlpSettings:
+    """:class:`OtlpSettings` from the environment; :class:`ConfigError` naming the variable
+    that is wrong."""
+    import urllib.parse
+
+    env = os.environ if environ is None else environ
+
+    def otel(name: str) -> str:
+        return (env.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}")
+                or env.get(f"OTEL_EXPORTER_OTLP_{name}") or "").strip()
+
+    def number(name: str, default: float, *, low: float = 0) -> float:
+        raw = (otel(name[len("OTEL_EXPORTER_OTLP_"):]) if name.startswith("OTEL_EXPORTER")
+               else env.get(name, "").strip())
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw[:40]!r}") from None
+        if not math.isfinite(value) or value <= low:
+            raise ConfigError(f"{name} must be more than {low:g}, got {raw[:40]!r}")
+        return value
+
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if not endpoint:
+        base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or "http://localhost:4318"
+        endpoint = base.rstrip("/") + "/v1/traces"
+    if not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"The OTLP traces endpoint must be an http:// or https:// URL, got "
+                          f"{endpoint[:80]!r}")
+    protocol = otel("PROTOCOL") or "http/protobuf"
+    if protocol != "http/protobuf":
+        raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: Streamgate exports traces "
+                          "as http/protobuf only")
+    compression = otel("COMPRESSION") or "none"
+    if compression not in ("gzip", "none"):
+        raise ConfigError(f"OTEL_EXPORTER_OTLP_COMPRESSION must be gzip or none, got "
+                          f"{compression[:40]!r}")
+    headers: list[tuple[str, str]] = []
+    for item in otel("HEADERS").split(","):
+        key, sep, value = item.partition("=")
+        if not item.strip():
+            continue
+        if not sep or not key.strip():
+            raise ConfigError("OTEL_EXPORTER_OTLP_HEADERS must be key=value pairs separated "
+                              "by commas")
+        headers.append((key.strip().lower(), urllib.parse.unquote(value.strip())))
+    xray = _XRAY_ENDPOINT.match(endpoint)
+    region = env.get("STREAMGATE_TRACING_SIGV4_REGION", "").strip() or (
+        xray.group(1) if xray else "")
+    resource: list[tuple[str, str | int]] = []
+    if env.get("AWS_LAMBDA_FUNCTION_NAME"):
+        resource += [("cloud.provider", "aws"), ("cloud.platform", "aws_lambda"),
+                     ("faas.name", env["AWS_LAMBDA_FUNCTION_NAME"])]
+        for key, name in (("cloud.region", "AWS_REGION"),
+                          ("faas.version", "AWS_LAMBDA_FUNCTION_VERSION"),
+                          ("faas.instance", "AWS_LAMBDA_LOG_STREAM_NAME")):
+            if env.get(name):
+                resource.append((key, env[name]))
+        memory = _whole_number(env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", ""))
+        if memory:
+            resource.append(("faas.max_memory", memory * 1024 * 1024))
+    return OtlpSettings(
+        endpoint=endpoint, headers=tuple(headers),
+        timeout_s=number("OTEL_EXPORTER_OTLP_TIMEOUT", 10_000) / 1000,
+        gzip=compression == "gzip",
+        service_name=env.get("OTEL_SERVICE_NAME", "").strip() or "streamgate",
+        sigv4_region=region,
+        flush_timeout_s=number("STREAMGATE_TRACING_FLUSH_TIMEOUT_MS", 2_000) / 1000,
+        schedule_delay_s=number("OTEL_BSP_SCHEDULE_DELAY", 5_000) / 1000,
+        max_queue_size=int(number("OTEL_BSP_MAX_QUEUE_SIZE", 2048, low=0)),
+        max_export_batch_size=int(number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, low=0)),
+        resource=tuple(resource),
+    )

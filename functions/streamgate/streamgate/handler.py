@@ -200,6 +200,7 @@ class App:
         the origin of the pages this server serves ("" for none), to the event's domain over
         HTTPS (the Function URL's)."""
         outcome = Outcome(request_id=_request_id(event, context))
+        outcome.trace = self.telemetry.begin_request(event, outcome.request_id)
         try:
             cors_headers, preflight = self._rest_api_cors(event, outcome)
             if preflight:
@@ -223,6 +224,7 @@ class App:
         a request it could not read), answered and recorded like any other, in the dialect
         of ``path`` when it names one."""
         outcome = Outcome(request_id=uuid.uuid4().hex, path=path)
+        outcome.trace = self.telemetry.begin_request(None, outcome.request_id)
         return self._finalise(self._error(err, self._dialect_of(path), outcome), outcome, None)
 
     def _finalise(self, response: Response, outcome: Outcome,
@@ -245,7 +247,7 @@ class App:
             if admission is not None:
                 admission.settle(outcome)
         finally:
-            self.telemetry.end_provider_call(outcome.trace, outcome)
+            self.telemetry.end_request(outcome.trace, status, outcome)
             self.telemetry.finish(status, outcome)
 
     def _dialect_of(self, path: str) -> Served:
@@ -427,9 +429,9 @@ class App:
     def _embed(self, dialect: EmbeddingsDialect, job: EmbeddingsParsed, route: Route,
                deadline: Deadline, outcome: Outcome) -> Response:
         """One routed embeddings call; its usage is what the backend counted."""
-        outcome.trace = self.telemetry.begin_provider_call(route.name)
+        observe = self.telemetry.provider_call(outcome.trace, "embeddings", None, "")
         target, result = self.router.embed(route, job.request, deadline,
-                                           attempts=outcome.fallbacks)
+                                           attempts=outcome.fallbacks, observe=observe)
         outcome.backend = target.name
         outcome.usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=0)
         body = dialect.document(job, route.name, result)
@@ -439,10 +441,13 @@ class App:
     def _generate(self, dialect: Dialect, parsed: Any, chat: ChatRequest, route: Route,
                   deadline: Deadline, outcome: Outcome) -> Response:
         encoder = dialect.encoder(parsed, route.name)
-        outcome.trace = self.telemetry.begin_provider_call(route.name)
+        # Every dialect's answer is a chat inference (gen_ai.operation.name "chat").
+        observe = self.telemetry.provider_call(outcome.trace, "chat", chat,
+                                               _answer_id(encoder))
         # The route's targets are tried until one gives its first delta: a failure before
         # that (throttled, bad model, unreachable) becomes a real HTTP error.
-        deltas = self.router.open(route, chat, deadline, attempts=outcome.fallbacks)
+        deltas = self.router.open(route, chat, deadline, attempts=outcome.fallbacks,
+                                  observe=observe)
         outcome.backend = deltas.target.name
         headers = {BACKEND_HEADER: deltas.target.name}
         try:
@@ -611,6 +616,13 @@ def _deadline(context: LambdaContext | None, settings: Settings) -> Deadline:
         return NO_DEADLINE
     remaining_ms = context.get_remaining_time_in_millis() - settings.deadline_margin_ms
     return Deadline(time.monotonic() + remaining_ms / 1000)
+
+
+def _answer_id(encoder: Encoder) -> str:
+    """The id the client gets for this answer (a chat completion's, a response's), for its
+    trace; "" if the encoder has none."""
+    builder = getattr(encoder, "builder", None)
+    return str(getattr(encoder, "response_id", "") or getattr(builder, "completion_id", ""))
 
 
 def _close(deltas: Iterator[Delta]) -> None:

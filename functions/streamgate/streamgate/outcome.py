@@ -29,7 +29,7 @@ class Outcome:
     caller: str = ""  # key id or IAM ARN, never a key
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
-    trace: Any = None  # the provider call's X-Ray subsegment, when tracing
+    trace: Any = None  # the request's spans (telemetry.begin_request), when tracing
     # The route's target that answered, and the targets skipped or failed before it.
     backend: str | None = None
     fallbacks: list[dict[str, str]] = field(default_factory=list)

@@ -52,6 +52,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, cast
 
@@ -541,10 +542,14 @@ class Router:
         return self._provider_for(route.targets[0]).capabilities
 
     def open(self, route: Route, chat: ChatRequest, deadline: Deadline, *,
-             attempts: list[dict[str, str]] | None = None) -> RoutedStream:
+             attempts: list[dict[str, str]] | None = None,
+             observe: Callable[[Target], AbstractContextManager[object]] | None = None,
+             ) -> RoutedStream:
         """The first target that produces a first delta, per the module docstring's rules;
         raises the most meaningful error when none does. What was skipped or failed on the
-        way is appended to ``attempts`` (for the request's log), whatever the outcome."""
+        way is appended to ``attempts`` (for the request's log), whatever the outcome.
+        ``observe(target)`` is entered around each provider call's opening (telemetry: a span
+        per attempt), and sees its failure."""
         tried: list[dict[str, str]] = attempts if attempts is not None else []
         cooldown = self._current().cooldown_s
         order = [t for t in route.targets if not self._cooling_down(t)]
@@ -564,7 +569,7 @@ class Router:
                     continue
             deltas = provider.stream(chat, target.model, deadline)
             try:
-                first = next(deltas, None)
+                first = _first(deltas, target, observe)
             except StreamgateError as e:
                 _close(deltas)
                 if isinstance(e, DeadlineExceededError):
@@ -592,7 +597,9 @@ class Router:
         raise _most_meaningful(failures)
 
     def embed(self, route: Route, request: EmbeddingRequest, deadline: Deadline, *,
-              attempts: list[dict[str, str]] | None = None) -> tuple[Target, Embeddings]:
+              attempts: list[dict[str, str]] | None = None,
+              observe: Callable[[Target], AbstractContextManager[object]] | None = None,
+              ) -> tuple[Target, Embeddings]:
         """The embeddings of the first target that gives them, by :meth:`open`'s rules (a
         target skipped while cooling, or when it cannot honour the request as a fallback),
         each answer checked to hold one vector of the route's size per input."""
@@ -617,7 +624,8 @@ class Router:
             ask = replace(request, dimensions=request.dimensions or (
                 info.dimensions if info.choices else None))
             try:
-                result = self._embedder_for(target).embed(ask, target.model, deadline)
+                with observe(target) if observe is not None else nullcontext():
+                    result = self._embedder_for(target).embed(ask, target.model, deadline)
                 return target, check_vectors(result, request,
                                              request.dimensions or info.dimensions,
                                              f"Backend {target.name}")
@@ -701,6 +709,15 @@ def _close(deltas: Iterator[Delta]) -> None:
     close = getattr(deltas, "close", None)
     if close is not None:
         close()
+
+
+def _first(deltas: Iterator[Delta], target: Target,
+           observe: Callable[[Target], AbstractContextManager[object]] | None) -> Delta | None:
+    """The first delta of a provider call (``None``: none came), inside ``observe(target)``."""
+    if observe is None:
+        return next(deltas, None)
+    with observe(target):
+        return next(deltas, None)
 
 
 def _read_parameter(name: str) -> tuple[str, str]:

@@ -53,8 +53,15 @@ What the workers share, and why that is safe:
   safe across threads as across environments;
 - the deadline watchdog (one thread; its heap under a condition variable, each guard owned by
   one request);
-- telemetry: the Powertools logger and stdout, each line written whole under one lock; the
-  X-Ray recorder, whose Lambda context keeps each thread's segment apart.
+- telemetry: the Powertools logger and stdout, each line written whole under one lock; with
+  tracing, the OpenTelemetry tracer and the span exporter's queue (a lock and an append per
+  ended span; one export thread), each request's spans tied to it by explicit parents.
+
+Traces (``STREAMGATE_TRACING``): after each invocation's response is written and closed, its
+worker waits for the spans to be exported (at most ``STREAMGATE_TRACING_FLUSH_TIMEOUT_MS``, and
+not past the deadline) before polling ``next``: the client already has the whole stream, and
+Lambda may freeze the environment once ``next`` is called. A failed or hanging export is
+logged and its spans dropped; it never fails an invocation.
 """
 
 from __future__ import annotations
@@ -281,9 +288,17 @@ def _invoke(
     finally:
         if response is not None:
             response.close()
+        app.telemetry.flush(_remaining_s(invocation))
         if concurrent:
             telemetry.bind_request(None)
             set_trace_id(None, process_wide=False)  # lines between invocations name none
+
+
+def _remaining_s(invocation: Invocation) -> float:
+    """Seconds left before the invocation's deadline (0 without one)."""
+    if invocation.deadline_ms is None:
+        return 0.0
+    return max(0.0, invocation.deadline_ms / 1000 - time.time())
 
 
 def _report(client: RuntimeAPIClient, request_id: str, kind: str, message: str) -> None:

@@ -12,25 +12,31 @@ Metrics (namespace ``Streamgate``, dimension ``service``): ``Requests``, ``Durat
 of their own, ``Responses`` by ``Status`` (what the client saw) and ``ErrorsByType`` by
 ``ErrorType``.
 
-With ``STREAMGATE_TRACING`` the provider call is an X-Ray subsegment (``provider``) of the
-invocation's trace; the X-Ray SDK is imported only then.
+With ``STREAMGATE_TRACING`` each request is an OpenTelemetry trace exported over OTLP: a server
+span for the request, a client span per provider call (streamgate/tracing.py, which alone
+imports OpenTelemetry, and only then; the export itself is streamgate/otlp.py). Without it
+nothing of OpenTelemetry is imported.
 
 Concurrency (the dev server's threads, and the Lambda loop's workers on Lambda Managed
 Instances): what belongs to one request is that request's own - its metric set is built and
-flushed per request, and its trace header, the log field ``xray_trace_id`` and the X-Ray
-segment are read from the thread serving it (:func:`streamgate.config.trace_id`), never from
-the process-wide ``_X_AMZN_TRACE_ID``. What is shared is the Powertools logger and stdout:
+flushed per request, its spans are tied to it by explicit parents, and its trace header (the
+log field ``xray_trace_id``, the X-Ray trace its spans continue or link to) is read from the
+thread serving it (:func:`streamgate.config.trace_id`), never from the process-wide
+``_X_AMZN_TRACE_ID``. What is shared is the Powertools logger and stdout:
 every line we write goes out in one piece under one lock, so concurrent requests' records and
 EMF blobs never interleave within a line.
 """
 
 from __future__ import annotations
 
+import contextvars
 import io
 import logging
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import IO, TYPE_CHECKING, Any, cast
 
 from streamgate.config import trace_id
@@ -38,9 +44,11 @@ from streamgate.config import trace_id
 if TYPE_CHECKING:
     from streamgate.config import Settings
     from streamgate.outcome import Outcome
+    from streamgate.routes import Target
+    from streamgate.validation import ChatRequest
 
 SERVICE = "streamgate"
-_lock = threading.Lock()  # builds the shared logger and X-Ray recorder once
+_lock = threading.Lock()  # builds the shared logger once
 # Held for each write of a whole line to stdout (a log record, an EMF blob): print() writes a
 # line's text and its newline separately, so threads could otherwise splice their lines.
 # Reentrant: nothing written under it may wait for it again.
@@ -109,66 +117,68 @@ class Telemetry:
         self.namespace = settings.metrics_namespace
         self.metrics_enabled = settings.metrics
         self.log_content = settings.log_content
-        self.tracing = settings.tracing
+        self.tracing: Any = None  # streamgate.tracing.Tracing, with STREAMGATE_TRACING
         self._log = logger()
-        self._recorder: Any = None
+        if settings.tracing:
+            from streamgate import tracing
+            from streamgate.config import load_otlp_settings
 
-    # -- tracing ---------------------------------------------------------------------------
+            self.tracing = tracing.Tracing(settings, load_otlp_settings())
 
-    def begin_provider_call(self, model: str) -> Any:
-        """An X-Ray subsegment for the provider call, or None without tracing."""
-        if not self.tracing:
+    # -- tracing (streamgate/tracing.py); each call a no-op without tracing, none raises -----
+
+    def begin_request(self, event: Mapping[str, Any] | None, request_id: str) -> Any:
+        """The request's server span (a ``tracing.RequestTrace``), or None."""
+        if self.tracing is None:
             return None
-        recorder = self._xray()
         try:
-            # A remote call for Bedrock and upstreams; the embedded model runs in-process.
-            subsegment = recorder.begin_subsegment(
-                "provider", namespace="local" if self.provider == "local" else "remote")
+            return self.tracing.begin_request(event, trace_id(), request_id)
         except Exception:  # noqa: BLE001 - tracing must never fail a request
-            logging.getLogger(__name__).warning("could not start the X-Ray subsegment",
+            logging.getLogger(__name__).warning("could not start the request's span",
                                                 exc_info=True)
             return None
-        if subsegment is not None:
-            subsegment.put_annotation("provider", self.provider)
-            subsegment.put_annotation("model", model)
-        return subsegment
 
-    def end_provider_call(self, subsegment: Any, outcome: Outcome) -> None:
-        if subsegment is None:
+    def provider_call(self, trace: Any, operation: str, chat: ChatRequest | None,
+                      response_id: str) -> Callable[[Target], AbstractContextManager[None]] | None:
+        """What :meth:`Router.open` calls around each provider call it makes (one client span
+        each, ``gen_ai.operation.name`` = ``operation``), or None."""
+        if trace is None:
+            return None
+        try:
+            return cast("Callable[[Target], AbstractContextManager[None]]",
+                        trace.provider_call(operation, chat, response_id))
+        except Exception:  # noqa: BLE001
+            logging.getLogger(__name__).warning("could not trace the provider call",
+                                                exc_info=True)
+            return None
+
+    def end_request(self, trace: Any, status: int, outcome: Outcome) -> None:
+        """End the request's spans (the answering call's, then the request's) from what the
+        outcome says; they leave with the next export, never on this thread."""
+        if trace is None:
             return
         try:
-            if outcome.finish_reason is not None:
-                subsegment.put_annotation("finish_reason", outcome.finish_reason)
-            if outcome.usage is not None:
-                subsegment.put_metadata("usage", {
-                    "prompt_tokens": outcome.usage.prompt_tokens,
-                    "completion_tokens": outcome.usage.completion_tokens})
-            if outcome.error is not None:
-                subsegment.put_annotation("error_code", outcome.error.code or "")
-                if outcome.error.status >= 500:
-                    subsegment.add_fault_flag()
-                else:
-                    subsegment.add_error_flag()
-                if outcome.error.status == 429:
-                    subsegment.add_throttle_flag()
-            self._xray().end_subsegment()
+            trace.end(status, outcome)
         except Exception:  # noqa: BLE001
-            logging.getLogger(__name__).warning("could not end the X-Ray subsegment",
+            logging.getLogger(__name__).warning("could not end the request's spans",
                                                 exc_info=True)
 
-    def _xray(self) -> Any:
-        if self._recorder is None:
-            with _lock:
-                from aws_xray_sdk.core import xray_recorder
-                from aws_xray_sdk.core.lambda_launcher import LambdaContext
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait for the spans ended so far to be exported, at most ``timeout_s`` (default
+        ``STREAMGATE_TRACING_FLUSH_TIMEOUT_MS``): the Lambda loop calls it after a response
+        is written, before the environment may be frozen."""
+        if self.tracing is None:
+            return
+        try:
+            limit = self.tracing.otlp.flush_timeout_s
+            self.tracing.flush(limit if timeout_s is None else min(limit, timeout_s))
+        except Exception:  # noqa: BLE001
+            logging.getLogger(__name__).warning("could not flush the spans", exc_info=True)
 
-                # In Lambda the SDK keeps each thread's segment apart (a threading.local) but
-                # takes the trace header from the process-wide _X_AMZN_TRACE_ID: read each
-                # thread's own instead. Outside Lambda the SDK's context stays as it is.
-                if type(xray_recorder.context) is LambdaContext:
-                    xray_recorder.configure(context=_per_thread_lambda_context())
-                self._recorder = xray_recorder
-        return self._recorder
+    def shutdown(self) -> None:
+        """Export what is left and stop the exporter's thread (tests, the dev server's exit)."""
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
     # -- the record of one request ---------------------------------------------------------
 
@@ -266,24 +276,24 @@ class Telemetry:
                     errors.add_dimension("ErrorType", err.code or err.type)
 
 
-def _per_thread_lambda_context() -> Any:
-    """aws-xray-sdk's Lambda context (segments per thread already) with the trace header of
-    the thread's own invocation."""
-    from aws_xray_sdk import global_sdk_config
-    from aws_xray_sdk.core.lambda_launcher import LambdaContext
-    from aws_xray_sdk.core.models.trace_header import TraceHeader
 
-    class PerThreadLambdaContext(LambdaContext):  # type: ignore[misc]
-        def _refresh_context(self) -> None:
-            # LambdaContext._refresh_context of aws-xray-sdk 2.15, reading config.trace_id()
-            # where the SDK reads os.environ: a new facade segment whenever this thread's
-            # invocation (its trace root) changes.
-            header = TraceHeader.from_header_str(trace_id())
-            if not global_sdk_config.sdk_enabled():
-                header._sampled = False
-            segment = getattr(self._local, "segment", None)
-            if segment and (not header.root or header.root == segment.trace_id):
-                return
-            self._initialize_context(header)
+# The W3C trace context of the provider call being opened on this thread (tracing.py sets it),
+# for the OpenAI-compatible provider's request headers. A context variable: each thread, and
+# each request on it, sees only its own.
+_TRACE_HEADERS: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
+    "streamgate_trace_headers", default=None)
 
-    return PerThreadLambdaContext()
+
+def trace_headers() -> Mapping[str, str]:
+    """``traceparent`` (and ``tracestate``) of the provider call being opened on this thread;
+    empty without tracing or outside a provider call."""
+    return _TRACE_HEADERS.get() or {}
+
+
+def announce_trace_headers(
+        headers: Mapping[str, str]) -> contextvars.Token[Mapping[str, str] | None]:
+    return _TRACE_HEADERS.set(dict(headers))
+
+
+def forget_trace_headers(token: contextvars.Token[Mapping[str, str] | None]) -> None:
+    _TRACE_HEADERS.reset(token)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from streamgate import sse
+from streamgate import sse, telemetry
 from streamgate.credentials import ApiKey, api_key
 from streamgate.deadline import NO_DEADLINE, Deadline
 from streamgate.errors import (
@@ -176,7 +176,9 @@ class OpenAIProvider:
 
     def _headers(self) -> dict[str, str]:
         headers = {"content-type": "application/json", "accept": "text/event-stream",
-                   "user-agent": "streamgate"}
+                   "user-agent": "streamgate",
+                   # W3C traceparent of the provider call's span, when tracing
+                   **telemetry.trace_headers()}
         key = self._key.get()
         if key:
             headers["authorization"] = f"Bearer {key}"
