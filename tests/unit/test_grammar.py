@@ -169,21 +169,23 @@ def _refused(schema: dict[str, Any], *, strict: bool | None = False) -> Streamga
 
 @pytest.mark.parametrize(("schema", "message"), [
     # the schemas of issue 27: each crashed or swelled the dev server
-    ({"type": "string", "maxLength": 30000}, f"'maxLength' at schema must be a whole number {BOUND}"),
+    ({"type": "string", "maxLength": 30000},
+     f"'maxLength' at schema must be a whole number {BOUND}"),
     ({"type": "array", "items": {"type": "integer"}, "maxItems": 30000},
      f"'maxItems' at schema must be a whole number {BOUND}"),
     ({"type": "string", "pattern": "^a{0,30000}$"},
      f"a repetition count in 'pattern' at schema must be a whole number {BOUND}"),
-    ({"type": "string", "minLength": 20_000_000}, f"'minLength' at schema must be a whole number {BOUND}"),
+    ({"type": "string", "minLength": 20_000_000},
+     f"'minLength' at schema must be a whole number {BOUND}"),
     ({"type": "array", "items": {"type": "integer"}, "minItems": 10**9},
      f"'minItems' at schema must be a whole number {BOUND}"),
     # wherever the count sits
     ({"type": "object", "properties": {"a": {"type": "string", "maxLength": 501}}},
-     f"'maxLength' at schema.properties.a must be"),
+     "'maxLength' at schema.properties.a must be"),
     ({"type": "array", "items": {"type": "string", "minLength": 501}},
-     f"'minLength' at schema.items must be"),
+     "'minLength' at schema.items must be"),
     ({"anyOf": [{"type": "string"}, {"type": "array", "items": {}, "maxItems": 501}]},
-     f"'maxItems' at schema.anyOf[1] must be"),
+     "'maxItems' at schema.anyOf[1] must be"),
     ({"$defs": {"Code": {"type": "string", "pattern": "^[a-z]{501}$"}}, "$ref": "#/$defs/Code"},
      "a repetition count in 'pattern' at schema.$defs.Code must be"),
     # a $ref can point anywhere in the document, and the converter follows it there
