@@ -5,6 +5,7 @@ LangChain's structured output against the dev server, unmodified, and the gramma
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any
 
 import numpy as np
@@ -192,6 +193,20 @@ def test_the_frames_own_stop_does_not_cut_constrained_json(
                                                "strict": True}}})
     assert reason == "stop"
     assert Person.model_validate_json(text)
+
+
+def test_a_pattern_with_dots_still_gives_a_json_string(local_provider: Provider) -> None:
+    # GIVEN a pattern of any characters and a prompt that invites quotes: a regex "." matches
+    # a quote, which inside the JSON string would end it ('"the "quotes" as" ')
+    body = {"messages": _ask('Write a quote with "quotes" in it.'), "max_tokens": 40,
+            "response_format": {"type": "json_schema", "json_schema": {
+                "name": "quote", "schema": {"type": "string", "pattern": "^.{10,30}$"}}}}
+    for seed in range(3):
+        # WHEN the model answers, THEN each answer is a JSON string the pattern matches
+        text, reason = _generate(local_provider, {**body, "seed": seed})
+        assert reason == "stop"
+        value = json.loads(text)
+        assert isinstance(value, str) and re.fullmatch(".{10,30}", value), text
 
 
 def test_text_tokens_hide_control_tokens_but_keep_end_of_generation(

@@ -310,3 +310,14 @@ def test_the_bounds_are_checked_in_time_linear_in_the_schema_not_in_its_counts(
     started = time.perf_counter()
     assert beyond_bounds(schema) is not None
     assert time.perf_counter() - started < 0.05
+
+
+@pytest.mark.parametrize(("pattern", "rule"), [
+    ("^.{2}$", 'dot ::= [^\\x0A\\x0D"\\\\\\x7F\\x00-\\x1F]'),
+    ("^[^,]+$", '[^,"\\\\\\x7F\\x00-\\x1F]+'),
+])
+def test_a_patterns_negated_classes_never_match_what_would_break_the_json_string(
+    pattern: str, rule: str
+) -> None:
+    # A regex "." or [^,] matches a quote; inside the JSON string it would end the string.
+    assert rule in grammar_for(_schema({"type": "string", "pattern": pattern}))

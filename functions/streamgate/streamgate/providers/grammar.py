@@ -90,6 +90,9 @@ ws ::= " "?
 _JSON_CHAR = (r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] '
               r"[0-9a-fA-F] [0-9a-fA-F])")
 
+# What a JSON string cannot hold unescaped, as the inside of a GBNF character class.
+_NOT_IN_JSON_STRINGS = r'"\\\x7F\x00-\x1F'
+
 # Keywords that say nothing about what is valid: always allowed, never enforced.
 _ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id",
                           "$comment", "deprecated", "readOnly", "writeOnly", "$defs",
@@ -134,8 +137,11 @@ def grammar_for(fmt: ResponseFormat, deadline: Deadline = NO_DEADLINE) -> str:
         reason = str(e)[:200] or type(e).__name__
         raise RequestError(f"The embedded model cannot turn this schema into a grammar "
                            f"({reason})", param=SCHEMA_PARAM) from e
-    if "char" in converter._rules:
-        converter._rules["char"] = _JSON_CHAR
+    rules: dict[str, str] = converter._rules
+    for name, rule in rules.items():
+        rules[name] = _json_safe_classes(rule)
+    if "char" in rules:
+        rules["char"] = _JSON_CHAR
     text: str = converter.format_grammar()
     deepest = nesting(text)
     if deepest > MAX_NESTING:
@@ -144,6 +150,30 @@ def grammar_for(fmt: ResponseFormat, deadline: Deadline = NO_DEADLINE) -> str:
             f"the {MAX_NESTING} the embedded model allows; use smaller counts or fewer nested "
             "groups in 'pattern'", param=SCHEMA_PARAM)
     return text
+
+
+def _json_safe_classes(rule: str) -> str:
+    """``rule`` with every negated character class (``[^,]``, a pattern's ``.``) kept from
+    matching a quote, a backslash or a control character: inside a JSON string those would
+    end it or break it (the converter copies a pattern's classes as the regex wrote them)."""
+    out: list[str] = []
+    i, end = 0, len(rule)
+    while i < end:
+        c = rule[i]
+        if c not in "\"[":
+            out.append(c)
+            i += 1
+            continue
+        close = "\"" if c == "\"" else "]"
+        j = i + 1
+        while j < end and rule[j] != close:
+            j += 2 if rule[j] == "\\" else 1
+        if c == "[" and rule.startswith("[^", i) and j < end:
+            out.append(rule[i:j] + _NOT_IN_JSON_STRINGS + "]")
+        else:
+            out.append(rule[i:j + 1])
+        i = j + 1
+    return "".join(out)
 
 
 def beyond_bounds(schema: Mapping[str, Any]) -> str | None:
