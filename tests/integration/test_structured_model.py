@@ -23,6 +23,7 @@ from streamgate.providers import openai as openai_provider
 from streamgate.providers.grammar import JSON_OBJECT_GRAMMAR, GrammarFilter, text_tokens
 from streamgate.validation import parse_request
 from tests.conftest import running_dev_server
+from tests.helpers import chat_event
 
 pytestmark = pytest.mark.model
 
@@ -166,6 +167,29 @@ def test_stop_sequences_still_end_constrained_json(model_server: str) -> None:
             "name": "person", "schema": Person.model_json_schema()}})
     assert completion.choices[0].finish_reason == "stop"
     assert (completion.choices[0].message.content or "").strip() == "{"
+
+
+@pytest.mark.parametrize("response_format", [
+    {"type": "json_object"},
+    {"type": "json_schema", "json_schema": {"name": "p", "schema": Person.model_json_schema()}},
+], ids=["json_object", "json_schema"])
+def test_min_tokens_with_a_json_response_format_is_a_400_through_the_handler(
+    local_provider: Provider, response_format: dict[str, Any]
+) -> None:
+    # GIVEN the pipeline on the embedded model, where a grammar decides where JSON ends
+    app = App(SETTINGS, local_provider)
+    # WHEN a request asks for JSON and a floor under the answer's length
+    response = app.handle(chat_event({
+        "model": MODEL, "messages": _ask("Invent a person."), "min_tokens": 5,
+        "response_format": response_format}, headers={"accept": "application/json"}))
+    doc = json.loads(b"".join(response.body))
+    response.close()
+    # THEN it is refused before the model is asked, naming min_tokens
+    assert response.status == 400
+    assert doc["error"]["param"] == "min_tokens"
+    assert doc["error"]["message"] == (
+        "'min_tokens' cannot be combined with a JSON 'response_format' on this model: the "
+        "grammar decides where the answer ends")
 
 
 def _generate(provider: Provider, body: dict[str, Any]) -> tuple[str, str]:
