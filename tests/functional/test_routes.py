@@ -377,6 +377,20 @@ def test_routes_are_re_read_from_ssm_after_their_ttl(east: FakeBedrock, west: Fa
     assert "routes not re-read" in caplog.text
 
 
+def test_a_routes_parameter_nested_too_deeply_fails_the_init_naming_it() -> None:
+    import boto3
+    from moto import mock_aws
+
+    with mock_aws():
+        boto3.client("ssm", region_name="us-east-1").put_parameter(
+            Name="/streamgate/deep", Type="String",
+            Value='{"routes": ' + "[" * 1000 + "]" * 1000 + "}")
+        with pytest.raises(ConfigError) as caught:
+            _ = App(load_settings({}, routes_parameter="/streamgate/deep")).router
+    assert caught.value.message == (
+        "SSM parameter /streamgate/deep nests too deeply to be a routes document")
+
+
 def test_a_missing_routes_parameter_fails_the_init_naming_it() -> None:
     from moto import mock_aws
 
@@ -506,8 +520,13 @@ def test_usage_before_any_output_is_no_answer_a_stall_after_it_falls_back(
         {"target": "openai", "outcome": "upstream_timeout"}]
 
 
-def test_what_comes_before_the_first_output_is_relayed_after_it(upstream: FakeUpstream) -> None:
-    upstream.replies = [UpstreamReply(body=[sse(chunk(choices=False, usage=USAGE),
+def test_usage_that_comes_before_the_first_output_is_relayed_after_it(
+    upstream: FakeUpstream
+) -> None:
+    # GIVEN usage chunks before any output (only the latest counts, as it does after)
+    early = {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}
+    upstream.replies = [UpstreamReply(body=[sse(chunk(choices=False, usage=early),
+                                                chunk(choices=False, usage=USAGE),
                                                 chunk("", role="assistant"), chunk("hi"),
                                                 chunk(finish="stop"))])]
     app = app_for({"claude": [openai(upstream)]})

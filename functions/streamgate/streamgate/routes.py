@@ -24,8 +24,9 @@ Serving a request (:meth:`Router.open`): its targets are tried in order until on
 and nothing has reached the client until then. A target has answered with its first model
 output (content, reasoning or a tool-call piece: what :class:`~streamgate.providers.OutputTimer`
 counts), or with a finish reason and no output (an empty answer the backend chose: a stop
-sequence at once, ``max_tokens`` spent on nothing visible, a content filter). What comes
-before (usage, say) is kept and relayed after; a target that ends with neither has failed.
+sequence at once, ``max_tokens`` spent on nothing visible, a content filter). Usage that
+comes before is kept (the latest) and relayed after; a target that ends with neither has
+failed.
 Failing over: a failure that another backend may not share (throttled, unavailable, 5xx,
 unreachable, too slow to its first output, a stream that breaks or ends empty, the backend
 refusing our access) moves on to the next target; a client error (400, 404, context too long)
@@ -79,11 +80,8 @@ from streamgate.errors import (
 )
 from streamgate.providers import (
     Delta,
-    Finish,
     Provider,
-    ReasoningDelta,
-    TextDelta,
-    ToolCallDelta,
+    Usage,
     create_provider,
 )
 from streamgate.validation import check_supported
@@ -602,13 +600,16 @@ def _cooling_key(target: Target) -> str:
 
 def _until_answered(deltas: Iterator[Delta]) -> list[Delta]:
     """The deltas up to and including the target's first model output (content, reasoning, a
-    tool-call piece: what OutputTimer counts) or its finish, whichever comes first. A stream
+    tool-call piece: what OutputTimer counts) or its finish, whichever comes first. Before it
+    only usage can come, and only the latest is kept (the pipeline keeps the last anyway): a
+    backend streaming usage chunks until its first-token timeout costs no memory. A stream
     that ends with neither has failed: nothing in it is an answer."""
-    head: list[Delta] = []
+    usage: Usage | None = None
     for delta in deltas:
-        head.append(delta)
-        if isinstance(delta, (TextDelta, ReasoningDelta, ToolCallDelta, Finish)):
-            return head
+        if isinstance(delta, Usage):
+            usage = delta
+            continue
+        return [delta] if usage is None else [usage, delta]
     raise UpstreamError("The model's backend ended its answer without any output")
 
 
