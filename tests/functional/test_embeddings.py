@@ -24,7 +24,7 @@ from streamgate.keystore import KeyStore, table_definition
 from streamgate.providers.bedrock import BedrockProvider
 from streamgate.providers.bedrock_embed import BedrockEmbedder
 from streamgate.providers.embedding import EmbeddingModel, EmbeddingRequest, Embeddings
-from streamgate.routes import Router, parse_routes
+from streamgate.routes import Cooling, Router, parse_routes
 from tests.conftest import running_dev_server
 from tests.embedding_checks import cosine, decode_base64, strict_response
 from tests.fake_bedrock_embed import COHERE, TITAN, Failure, FakeBedrockEmbed, vector
@@ -412,7 +412,7 @@ def test_a_route_whose_targets_cannot_agree_is_refused_at_load(
         targets: list[dict[str, Any]], message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_routes(json.dumps({"routes": {"docs": targets}}), "routes.json",
-                     default_cooldown_s=30)
+                     defaults=Cooling())
     assert message in caught.value.message
 
 
@@ -421,7 +421,7 @@ def test_an_upstream_target_is_an_embedding_model_when_its_size_is_configured() 
         {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "e5",
          "dimensions": 384},
         {"kind": "local", "model": "all-minilm-l6-v2", "name": "local"}]}}),
-        "routes.json", default_cooldown_s=30)
+        "routes.json", defaults=Cooling())
     route = table.routes["docs"]
     assert route.embedding is not None and route.embedding.dimensions == 384
 

@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 
 from streamgate.config import load_settings
+from streamgate.deadline import Deadline
 from streamgate.errors import ConfigError
 from streamgate.handler import App, Response
-from streamgate.routes import parse_routes
+from streamgate.routes import Cooling, parse_routes
 from tests.fake_bedrock import FakeBedrock, Reply, start_event, text_block, text_events
-from tests.fake_openai import FakeUpstream, error_reply, text_stream
+from tests.fake_openai import FakeUpstream, chunk, error_reply, sse, text_stream
 from tests.fake_openai import Reply as UpstreamReply
 from tests.helpers import body_bytes, chat_event, sse_json
 
@@ -115,16 +116,67 @@ def text(chunks: list[Any]) -> str:
     ('{"routes": {"gpt": [{"kind": "openai", "model": "m", "base_url": "http://x", '
      '"api_key": "a", "api_key_secret": "b"}]}}', "set only one of api_key_secret, api_key"),
     ("routes: [", "neither valid JSON nor valid YAML"),
+    ('{"routes": {"claude": [{"kind": "bedrock", "model": "m"}]}, "failures_to_cool": 0}',
+     '"failures_to_cool" must be a whole number from 1 to 100'),
+    ('{"routes": {"claude": [{"kind": "bedrock", "model": "m"}]}, "failure_window_s": 0}',
+     '"failure_window_s" must be a number of seconds above 0, at most 3600'),
+    # nested past what a recursive parser can read: a RecursionError and a traceback before
+    ('{"routes": ' + "[" * 100_000 + "]" * 100_000 + "}", "nests too deeply"),
+    ("routes:\n  claude: " + "[" * 5000 + "]" * 5000 + "\n", "nests too deeply"),
+    # YAML reads unquoted 1 as a number and ~ as null: no client can name such a route
+    ("routes:\n  1: [{kind: bedrock, model: m}]\n",
+     "route name 1 is not a string (YAML reads 1 as a number and ~ as null): quote it"),
+    ("routes:\n  ~: [{kind: bedrock, model: m}]\n", "route name None is not a string"),
+    # and other keys of any type are named, not a TypeError
+    ("routes:\n  claude: [{kind: bedrock, model: m, 1: x, ~: y, regoin: z}]\n",
+     "unknown field(s) for kind bedrock: 1, None, regoin"),
+    ("routes: {claude: [{kind: bedrock, model: m}]}\n2: x\nnull: y\n",
+     "unknown field(s) 2, None"),
+    ("routes:\n  claude: {targets: [{kind: bedrock, model: m}], 3: x}\n",
+     "route 'claude': unknown field(s) 3"),
+    ("routes:\n  claude: [{kind: bedrock, model: 2024-13-45}]\n",
+     "neither valid JSON nor valid YAML"),
 ])
 def test_an_invalid_document_is_refused_naming_what_is_wrong(doc: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        parse_routes(doc, "routes.json", default_cooldown_s=30)
+        parse_routes(doc, "routes.json", defaults=Cooling())
     assert message in caught.value.message
+
+
+def test_the_dev_server_refuses_a_document_nested_too_deeply_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from streamgate.devserver import main
+
+    monkeypatch.setenv("STREAMGATE_ROUTES", '{"routes": ' + "[" * 1000 + "]" * 1000 + "}")
+    assert main(["--host", "127.0.0.1", "--port", "0"]) == 2
+    assert capsys.readouterr().err == (
+        "streamgate: STREAMGATE_ROUTES nests too deeply to be a routes document\n")
+
+
+def test_the_settings_for_cooling_down_are_checked_like_the_others() -> None:
+    with pytest.raises(ConfigError, match="STREAMGATE_ROUTE_FAILURES_TO_COOL must be from 1"):
+        load_settings({"STREAMGATE_ROUTE_FAILURES_TO_COOL": "0"})
+    with pytest.raises(ConfigError, match="STREAMGATE_ROUTE_FAILURE_WINDOW_S must be above 0"):
+        load_settings({"STREAMGATE_ROUTE_FAILURE_WINDOW_S": "0"})
+    settings = load_settings({"STREAMGATE_ROUTE_FAILURES_TO_COOL": "5",
+                              "STREAMGATE_ROUTE_FAILURE_WINDOW_S": "10"})
+    assert Cooling.from_settings(settings) == Cooling(30.0, 5, 10.0)
+    # a document's own fields win over the settings
+    table = parse_routes('{"routes": {"a": [{"kind": "bedrock", "model": "m"}]}, '
+                         '"failures_to_cool": 2}', "doc", defaults=Cooling.from_settings(settings))
+    assert table.cooling == Cooling(30.0, 2, 10.0)
+
+
+def test_yaml_route_names_that_are_strings_work_quoted() -> None:
+    table = parse_routes('routes:\n  "1": [{kind: bedrock, model: m}]\n', "routes.yaml",
+                         defaults=Cooling())
+    assert list(table.routes) == ["1"]
 
 
 def test_yaml_documents_work_where_pyyaml_is_installed() -> None:
     table = parse_routes("routes:\n  claude:\n    - {kind: bedrock, model: m}\n", "routes.yaml",
-                         default_cooldown_s=30)
+                         defaults=Cooling())
     (target,) = table.routes["claude"].targets
     assert (target.name, target.kind, target.model) == ("claude#1", "bedrock", "m")
 
@@ -325,6 +377,20 @@ def test_routes_are_re_read_from_ssm_after_their_ttl(east: FakeBedrock, west: Fa
     assert "routes not re-read" in caplog.text
 
 
+def test_a_routes_parameter_nested_too_deeply_fails_the_init_naming_it() -> None:
+    import boto3
+    from moto import mock_aws
+
+    with mock_aws():
+        boto3.client("ssm", region_name="us-east-1").put_parameter(
+            Name="/streamgate/deep", Type="String",
+            Value='{"routes": ' + "[" * 1000 + "]" * 1000 + "}")
+        with pytest.raises(ConfigError) as caught:
+            _ = App(load_settings({}, routes_parameter="/streamgate/deep")).router
+    assert caught.value.message == (
+        "SSM parameter /streamgate/deep nests too deeply to be a routes document")
+
+
 def test_a_missing_routes_parameter_fails_the_init_naming_it() -> None:
     from moto import mock_aws
 
@@ -358,7 +424,8 @@ def test_another_accounts_role_is_assumed_and_its_credentials_sign_the_call(
     ('{"routes": {"claude": [{"kind": "bedrock"}]}}',
      "route 'claude', target 1: \"model\" is required for kind bedrock"),
     ('{"routes": {"dev": [{"kind": "local"}]}}', "kind local"),
-], ids=["invalid", "embedded-model"])
+    ('{"routes": ' + "[" * 1000 + "]" * 1000 + "}", "nests too deeply"),
+], ids=["invalid", "embedded-model", "nested-1000-deep"])
 def test_routes_that_cannot_serve_on_lambda_fail_the_init_naming_the_route(
     routes: str, message: str
 ) -> None:
@@ -374,3 +441,263 @@ def test_routes_that_cannot_serve_on_lambda_fail_the_init_naming_the_route(
     (posted,) = api.posted
     assert posted.path == "/2018-06-01/runtime/init/error"
     assert message in json.loads(posted.body)["errorMessage"]
+    assert json.loads(posted.body)["errorType"] == "Runtime.ConfigError"
+
+
+# -- what counts as the target answering -------------------------------------------------------
+
+def request_logs(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()
+            if '"message":"request"' in line]
+
+
+USAGE = {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}
+
+
+@pytest.mark.parametrize("body", [
+    sse(),
+    sse(chunk("", role="assistant")),
+    sse(chunk("", role="assistant"), chunk(choices=False, usage=USAGE)),
+], ids=["done-only", "role-only", "role-and-usage"])
+def test_a_target_that_ends_without_output_has_failed_and_the_next_one_answers(
+    body: bytes, upstream: FakeUpstream, west: FakeBedrock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a first target that answers 200 and ends its stream without any model output
+    upstream.replies = [UpstreamReply(body=[body])]
+    west.replies = [Reply(frames=text_events("from the west"))]
+    app = app_for({"claude": [openai(upstream, "empty"), bedrock(west, "west")]})
+    # WHEN a client asks, THEN the next target answers it, before any byte was sent
+    response, chunks = ask(app, "claude")
+    assert response.status == 200 and text(chunks) == "from the west"
+    assert response.headers["x-streamgate-backend"] == "west"
+    assert not any("error" in c for c in chunks)
+    assert request_logs(capsys)[-1]["fallbacks"] == [
+        {"target": "empty", "outcome": "upstream_error"}]
+
+
+def test_a_target_that_keeps_answering_nothing_cools_down(upstream: FakeUpstream,
+                                                          west: FakeBedrock) -> None:
+    upstream.replies = [UpstreamReply(body=[sse()]), UpstreamReply(body=[sse()])]
+    west.replies = [Reply(frames=text_events(f"west {i}")) for i in range(3)]
+    app = app_for({"claude": [openai(upstream, "empty"), bedrock(west, "west")]},
+                  doc={"failures_to_cool": 2})
+    answers = [text(ask(app, "claude")[1]) for _ in range(3)]
+    assert answers == ["west 0", "west 1", "west 2"]
+    # the second empty answer in a row cooled it: the third request did not ask it
+    assert len(upstream.chat_requests()) == 2
+
+
+def test_a_target_that_only_finishes_has_given_its_answer_an_empty_one(
+    upstream: FakeUpstream, west: FakeBedrock
+) -> None:
+    # An empty answer with a reason is the backend's choice (max_tokens spent on nothing
+    # visible, a stop sequence at once, a content filter), not a failure: it is relayed.
+    upstream.replies = [UpstreamReply(body=[sse(chunk("", role="assistant"),
+                                                chunk(finish="length"),
+                                                chunk(choices=False, usage=USAGE))])]
+    app = app_for({"claude": [openai(upstream), bedrock(west, "west")]})
+    response, chunks = ask(app, "claude", max_tokens=1)
+    assert response.status == 200 and response.headers["x-streamgate-backend"] == "openai"
+    assert text(chunks) == ""
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == ["length"]
+    assert west.requests == []
+
+
+def test_usage_before_any_output_is_no_answer_a_stall_after_it_falls_back(
+    upstream: FakeUpstream, west: FakeBedrock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a first target that sends a usage-only chunk at once (some servers do), then stalls
+    upstream.replies = [UpstreamReply(body=[
+        sse(chunk(choices=False, usage=USAGE), done=False), 3.0])]
+    west.replies = [Reply(frames=text_events("from the west"))]
+    app = app_for({"claude": [openai(upstream, first_token_timeout_s=0.5),
+                              bedrock(west, "west")]})
+    # WHEN a client asks, THEN its first-token timeout fires before our 200, and west answers
+    response, chunks = ask(app, "claude")
+    assert response.status == 200 and text(chunks) == "from the west"
+    assert not any("error" in c for c in chunks)
+    assert request_logs(capsys)[-1]["fallbacks"] == [
+        {"target": "openai", "outcome": "upstream_timeout"}]
+
+
+def test_usage_that_comes_before_the_first_output_is_relayed_after_it(
+    upstream: FakeUpstream
+) -> None:
+    # GIVEN usage chunks before any output (only the latest counts, as it does after)
+    early = {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}
+    upstream.replies = [UpstreamReply(body=[sse(chunk(choices=False, usage=early),
+                                                chunk(choices=False, usage=USAGE),
+                                                chunk("", role="assistant"), chunk("hi"),
+                                                chunk(finish="stop"))])]
+    app = app_for({"claude": [openai(upstream)]})
+    response, chunks = ask(app, "claude", stream_options={"include_usage": True})
+    assert text(chunks) == "hi"
+    assert chunks[-1]["usage"] == USAGE
+
+
+# -- cooling down on evidence, not on one request ---------------------------------------------
+
+def test_one_requests_failure_does_not_divert_everyone_elses_traffic(
+    upstream: FakeUpstream, west: FakeBedrock
+) -> None:
+    # GIVEN a healthy primary that answers one client's request with a 500 (a parameter only
+    # it rejects, a prompt it chokes on)
+    upstream.replies = [error_reply(500, "cannot handle this one"),
+                        *[UpstreamReply(body=[text_stream(f"primary {i}")]) for i in range(5)]]
+    west.replies = [Reply(frames=text_events("fallback"))]
+    app = app_for({"claude": [openai(upstream, "primary"), bedrock(west, "west")]})
+    assert text(ask(app, "claude")[1]) == "fallback"
+    # WHEN five ordinary requests follow, THEN the primary serves every one of them
+    assert [text(ask(app, "claude")[1]) for _ in range(5)] == [f"primary {i}" for i in range(5)]
+    assert len(west.requests) == 1
+
+
+def test_failures_in_a_row_within_the_window_cool_the_target(
+    upstream: FakeUpstream, west: FakeBedrock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    upstream.replies = [error_reply(500, "down"), error_reply(502, "down")]
+    west.replies = [Reply(frames=text_events(f"west {i}")) for i in range(3)]
+    app = app_for({"claude": [openai(upstream, "primary"), bedrock(west, "west")]},
+                  doc={"failures_to_cool": 2, "failure_window_s": 30})
+    assert [text(ask(app, "claude")[1]) for _ in range(3)] == ["west 0", "west 1", "west 2"]
+    assert len(upstream.chat_requests()) == 2
+    assert request_logs(capsys)[-1]["fallbacks"] == [{"target": "primary",
+                                                      "outcome": "cooling"}]
+
+
+def test_failures_further_apart_than_the_window_or_with_an_answer_between_do_not_cool(
+    upstream: FakeUpstream, west: FakeBedrock
+) -> None:
+    upstream.replies = [error_reply(500, "one"), error_reply(500, "two"),
+                        UpstreamReply(body=[text_stream("primary")]), error_reply(500, "three"),
+                        UpstreamReply(body=[text_stream("primary again")])]
+    west.replies = [Reply(frames=text_events("west")) for _ in range(3)]
+    app = app_for({"claude": [openai(upstream, "primary"), bedrock(west, "west")]},
+                  doc={"failures_to_cool": 2, "failure_window_s": 0.3})
+    assert text(ask(app, "claude")[1]) == "west"
+    time.sleep(0.4)  # the first failure leaves the window
+    assert text(ask(app, "claude")[1]) == "west"
+    assert text(ask(app, "claude")[1]) == "primary"  # an answer: the count starts again
+    assert text(ask(app, "claude")[1]) == "west"
+    assert text(ask(app, "claude")[1]) == "primary again"
+    assert len(upstream.chat_requests()) == 5
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("evidence", ["throttled", "unavailable", "credentials-refused",
+                                      "refused-upstream", "refused-bedrock"])
+def test_evidence_that_the_backend_is_unwell_cools_it_at_once(
+    evidence: str, upstream: FakeUpstream, west: FakeBedrock,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a primary whose one failure speaks of the backend itself, not of the request
+    primary = {"throttled": lambda: openai(upstream, "primary"),
+               "unavailable": lambda: openai(upstream, "primary"),
+               "credentials-refused": lambda: openai(upstream, "primary"),
+               "refused-upstream": lambda: {**openai(upstream, "primary"),
+                                            "base_url": f"http://127.0.0.1:{_dead_port()}/v1"},
+               "refused-bedrock": lambda: {**bedrock(west, "primary"),
+                                           "endpoint_url": f"http://127.0.0.1:{_dead_port()}"},
+               }[evidence]()
+    upstream.replies = {"throttled": [error_reply(429, "slow down")],
+                        "unavailable": [error_reply(503, "overloaded")],
+                        "credentials-refused": [error_reply(401, "bad key")]}.get(evidence, [])
+    west.replies = [Reply(frames=text_events("west 1")), Reply(frames=text_events("west 2"))]
+    app = app_for({"claude": [primary, bedrock(west, "west")]})
+    # WHEN two requests come, THEN the first fails over and the second skips the primary
+    assert [text(ask(app, "claude")[1]) for _ in range(2)] == ["west 1", "west 2"]
+    assert request_logs(capsys)[-1]["fallbacks"] == [{"target": "primary",
+                                                      "outcome": "cooling"}]
+
+
+def test_a_client_error_never_cools_a_target(east: FakeBedrock, west: FakeBedrock) -> None:
+    # GIVEN a route that falls back on client errors, and a first target that finds three
+    # requests too long for it
+    too_long = Reply(400, "ValidationException", "Input is too long for requested model")
+    east.replies = [too_long, too_long, too_long]
+    west.replies = [Reply(frames=text_events("bigger model")) for _ in range(3)]
+    app = app_for({"claude": {"targets": [bedrock(east, "east"), bedrock(west, "west")],
+                              "fallback_on_client_errors": True}})
+    # WHEN they come, THEN each is tried on east first: a request's fault is not east's
+    assert [text(ask(app, "claude")[1]) for _ in range(3)] == ["bigger model"] * 3
+    assert len(east.requests) == 3
+
+
+# -- error paths: every target cooling, the deadline between targets, STS refusing the role ---
+
+def test_when_every_target_cools_all_are_tried_and_an_answer_ends_its_cooldown(
+    east: FakeBedrock, west: FakeBedrock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    east.replies = [Reply(429, "ThrottlingException", "a"), Reply(frames=text_events("east back")),
+                    Reply(frames=text_events("east still"))]
+    west.replies = [Reply(429, "ThrottlingException", "b")]
+    app = app_for({"claude": [bedrock(east, "east"), bedrock(west, "west")]})
+    # GIVEN both targets cooling after one throttled request
+    assert ask(app, "claude")[0].status == 429
+    # WHEN the next request comes, THEN both are tried rather than none, and east answers
+    response, chunks = ask(app, "claude")
+    assert text(chunks) == "east back" and response.headers["x-streamgate-backend"] == "east"
+    # AND east's answer ended its cooldown; west still cools
+    assert text(ask(app, "claude")[1]) == "east still"
+    assert request_logs(capsys)[-1]["fallbacks"] == [{"target": "west", "outcome": "cooling"}]
+    assert len(west.requests) == 1
+
+
+def test_the_deadline_passing_between_two_targets_ends_the_request_with_a_504(
+    upstream: FakeUpstream, west: FakeBedrock
+) -> None:
+    # GIVEN a first target whose 500 takes past the request's deadline to arrive whole
+    upstream.replies = [UpstreamReply(500, [1.0, b'{"error": {"message": "late"}}'],
+                                      {"content-type": "application/json"})]
+    west.replies = [Reply(frames=text_events("too late for this"))]
+    app = app_for({"claude": [openai(upstream), bedrock(west, "west")]})
+    # WHEN the request's deadline passes while that failure comes in
+    started = time.monotonic()
+    response = app.handle(chat_event({"model": "claude", "prompt": "hi"}, headers=JSON),
+                          deadline=Deadline.after(0.4))
+    doc = json.loads(body_bytes(response))
+    response.close()
+    # THEN the request ends there, with deadline_exceeded: the next target is never asked
+    assert (response.status, doc["error"]["code"]) == (504, "deadline_exceeded")
+    assert west.requests == []
+    assert time.monotonic() - started < 0.9
+
+
+def test_sts_refusing_a_targets_role_fails_over_and_cools_that_target(
+    east: FakeBedrock, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from moto import mock_aws
+    from moto.core import set_initial_no_auth_action_count
+
+    # GIVEN a function identity that may not assume the partner account's role (moto checks
+    # IAM: the two calls that create the identity are the only ones it lets through)
+    @mock_aws
+    @set_initial_no_auth_action_count(2)
+    def scenario() -> None:
+        import boto3
+
+        # (a session of its own: the default one, which the function uses, must read the
+        # identity's key from the environment)
+        iam = boto3.session.Session(region_name="us-east-1").client("iam")
+        iam.create_user(UserName="streamgate-function")
+        key = iam.create_access_key(UserName="streamgate-function")["AccessKey"]
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        east.replies = [Reply(frames=text_events("own account 1")),
+                        Reply(frames=text_events("own account 2"))]
+        partner = bedrock(east, "partner", role_arn="arn:aws:iam::222222222222:role/x")
+        app = app_for({"claude": [partner, bedrock(east, "own", region="us-west-2")]})
+        # WHEN two requests come, THEN both are answered by the next target
+        assert [text(ask(app, "claude")[1]) for _ in range(2)] == ["own account 1",
+                                                                   "own account 2"]
+
+    scenario()
+    first, second = request_logs(capsys)[-2:]
+    assert first["fallbacks"] == [{"target": "partner", "outcome": "upstream_error"}]
+    # AND the refused role cooled its target at once: STS would refuse every request
+    assert second["fallbacks"] == [{"target": "partner", "outcome": "cooling"}]

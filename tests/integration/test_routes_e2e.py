@@ -73,13 +73,23 @@ def test_a_fallback_the_client_never_notices(
     assert len(bedrock.requests) == 1 and len(upstream.chat_requests()) == 1
 
 
-def test_when_every_target_is_throttled_the_sdk_raises_rate_limit_with_the_wait(
-    served: tuple[str, FakeBedrock, FakeUpstream]
+@pytest.mark.parametrize(("upstream_wait", "shortest"), [("7", "2"), ("1", "1")],
+                         ids=["first-target-shortest", "second-target-shortest"])
+def test_when_every_target_is_throttled_the_sdk_raises_rate_limit_with_the_shortest_wait(
+    served: tuple[str, FakeBedrock, FakeUpstream], upstream_wait: str, shortest: str
 ) -> None:
+    # GIVEN both targets throttled: Bedrock (which we ask to wait 2 s) and the upstream, whose
+    # Retry-After is longer in one case and shorter in the other (so neither the first, the
+    # last nor the longest wait can pass for the shortest)
     url, bedrock, upstream = served
     bedrock.replies.append(Reply(429, "ThrottlingException", "Too many tokens"))
-    upstream.replies.append(error_reply(429, "slow down", headers={"retry-after": "7"}))
+    upstream.replies.append(error_reply(429, "slow down",
+                                        headers={"retry-after": upstream_wait}))
+    # WHEN the SDK asks, THEN it raises RateLimitError with the shortest of the two waits
     with _client(url) as client, pytest.raises(openai.RateLimitError) as caught:
         client.chat.completions.create(
             model="claude", messages=[{"role": "user", "content": "hi"}])
-    assert caught.value.response.headers["retry-after"] in ("2", "7")
+    headers = caught.value.response.headers
+    assert headers["retry-after"] == shortest
+    assert headers["retry-after-ms"] == str(int(shortest) * 1000)
+    assert len(bedrock.requests) == len(upstream.chat_requests()) == 1

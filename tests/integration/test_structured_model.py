@@ -5,6 +5,7 @@ LangChain's structured output against the dev server, unmodified, and the gramma
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from streamgate.providers import local as local_module
 from streamgate.providers import openai as openai_provider
 from streamgate.providers.grammar import JSON_OBJECT_GRAMMAR, GrammarFilter, text_tokens
 from tests.conftest import running_dev_server
+from tests.helpers import chat_event
 
 pytestmark = pytest.mark.model
 
@@ -167,6 +169,29 @@ def test_stop_sequences_still_end_constrained_json(model_server: str) -> None:
     assert (completion.choices[0].message.content or "").strip() == "{"
 
 
+@pytest.mark.parametrize("response_format", [
+    {"type": "json_object"},
+    {"type": "json_schema", "json_schema": {"name": "p", "schema": Person.model_json_schema()}},
+], ids=["json_object", "json_schema"])
+def test_min_tokens_with_a_json_response_format_is_a_400_through_the_handler(
+    local_provider: Provider, response_format: dict[str, Any]
+) -> None:
+    # GIVEN the pipeline on the embedded model, where a grammar decides where JSON ends
+    app = App(SETTINGS, local_provider)
+    # WHEN a request asks for JSON and a floor under the answer's length
+    response = app.handle(chat_event({
+        "model": MODEL, "messages": _ask("Invent a person."), "min_tokens": 5,
+        "response_format": response_format}, headers={"accept": "application/json"}))
+    doc = json.loads(b"".join(response.body))
+    response.close()
+    # THEN it is refused before the model is asked, naming min_tokens
+    assert response.status == 400
+    assert doc["error"]["param"] == "min_tokens"
+    assert doc["error"]["message"] == (
+        "'min_tokens' cannot be combined with a JSON 'response_format' on this model: the "
+        "grammar decides where the answer ends")
+
+
 def _generate(provider: Provider, body: dict[str, Any]) -> tuple[str, str]:
     request = parse_request({"max_tokens": 200, **body}, SETTINGS)
     text, reason = "", ""
@@ -192,6 +217,20 @@ def test_the_frames_own_stop_does_not_cut_constrained_json(
                                                "strict": True}}})
     assert reason == "stop"
     assert Person.model_validate_json(text)
+
+
+def test_a_pattern_with_dots_still_gives_a_json_string(local_provider: Provider) -> None:
+    # GIVEN a pattern of any characters and a prompt that invites quotes: a regex "." matches
+    # a quote, which inside the JSON string would end it ('"the "quotes" as" ')
+    body = {"messages": _ask('Write a quote with "quotes" in it.'), "max_tokens": 40,
+            "response_format": {"type": "json_schema", "json_schema": {
+                "name": "quote", "schema": {"type": "string", "pattern": "^.{10,30}$"}}}}
+    for seed in range(3):
+        # WHEN the model answers, THEN each answer is a JSON string the pattern matches
+        text, reason = _generate(local_provider, {**body, "seed": seed})
+        assert reason == "stop"
+        value = json.loads(text)
+        assert isinstance(value, str) and re.fullmatch(".{10,30}", value), text
 
 
 def test_text_tokens_hide_control_tokens_but_keep_end_of_generation(

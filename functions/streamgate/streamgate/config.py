@@ -124,9 +124,14 @@ class Settings:
     routes: str = field(default="", repr=False)
     routes_parameter: str = ""
     routes_ttl_s: float = 60.0
-    # How long a backend that failed (throttled, unavailable, 5xx, unreachable, too slow to its
-    # first token) is skipped by this container (a routes document may set its own).
+    # How long a route's target is skipped by this container once its backend looks unwell:
+    # at once when it throttles, is unavailable, refuses our access or cannot be reached; after
+    # route_failures_to_cool failures in a row within route_failure_window_s for what one
+    # request may cause (5xx, timeouts, broken or empty streams). A routes document may set
+    # its own (cooldown_s, failures_to_cool, failure_window_s); see routes.py.
     route_cooldown_s: float = 30.0
+    route_failures_to_cool: int = 3
+    route_failure_window_s: float = 60.0
     # Stored responses of the Responses API (responsestore.py): "memory" (this process only,
     # the dev server's), "dynamodb" (responses_table; what Lambda uses) or "off".
     responses_store: str = "memory"
@@ -195,6 +200,8 @@ _ENV: dict[str, tuple[str, type]] = {
     "routes_parameter": ("STREAMGATE_ROUTES_PARAMETER", str),
     "routes_ttl_s": ("STREAMGATE_ROUTES_TTL_S", float),
     "route_cooldown_s": ("STREAMGATE_ROUTE_COOLDOWN_S", float),
+    "route_failures_to_cool": ("STREAMGATE_ROUTE_FAILURES_TO_COOL", int),
+    "route_failure_window_s": ("STREAMGATE_ROUTE_FAILURE_WINDOW_S", float),
     "responses_store": ("STREAMGATE_RESPONSES_STORE", str),
     "responses_table": ("STREAMGATE_RESPONSES_TABLE", str),
     "responses_ttl_s": ("STREAMGATE_RESPONSES_TTL_S", float),
@@ -269,6 +276,11 @@ def load_settings(
     if settings.provider == "routes" and not (settings.routes or settings.routes_parameter):
         raise ConfigError("STREAMGATE_PROVIDER=routes needs STREAMGATE_ROUTES (the document, or "
                           "@file) or STREAMGATE_ROUTES_PARAMETER (an SSM parameter holding it)")
+    if not 1 <= settings.route_failures_to_cool <= 100:
+        raise ConfigError("STREAMGATE_ROUTE_FAILURES_TO_COOL must be from 1 to 100")
+    if not 0 < settings.route_failure_window_s <= 3600:
+        raise ConfigError("STREAMGATE_ROUTE_FAILURE_WINDOW_S must be above 0 and at most 3600 "
+                          "seconds")
     if settings.responses_store not in RESPONSE_STORES:
         raise ConfigError("STREAMGATE_RESPONSES_STORE must be one of "
                           f"{', '.join(RESPONSE_STORES)}, got {settings.responses_store!r}")

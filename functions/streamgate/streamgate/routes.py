@@ -3,7 +3,7 @@
 The document (JSON; YAML too where PyYAML is installed, as it is for local development but not
 in the Lambda package)::
 
-    {"cooldown_s": 30,
+    {"cooldown_s": 30, "failures_to_cool": 3, "failure_window_s": 60,
      "routes": {
        "claude": {"targets": [
           {"name": "claude-east", "kind": "bedrock", "model": "us.anthropic.claude-...",
@@ -20,17 +20,32 @@ It comes from ``STREAMGATE_ROUTES`` (the text, or ``@path``) or from the SSM par
 deployment (a document that no longer parses keeps the last good one, with an error logged).
 Without either, the configured provider is the one-target route of each of its models.
 
-Serving a request (:meth:`Router.open`): its targets are tried in order until one produces its
-first delta; nothing has reached the client until then. A target is skipped while it cools
-down after a failure that another backend may not share (throttled, unavailable, 5xx,
-unreachable, first-token timeout, the backend refusing our access); a client error (400, 404,
-context too long) ends the request there, unless the route says ``fallback_on_client_errors``
-- except on a fallback target, whose own refusal means only that it cannot honour this
-request, so it is skipped. A fallback target whose capabilities cannot honour the request is
-skipped too: the request was checked against the first target's. After the first byte there
-is no fallback. When every target fails, the answer is the most meaningful of their errors:
-429 (with the shortest Retry-After) if all were throttled, else 504 if all timed out, else 503
-if any was unavailable, else 502: never a generic 500.
+Serving a request (:meth:`Router.open`): its targets are tried in order until one answers,
+and nothing has reached the client until then. A target has answered with its first model
+output (content, reasoning or a tool-call piece: what :class:`~streamgate.providers.OutputTimer`
+counts), or with a finish reason and no output (an empty answer the backend chose: a stop
+sequence at once, ``max_tokens`` spent on nothing visible, a content filter). Usage that
+comes before is kept (the latest) and relayed after; a target that ends with neither has
+failed.
+Failing over: a failure that another backend may not share (throttled, unavailable, 5xx,
+unreachable, too slow to its first output, a stream that breaks or ends empty, the backend
+refusing our access) moves on to the next target; a client error (400, 404, context too long)
+ends the request there, unless the route says ``fallback_on_client_errors`` - except on a
+fallback target, whose own refusal means only that it cannot honour this request, so it is
+skipped. A fallback target whose capabilities cannot honour the request is skipped too: the
+request was checked against the first target's. After the first byte there is no fallback.
+When every target fails, the answer is the most meaningful of their errors: 429 (with the
+shortest Retry-After) if all were throttled, else 504 if all timed out, else 503 if any was
+unavailable, else 502: never a generic 500.
+
+Cooling down (:class:`Cooling`): a target is skipped for ``cooldown_s`` on evidence that its
+backend, not one request, is unwell: at once when it throttles (429), says it is unavailable
+(503), refuses our credentials or role, or cannot be reached at all (connection refused, a
+name that does not resolve, no connection to Bedrock's endpoint); after ``failures_to_cool``
+failures in a row (no answer between them) within ``failure_window_s`` for anything one
+request may cause (a 5xx, a timeout, a broken or empty stream). Client errors never count. An
+answer clears the count, and a cooling target that answers (every target cooling: all are
+tried) stops cooling.
 
 Embeddings (``POST /v1/embeddings``): a route whose targets are embedding models (a documented
 one, such as ``amazon.titan-embed-text-v2:0``, or any target given ``"dimensions"``, which an
@@ -41,7 +56,8 @@ known).
 
 Shared state (several requests at once): the table is replaced whole, never changed in place;
 providers are built once per distinct backend (kind and settings, not model) and shared by
-every route that names it, their clients being thread-safe; cooldowns are a dict under a lock.
+every route that names it, their clients being thread-safe; each target's record of failures
+and cooldown sits in a dict under a lock.
 """
 
 from __future__ import annotations
@@ -49,6 +65,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -68,7 +86,7 @@ from streamgate.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from streamgate.providers import Delta, Provider, create_provider
+from streamgate.providers import Delta, Provider, Usage, create_provider
 from streamgate.providers.embedding import (
     MAX_DIMENSIONS,
     Embedder,
@@ -133,34 +151,79 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class Cooling:
+    """When a target is skipped (see the module docstring): for ``cooldown_s`` seconds, at once
+    on evidence its backend is unwell, or after ``failures`` failures in a row within
+    ``window_s`` seconds that one request may have caused. A routes document sets its own
+    (``cooldown_s``, ``failures_to_cool``, ``failure_window_s``); the settings give the rest."""
+
+    cooldown_s: float = 30.0
+    failures: int = 3
+    window_s: float = 60.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Cooling:
+        return cls(settings.route_cooldown_s, settings.route_failures_to_cool,
+                   settings.route_failure_window_s)
+
+
+@dataclass(frozen=True, slots=True)
 class RouteTable:
     routes: Mapping[str, Route]  # in the document's order: /v1/models lists them so
-    cooldown_s: float
+    cooling: Cooling
     source: str = ""
 
 
-def parse_routes(text: str, source: str, *, default_cooldown_s: float) -> RouteTable:
-    """A routes document → :class:`RouteTable`; :class:`ConfigError` naming what is wrong."""
+_DOC_FIELDS = frozenset({"routes", "cooldown_s", "failures_to_cool", "failure_window_s"})
+
+
+def parse_routes(text: str, source: str, *, defaults: Cooling) -> RouteTable:
+    """A routes document → :class:`RouteTable`; :class:`ConfigError` naming what is wrong,
+    whatever the text (JSON or YAML, any depth, any key)."""
     doc = _load(text, source)
     if not isinstance(doc, dict) or not isinstance(doc.get("routes"), dict) or not doc["routes"]:
         raise ConfigError(f"{source}: a routes document is an object with a non-empty "
                           "\"routes\" object (public model name -> route)")
-    unknown = set(doc) - {"routes", "cooldown_s"}
+    unknown = set(doc) - _DOC_FIELDS
     if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}")
-    cooldown = doc.get("cooldown_s", default_cooldown_s)
-    if (isinstance(cooldown, bool) or not isinstance(cooldown, (int, float))
-            or not 0 <= cooldown <= 3600):
+        raise ConfigError(f"{source}: unknown field(s) {_names(unknown)}")
+    cooldown = doc.get("cooldown_s", defaults.cooldown_s)
+    if not _number(cooldown) or not 0 <= cooldown <= 3600:
         raise ConfigError(f"{source}: \"cooldown_s\" must be a number of seconds from 0 to 3600")
+    failures = doc.get("failures_to_cool", defaults.failures)
+    if isinstance(failures, bool) or not isinstance(failures, int) or not 1 <= failures <= 100:
+        raise ConfigError(f"{source}: \"failures_to_cool\" must be a whole number from 1 to 100")
+    window = doc.get("failure_window_s", defaults.window_s)
+    if not _number(window) or not 0 < window <= 3600:
+        raise ConfigError(f"{source}: \"failure_window_s\" must be a number of seconds above 0, "
+                          "at most 3600")
     routes: dict[str, Route] = {}
     for public, spec in doc["routes"].items():
-        routes[public] = _route(str(public), spec, source)
-    return RouteTable(routes, float(cooldown), source)
+        if not isinstance(public, str):
+            # YAML reads `1:` as a number and `~:` as null; a client's "model" is a string.
+            raise ConfigError(f"{source}: route name {public!r} is not a string (YAML reads "
+                              "1 as a number and ~ as null): quote it")
+        routes[public] = _route(public, spec, source)
+    return RouteTable(routes, Cooling(float(cooldown), failures, float(window)), source)
+
+
+def _number(value: Any) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value))
+
+
+def _names(keys: set[Any]) -> str:
+    """Field names for a message, whatever their type (YAML keys may be numbers or null)."""
+    return ", ".join(sorted(k if isinstance(k, str) else repr(k) for k in keys))
 
 
 def _load(text: str, source: str) -> Any:
+    """The document's JSON, else its YAML; a ConfigError for anything unreadable, including a
+    document nested too deeply for the parser (it recurses once per level)."""
     try:
         return json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"{source} nests too deeply to be a routes document") from None
     except ValueError as json_error:
         try:
             import yaml
@@ -169,8 +232,12 @@ def _load(text: str, source: str) -> Any:
                               "which the Lambda package does not include") from None
         try:
             return yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source} is neither valid JSON nor valid YAML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{source} nests too deeply to be a routes document") from None
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:
+            # A YAML date that is no date (2024-13-45) is a ValueError of the constructor.
+            raise ConfigError(f"{source} is neither valid JSON nor valid YAML: "
+                              f"{str(e)[:300]}") from None
 
 
 def _route(public: str, spec: Any, source: str) -> Route:
@@ -183,7 +250,7 @@ def _route(public: str, spec: Any, source: str) -> Route:
         raise ConfigError(f"{where} must be an object with \"targets\" (or a list of targets)")
     unknown = set(spec) - _ROUTE_FIELDS
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        raise ConfigError(f"{where}: unknown field(s) {_names(unknown)}")
     targets = spec.get("targets")
     if not isinstance(targets, list) or not targets:
         raise ConfigError(f"{where}: \"targets\" must be a non-empty list")
@@ -207,7 +274,7 @@ def _target(public: str, index: int, spec: Any, where: str) -> Target:
         raise ConfigError(f"{at}: \"kind\" must be one of {', '.join(KINDS)}")
     unknown = set(spec) - _FIELDS[kind]
     if unknown:
-        raise ConfigError(f"{at}: unknown field(s) for kind {kind}: {', '.join(sorted(unknown))}")
+        raise ConfigError(f"{at}: unknown field(s) for kind {kind}: {_names(unknown)}")
     for key, value in spec.items():
         if key in ("connect_timeout_s", "first_token_timeout_s", "idle_timeout_s"):
             if (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -333,22 +400,21 @@ class Attempt:
 
 @dataclass
 class RoutedStream:
-    """The deltas of the target that answered (``target``), its first already read."""
+    """The deltas of the target that answered (``target``): those read before its answer
+    began (``head``, ending with the first output or the finish), then the rest."""
 
     target: Target
-    first: Delta | None
+    head: list[Delta]
     rest: Iterator[Delta]
-    _started: bool = field(default=False, repr=False)
+    _sent: int = field(default=0, repr=False)
 
     def __iter__(self) -> RoutedStream:
         return self
 
     def __next__(self) -> Delta:
-        if not self._started:
-            self._started = True
-            if self.first is not None:
-                return self.first
-            raise StopIteration
+        if self._sent < len(self.head):
+            self._sent += 1
+            return self.head[self._sent - 1]
         return next(self.rest)
 
     def close(self) -> None:
@@ -386,9 +452,9 @@ class Router:
         self._allow_local = allow_local  # the embedded model: development only, never Lambda
         self._refreshing = threading.Lock()  # one request re-reads the routes; others go on
         self._providers_lock = threading.RLock()
-        self._cooling_lock = threading.Lock()
+        self._health_lock = threading.Lock()
         self._providers: dict[str, Provider] = {}
-        self._cooling: dict[str, float] = {}  # target backend + model -> until (monotonic)
+        self._health: dict[str, _Health] = {}  # target backend + model -> its recent record
         self._table: RouteTable | None = None
         self._version = ""
         self._refresh_at = math.inf
@@ -411,6 +477,9 @@ class Router:
             except OSError as e:
                 raise ConfigError(f"STREAMGATE_ROUTES names {path}, which cannot be read: "
                                   f"{e.strerror}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"STREAMGATE_ROUTES names {path}, which is not UTF-8 "
+                                  "text") from None
             source = path
         else:
             text, source = s.routes, "STREAMGATE_ROUTES"
@@ -421,7 +490,7 @@ class Router:
         self._table = table
 
     def _parse(self, text: str, source: str) -> RouteTable:
-        table = parse_routes(text, source, default_cooldown_s=self._settings.route_cooldown_s)
+        table = parse_routes(text, source, defaults=Cooling.from_settings(self._settings))
         if not self._allow_local:
             for route in table.routes.values():
                 if any(t.kind == "local" for t in route.targets):
@@ -466,7 +535,7 @@ class Router:
             routes.update({m: Route(m, (Target(embedder.name, embedder.name, info.model,
                                                embedding=info),))
                            for m, info in embedder.embedding_models().items()})
-        return RouteTable(routes, self._settings.route_cooldown_s)
+        return RouteTable(routes, Cooling.from_settings(self._settings))
 
     def _backend_for(self, target: Target) -> Provider | Embedder:
         return (self._embedder_for(target) if target.embedding is not None
@@ -545,13 +614,13 @@ class Router:
              attempts: list[dict[str, str]] | None = None,
              observe: Callable[[Target], AbstractContextManager[object]] | None = None,
              ) -> RoutedStream:
-        """The first target that produces a first delta, per the module docstring's rules;
-        raises the most meaningful error when none does. What was skipped or failed on the
+        """The first target that answers, per the module docstring's rules; raises the most
+        meaningful error when none does. What was skipped or failed on the
         way is appended to ``attempts`` (for the request's log), whatever the outcome.
         ``observe(target)`` is entered around each provider call's opening (telemetry: a span
         per attempt), and sees its failure."""
         tried: list[dict[str, str]] = attempts if attempts is not None else []
-        cooldown = self._current().cooldown_s
+        cooling = self._current().cooling
         order = [t for t in route.targets if not self._cooling_down(t)]
         if not order:  # every target cooling: try them all rather than fail outright
             order = list(route.targets)
@@ -567,9 +636,11 @@ class Router:
                 except RequestError:
                     tried.append(Attempt(target.name, "cannot_honour").record())
                     continue
-            deltas = provider.stream(chat, target.model, deadline)
+            deltas: Iterator[Delta] = iter(())
             try:
-                first = _first(deltas, target, observe)
+                with observe(target) if observe is not None else nullcontext():
+                    deltas = provider.stream(chat, target.model, deadline)
+                    head = _until_answered(deltas)
             except StreamgateError as e:
                 _close(deltas)
                 if isinstance(e, DeadlineExceededError):
@@ -579,17 +650,19 @@ class Router:
                         tried.append(Attempt(target.name, e.code or "invalid_request").record())
                         continue  # this backend cannot honour what the first one could
                     raise
-                self._cool(target, cooldown)
                 tried.append(Attempt(target.name, e.code or e.type).record())
                 failures.append(e)
-                logger.warning("route %s: target %s failed (%s); %s", route.name, target.name,
-                               e.code, "trying the next" if position + 1 < len(order)
+                health = ("" if isinstance(e, RequestError)  # the client's, never the backend's
+                          else self._failed(target, e, cooling))
+                logger.warning("route %s: target %s failed (%s%s); %s", route.name, target.name,
+                               e.code, health, "trying the next" if position + 1 < len(order)
                                else "no target left")
                 continue
             except BaseException:
                 _close(deltas)
                 raise
-            return RoutedStream(target, first, deltas)
+            self._answered(target)
+            return RoutedStream(target, head, deltas)
         if not failures:
             raise UpstreamUnavailableError(
                 f"No backend of model `{route.name}` can serve this request now",
@@ -604,7 +677,7 @@ class Router:
         target skipped while cooling, or when it cannot honour the request as a fallback),
         each answer checked to hold one vector of the route's size per input."""
         tried: list[dict[str, str]] = attempts if attempts is not None else []
-        cooldown = self._current().cooldown_s
+        cooling = self._current().cooling
         order = [t for t in route.targets if not self._cooling_down(t)] or list(route.targets)
         tried += [Attempt(t.name, "cooling").record() for t in route.targets if t not in order]
         failures: list[StreamgateError] = []
@@ -626,9 +699,8 @@ class Router:
             try:
                 with observe(target) if observe is not None else nullcontext():
                     result = self._embedder_for(target).embed(ask, target.model, deadline)
-                return target, check_vectors(result, request,
-                                             request.dimensions or info.dimensions,
-                                             f"Backend {target.name}")
+                checked = check_vectors(result, request, request.dimensions or info.dimensions,
+                                        f"Backend {target.name}")
             except StreamgateError as e:
                 if isinstance(e, DeadlineExceededError):
                     raise
@@ -637,12 +709,16 @@ class Router:
                         tried.append(Attempt(target.name, e.code or "invalid_request").record())
                         continue
                     raise
-                self._cool(target, cooldown)
                 tried.append(Attempt(target.name, e.code or e.type).record())
                 failures.append(e)
-                logger.warning("route %s: target %s failed (%s); %s", route.name, target.name,
-                               e.code, "trying the next" if position + 1 < len(order)
+                health = ("" if isinstance(e, RequestError)  # the client's, never the backend's
+                          else self._failed(target, e, cooling))
+                logger.warning("route %s: target %s failed (%s%s); %s", route.name, target.name,
+                               e.code, health, "trying the next" if position + 1 < len(order)
                                else "no target left")
+                continue
+            self._answered(target)
+            return target, checked
         if not failures:
             raise UpstreamUnavailableError(
                 f"No backend of model `{route.name}` can serve this request now",
@@ -661,19 +737,86 @@ class Router:
     # -- cooldowns ----------------------------------------------------------------------------
 
     def _cooling_down(self, target: Target) -> bool:
-        with self._cooling_lock:
-            until = self._cooling.get(_cooling_key(target))
-        return until is not None and self._clock() < until
+        with self._health_lock:
+            health = self._health.get(_cooling_key(target))
+            return health is not None and self._clock() < health.cooling_until
 
-    def _cool(self, target: Target, cooldown_s: float) -> None:
-        if cooldown_s <= 0:
-            return
-        with self._cooling_lock:
-            self._cooling[_cooling_key(target)] = self._clock() + cooldown_s
+    def _failed(self, target: Target, err: StreamgateError, cooling: Cooling) -> str:
+        """Record a failure of ``target``; cool it on evidence its backend is unwell (see the
+        module docstring). What was decided, for the log."""
+        now = self._clock()
+        with self._health_lock:
+            health = self._health.setdefault(_cooling_key(target), _Health())
+            if _backend_unwell(err):
+                reason = "its backend is unwell"
+            else:
+                health.failures = [t for t in health.failures if t > now - cooling.window_s]
+                health.failures.append(now)
+                if len(health.failures) < cooling.failures:
+                    return f", failure {len(health.failures)} of {cooling.failures} in a row"
+                reason = f"{len(health.failures)} failures in a row"
+            health.failures = []
+            if cooling.cooldown_s <= 0:
+                return ""
+            health.cooling_until = now + cooling.cooldown_s
+        return f"; {reason}: cooling for {cooling.cooldown_s:g} s"
+
+    def _answered(self, target: Target) -> None:
+        """The target answered: its failures so far were not its backend's (nor is it cool)."""
+        with self._health_lock:
+            self._health.pop(_cooling_key(target), None)
+
+
+@dataclass(slots=True)
+class _Health:
+    """A target's recent record: its failures since its last answer, and its cooldown."""
+
+    failures: list[float] = field(default_factory=list)  # monotonic instants, oldest first
+    cooling_until: float = -math.inf
 
 
 def _cooling_key(target: Target) -> str:
     return target.backend + "\0" + target.model
+
+
+def _until_answered(deltas: Iterator[Delta]) -> list[Delta]:
+    """The deltas up to and including the target's first model output (content, reasoning, a
+    tool-call piece: what OutputTimer counts) or its finish, whichever comes first. Before it
+    only usage can come, and only the latest is kept (the pipeline keeps the last anyway): a
+    backend streaming usage chunks until its first-token timeout costs no memory. A stream
+    that ends with neither has failed: nothing in it is an answer."""
+    usage: Usage | None = None
+    for delta in deltas:
+        if isinstance(delta, Usage):
+            usage = delta
+            continue
+        return [delta] if usage is None else [usage, delta]
+    raise UpstreamError("The model's backend ended its answer without any output")
+
+
+def _backend_unwell(err: StreamgateError) -> bool:
+    """Whether ``err`` says something about the backend rather than about one request: it
+    throttles or is unavailable, it refuses our credentials (or STS the target's role), or it
+    cannot be reached at all."""
+    if isinstance(err, (RateLimitError, UpstreamUnavailableError, PermissionDeniedError)):
+        return True
+    if err.code == "upstream_auth_failed":  # an OpenAI-compatible upstream's 401/403
+        return True
+    # botocore is loaded only where Bedrock is used, and none of its errors exist elsewhere.
+    botocore_errors = sys.modules.get("botocore.exceptions")
+    cause: BaseException | None = err.__cause__ or err.__context__
+    for _ in range(8):  # the chain is short; never follow a cycle
+        if cause is None:
+            return False
+        if isinstance(cause, (ConnectionRefusedError, socket.gaierror)):
+            return True  # nobody listens there, or the name does not resolve
+        if botocore_errors is not None and isinstance(cause, botocore_errors.ConnectionError):
+            return True  # no connection to the endpoint: refused, unresolved, timed out, TLS
+        if (botocore_errors is not None and isinstance(cause, botocore_errors.ClientError)
+                and cause.operation_name == "AssumeRole"):
+            return True  # STS refuses us the target's role: so it will for every request
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _worth_another_backend(err: StreamgateError, route: Route) -> bool:
@@ -709,15 +852,6 @@ def _close(deltas: Iterator[Delta]) -> None:
     close = getattr(deltas, "close", None)
     if close is not None:
         close()
-
-
-def _first(deltas: Iterator[Delta], target: Target,
-           observe: Callable[[Target], AbstractContextManager[object]] | None) -> Delta | None:
-    """The first delta of a provider call (``None``: none came), inside ``observe(target)``."""
-    if observe is None:
-        return next(deltas, None)
-    with observe(target):
-        return next(deltas, None)
 
 
 def _read_parameter(name: str) -> tuple[str, str]:

@@ -176,7 +176,8 @@ class LocalProvider:
         if fmt is not None and fmt.constrained:
             from streamgate.providers.grammar import grammar_for
 
-            grammar = grammar_for(fmt)  # a schema it cannot express: 400 before any wait
+            # A schema it cannot express or beyond the bounds: 400 before any wait.
+            grammar = grammar_for(fmt, deadline)
             if request.min_tokens:
                 what = "a required tool call" if call else "a JSON 'response_format'"
                 raise RequestError(f"'min_tokens' cannot be combined with {what} on this "
