@@ -18,6 +18,7 @@ malformed event is an ``upstream_error``, and its messages are relayed text.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -191,8 +192,10 @@ class _EventPump:
         self._events: Any = None
         self._closed = False
         self._drained = False  # the consumer has taken the end or the reader's error
-        threading.Thread(target=self._run, args=(client, kwargs), name="bedrock-stream",
-                         daemon=True).start()
+        # In the request's context: what it logs (botocore's credential refresh, say, or our
+        # own lines) carries the request's id and trace, as the consumer's lines do.
+        threading.Thread(target=contextvars.copy_context().run, args=(self._run, client, kwargs),
+                         name="bedrock-stream", daemon=True).start()
 
     def _run(self, client: Any, kwargs: dict[str, Any]) -> None:
         events = None
@@ -211,6 +214,8 @@ class _EventPump:
         finally:
             if events is not None:
                 events.close()
+            if self._closed:  # the request stopped reading (done, timed out, client gone)
+                logger.debug("the Bedrock reader has ended, after its request stopped reading")
 
     def get(self, timeout: float) -> dict[str, Any] | None:
         """The next event, None at the end; raises the reader's error or ``queue.Empty``."""
