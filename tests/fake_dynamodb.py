@@ -70,6 +70,7 @@ def hanging_endpoint() -> Iterator[str]:
 FAIL = "fail"  # answer 500 InternalServerError, as DynamoDB does when it has a bad moment
 HANG = "hang"  # never answer (until the proxy stops)
 LOSE = "lose"  # forward it (the write happens), then drop the connection: the answer is lost
+HOLD = "hold"  # forward it once ``released`` is set (a slow table), then answer
 
 
 @dataclass
@@ -167,6 +168,8 @@ class FlakyTable:
                     self.end_headers()
                     self.wfile.write(body)
                     return
+                if action == HOLD:
+                    proxy.released.wait(60)
                 status, headers, body = proxy._forward(self, raw)
                 if action == LOSE:
                     self.close_connection = True
