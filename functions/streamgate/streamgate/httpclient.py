@@ -11,9 +11,14 @@ bytes (a status line, a chunk-size line, a TLS handshake) cannot stretch a wait 
 wait that ends that way raises :class:`WaitExpired`; the caller says what it was waiting for.
 
 Kept-alive connections: the upstream may close one while it sits idle (the normal case after
-Lambda thaws a container). One that is readable before reuse (a FIN or stray bytes), or idle
-longer than ``max_idle_s`` (NAT gateways drop silent flows without telling either side), is
+Lambda thaws a container). One that is readable before reuse (a FIN or stray bytes) is
 discarded; a write or read that finds the connection closed is retried once on a new one.
+
+The idle pool is a stack: the connection given back last is reused first, so under light
+load the same few stay warm and the rest age. Each use (taking one, giving one back) first
+closes the idle connections older than ``max_idle_s`` (NAT gateways drop silent flows without
+telling either side) and the oldest beyond ``max_idle`` (16), so a burst of N streams leaves
+at most that many sockets open, not N, within Lambda's 1,024 descriptors.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ from streamgate.deadline import Deadline, Guard, guard
 from streamgate.errors import ConfigError, UpstreamError, UpstreamTimeoutError
 
 READ_SIZE = 65536
+# Idle connections kept per upstream. Under steady load few are idle at any moment (each is
+# taken again as the next request comes), so the cap only trims what a burst left behind;
+# past it, a request pays one new connection.
+MAX_IDLE = 16
 
 
 class WaitExpired(Exception):
@@ -41,7 +50,7 @@ class Upstream:
     """Keep-alive HTTP/1.1 connections to one base URL, reused across invocations."""
 
     def __init__(self, base_url: str, connect_timeout_s: float, *,
-                 max_idle_s: float = 60.0) -> None:
+                 max_idle_s: float = 60.0, max_idle: int = MAX_IDLE) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError("STREAMGATE_UPSTREAM_BASE_URL must be an http:// or https:// URL "
@@ -53,6 +62,8 @@ class Upstream:
         self.where = f"{self._host}:{self._port}"  # for messages: never the path or userinfo
         self._connect_timeout_s = connect_timeout_s
         self._max_idle_s = max_idle_s
+        self._max_idle = max_idle
+        # (given back at, connection), oldest first: taken from the end, trimmed from the front
         self._idle: list[tuple[float, http.client.HTTPConnection]] = []
         self._lock = threading.Lock()
 
@@ -70,15 +81,27 @@ class Upstream:
                           deadline, fresh=True)
 
     def _take_idle(self) -> http.client.HTTPConnection | None:
-        now = time.monotonic()
         while True:
             with self._lock:
-                if not self._idle:
-                    return None
-                since, conn = self._idle.pop()
-            if now - since <= self._max_idle_s and not _readable(conn.sock):
+                stale = self._trim()
+                conn = self._idle.pop()[1] if self._idle else None
+            for old in stale:
+                old.close()
+            if conn is None or not _readable(conn.sock):
                 return conn
             conn.close()
+
+    def _trim(self) -> list[http.client.HTTPConnection]:
+        """Under the lock: take out the idle connections older than ``max_idle_s`` and the
+        oldest beyond ``max_idle``, for the caller to close (outside the lock)."""
+        now = time.monotonic()
+        cut = 0
+        while cut < len(self._idle) and (len(self._idle) - cut > self._max_idle
+                                         or now - self._idle[cut][0] > self._max_idle_s):
+            cut += 1
+        stale = [conn for _, conn in self._idle[:cut]]
+        del self._idle[:cut]
+        return stale
 
     def _connect(self, until: float, deadline: Deadline) -> http.client.HTTPConnection:
         """A new connection, TCP and TLS done here so the guard covers the handshake too."""
@@ -145,6 +168,9 @@ class Upstream:
     def give_back(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
             self._idle.append((time.monotonic(), conn))
+            stale = self._trim()
+        for old in stale:
+            old.close()
 
     def close(self) -> None:
         with self._lock:
