@@ -9,6 +9,9 @@ combines its own timeout with the request's deadline). That instant is both the 
 of every ``recv`` and a :func:`streamgate.deadline.guard` on the socket, so a peer that trickles
 bytes (a status line, a chunk-size line, a TLS handshake) cannot stretch a wait past it. A
 wait that ends that way raises :class:`WaitExpired`; the caller says what it was waiting for.
+Resolving the host's name (``getaddrinfo``, which takes no timeout and cannot be interrupted)
+runs on a helper thread that the connect waits for until the same instant; one resolution per
+upstream runs at a time, so a resolver that hangs holds one thread, not one per request.
 
 Kept-alive connections: the upstream may close one while it sits idle (the normal case after
 Lambda thaws a container). One that is readable before reuse (a FIN or stray bytes) is
@@ -23,13 +26,16 @@ at most that many sockets open, not N, within Lambda's 1,024 descriptors.
 
 from __future__ import annotations
 
+import contextvars
 import http.client
 import select
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any
 from urllib.parse import urlsplit
 
 from streamgate.deadline import Deadline, Guard, guard
@@ -50,7 +56,8 @@ class Upstream:
     """Keep-alive HTTP/1.1 connections to one base URL, reused across invocations."""
 
     def __init__(self, base_url: str, connect_timeout_s: float, *,
-                 max_idle_s: float = 60.0, max_idle: int = MAX_IDLE) -> None:
+                 max_idle_s: float = 60.0, max_idle: int = MAX_IDLE,
+                 resolver: Resolver | None = None) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError("STREAMGATE_UPSTREAM_BASE_URL must be an http:// or https:// URL "
@@ -66,6 +73,8 @@ class Upstream:
         # (given back at, connection), oldest first: taken from the end, trimmed from the front
         self._idle: list[tuple[float, http.client.HTTPConnection]] = []
         self._lock = threading.Lock()
+        self._resolver = resolver or _getaddrinfo
+        self._resolving: Future[list[AddrInfo]] | None = None  # the resolution in flight
 
     def open(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str],
              *, until: float, deadline: Deadline) -> Exchange:
@@ -113,7 +122,7 @@ class Upstream:
         try:
             if wait <= 0:
                 raise TimeoutError
-            sock = socket.create_connection((self._host, self._port), timeout=wait)
+            sock = self._open_socket(time.monotonic() + wait)
             # As http.client's own connect() does: http.client writes a request's headers and
             # body separately, and on a kept-alive connection Nagle's algorithm would hold the
             # body until the upstream's delayed ACK of the headers, ~40 ms on Linux.
@@ -140,6 +149,52 @@ class Upstream:
         g.cancel()
         conn.sock = sock
         return conn
+
+    def _open_socket(self, until: float) -> socket.socket:
+        """A TCP connection to the first of the host's addresses that accepts one by ``until``
+        (as ``socket.create_connection``, the name resolved within the same limit)."""
+        error: OSError = OSError(f"no address for {self._host}")
+        for family, kind, proto, _, address in self._addresses(until):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(until - time.monotonic())
+                sock.connect(address)
+                return sock
+            except (OSError, ValueError) as e:  # ValueError: no time left for a timeout
+                sock.close()
+                error = e if isinstance(e, OSError) else TimeoutError()
+        raise error
+
+    def _addresses(self, until: float) -> list[AddrInfo]:
+        """The host's addresses by ``until`` (``TimeoutError`` past it). A numeric host needs
+        no resolver; a name is resolved on a helper thread, one resolution at a time."""
+        try:
+            return list(socket.getaddrinfo(self._host, self._port, 0, socket.SOCK_STREAM, 0,
+                                           socket.AI_NUMERICHOST))
+        except socket.gaierror:
+            pass  # a name
+        with self._lock:
+            flight = self._resolving
+            if flight is None:
+                flight = self._resolving = Future()
+                threading.Thread(target=contextvars.copy_context().run,
+                                 args=(self._resolve, flight), name="streamgate-resolve",
+                                 daemon=True).start()
+        return flight.result(timeout=max(until - time.monotonic(), 0.0))
+
+    def _resolve(self, flight: Future[list[AddrInfo]]) -> None:
+        """On the helper thread: one resolution, handed to everyone waiting for it."""
+        try:
+            addresses = list(self._resolver(self._host, self._port))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiters
+            with self._lock:
+                self._resolving = None
+            flight.set_exception(e if isinstance(e, OSError)
+                                 else OSError(f"resolving {self._host} failed: {e!r}"))
+            return
+        with self._lock:
+            self._resolving = None
+        flight.set_result(addresses)
 
     def _send(self, conn: http.client.HTTPConnection, method: str, path: str,
               body: bytes | None, headers: Mapping[str, str], until: float,
@@ -177,6 +232,15 @@ class Upstream:
             idle, self._idle = self._idle, []
         for _, conn in idle:
             conn.close()
+
+
+AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
+# (host, port) -> socket.getaddrinfo's answer; injected by tests (a resolver that hangs).
+Resolver = Callable[[str, int], Sequence[AddrInfo]]
+
+
+def _getaddrinfo(host: str, port: int) -> list[AddrInfo]:
+    return list(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
 
 
 class _Stale(Exception):
