@@ -52,12 +52,13 @@ What the workers share, and why that is safe:
   thread-safe; building them is not, so every boto3 client is built under one lock, in
   aws.py, with a connection pool as large as the concurrency) and each stream's own reader
   thread; the OpenAI-compatible upstream's connection pool (``httpclient.Upstream``: idle
-  connections under a lock, each connection used by one request at a time); its upstream key
+  connections under a lock, each connection used by one request at a time, one name
+  resolution in flight) and its model list (one fetch in flight); its upstream key
   (``credentials.ApiKey``: read and refreshed under a lock; while one thread refreshes, the
   others keep using the current key); the embedded model (one generation at a time, by its
   own lock; development only);
-- the key gate (``auth.Gate``): its key cache is a dict under a lock, its table client built
-  once under the key store's lock; the limits themselves are conditional DynamoDB writes,
+- the key gate (``auth.Gate``): its key cache is a dict under a lock, with one lookup per key
+  in flight (the others wait for it), its table client built once under the key store's lock; the limits themselves are conditional DynamoDB writes,
   safe across threads as across environments;
 - the deadline watchdog (one thread; its heap under a condition variable, each guard owned by
   one request);
