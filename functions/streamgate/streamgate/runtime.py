@@ -58,10 +58,11 @@ What the workers share, and why that is safe:
   others keep using the current key); the embedded model (one generation at a time, by its
   own lock; development only);
 - the key gate (``auth.Gate``): its key cache is a dict under a lock, with one lookup per key
-  in flight (the others wait for it), its table client built once under the key store's lock; the limits themselves are conditional DynamoDB writes,
-  safe across threads as across environments;
+  in flight (the others wait for it), its table client built once under the key store's
+  lock; the limits themselves are conditional DynamoDB writes, safe across threads as across
+  environments;
 - the deadline watchdog (one thread; its heap under a condition variable, each guard owned by
-  one request);
+  one request, and fired in that request's context);
 - telemetry: the Powertools logger and stdout, each line written whole under one lock; the
   X-Ray recorder, whose Lambda context keeps each thread's segment apart.
 """
