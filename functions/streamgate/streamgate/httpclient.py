@@ -155,14 +155,17 @@ class Upstream:
         (as ``socket.create_connection``, the name resolved within the same limit)."""
         error: OSError = OSError(f"no address for {self._host}")
         for family, kind, proto, _, address in self._addresses(until):
+            left = until - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
             sock = socket.socket(family, kind, proto)
             try:
-                sock.settimeout(until - time.monotonic())
+                sock.settimeout(left)
                 sock.connect(address)
                 return sock
-            except (OSError, ValueError) as e:  # ValueError: no time left for a timeout
+            except OSError as e:
                 sock.close()
-                error = e if isinstance(e, OSError) else TimeoutError()
+                error = e
         raise error
 
     def _addresses(self, until: float) -> list[AddrInfo]:

@@ -299,8 +299,10 @@ class RuntimeAPIClient:
             conn.send(b"0\r\n" + _trailers(trailers) + b"\r\n")
             response = conn.getresponse()
             response.read(MAX_REPLY_BYTES)
-        except (OSError, http.client.HTTPException):
+        except (OSError, http.client.HTTPException) as e:
             self.close()
+            if escaped is not None:
+                raise escaped from e
             raise
         if escaped is not None:
             raise escaped
