@@ -77,6 +77,7 @@ LOSE = "lose"  # forward it (the write happens), then drop the connection: the a
 # A BatchWriteItem or BatchGetItem: forward only its first request of each table and answer the
 # rest as UnprocessedItems / UnprocessedKeys, as DynamoDB does with what it throttled.
 PARTIAL = "partial"
+HOLD = "hold"  # forward it once ``released`` is set (a slow table), then answer
 
 
 @dataclass
@@ -177,6 +178,8 @@ class FlakyTable:
                 withheld: dict[str, Any] = {}
                 if action == PARTIAL:
                     raw, withheld = _withhold(operation, raw)
+                if action == HOLD:
+                    proxy.released.wait(60)
                 status, headers, body = proxy._forward(self, raw)
                 if action == PARTIAL and status == 200:
                     body = json.dumps({**json.loads(body), **withheld}).encode()

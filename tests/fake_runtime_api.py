@@ -32,12 +32,15 @@ class Invoke:
     (a None value leaves that header out); ``event`` bytes are sent verbatim. ``response`` and
     ``error`` say how to answer those posts: "ok" (202), "500", "short" (a 202 whose body is
     cut short), "reset-after-<n>" (the connection closed after n chunks), or
-    "stall-after-<n>" (nothing more read after n chunks, for 8 s, then closed)."""
+    "stall-after-<n>" (nothing more read after n chunks, for 8 s, then closed).
+    ``rest_after``: next's answer is its status line alone until this event is set (10 s at
+    most), then its headers and event: an answer caught arriving."""
 
     event: Any
     headers: dict[str, str | None] = field(default_factory=dict)
     response: str = "ok"
     error: str = "ok"
+    rest_after: threading.Event | None = None
 
 
 @dataclass
@@ -62,6 +65,8 @@ class FakeRuntimeAPI:
         self.next_times: list[float] = []
         # When each invocation was handed out (monotonic, as chunk times), by request id.
         self.handed_out: dict[str, float] = {}
+        # Request ids whose answer has begun: its status line was sent (see Invoke.rest_after).
+        self.begun: list[str] = []
         # Cleared to keep the loop waiting in its last GET next (to read its RSS, say).
         self.hold_when_empty = threading.Event()
         self.hold_when_empty.set()
@@ -92,6 +97,10 @@ class FakeRuntimeAPI:
                 fake._wait_for_company()
                 if not fake.events:
                     fake.hold_when_empty.wait(30)
+                    if fake.broken:  # broken while this poll waited
+                        self.close_connection = True
+                        self.wfile.write(b"this is not HTTP\r\n\r\n")
+                        return
                 with fake._polls:
                     item = fake.events.pop(0) if fake.events else None
                     if item is not None:
@@ -116,7 +125,14 @@ class FakeRuntimeAPI:
                     "Lambda-Runtime-Trace-Id":
                         f"Root=1-5759e988-bd862e3fe1be46a99427{counter:04d};Sampled=1",
                     **invoke.headers}
-                self.send_response(200)
+                if invoke.rest_after is not None:
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")  # unbuffered: sent now
+                    with fake._polls:
+                        fake.begun.append(request_id)
+                        fake._polls.notify_all()
+                    invoke.rest_after.wait(10)
+                else:
+                    self.send_response(200)
                 for name, value in headers.items():
                     if value is not None:
                         self.send_header(name, value)
@@ -192,6 +208,11 @@ class FakeRuntimeAPI:
                 self._polls.notify_all()
             self._polls.wait_for(lambda: self._gate_open, timeout=10)
             self._waiting -= 1
+
+    def wait_for_begun(self, n: int, timeout: float = 10) -> bool:
+        """True once ``n`` answers held by ``Invoke.rest_after`` have sent their status line."""
+        with self._polls:
+            return self._polls.wait_for(lambda: len(self.begun) >= n, timeout)
 
     def wait_for_chunks(self, n: int, timeout: float = 10, *,
                         request_id: str | None = None) -> bool:

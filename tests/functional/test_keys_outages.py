@@ -2,25 +2,32 @@
 The table is moto's server behind a proxy that fails the calls a rule picks
 (``tests/fake_dynamodb.py``), so botocore's sockets, timeouts and error parsing run for real;
 the request fails closed (503) in about ``keys_timeout_s``, gives back what it reserved, and
-logs what is needed to reconcile anything it could not."""
+logs what is needed to reconcile anything it could not. However many requests want a key at
+once, the table is asked for it once, and each request waits no longer than its deadline."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from streamgate import deadline
 from streamgate.auth import Gate
 from streamgate.config import load_settings
+from streamgate.deadline import Deadline
+from streamgate.errors import DeadlineExceededError
+from streamgate.events import HttpRequest
 from streamgate.handler import App, Response
 from streamgate.keystore import KeyStore, table_definition
 from tests.fake_dynamodb import (
     FAIL,
     HANG,
+    HOLD,
     LOSE,
     FlakyTable,
     Rule,
@@ -242,3 +249,71 @@ def test_the_request_path_names_a_missing_table_in_its_log(
     assert log["message"].endswith(
         "could not look up the key: keys table streamgate-keys-typo does not exist in us-east-1")
     assert log["cause"] == "table_missing"
+
+
+# -- many requests, one key: one lookup ----------------------------------------------------------
+
+def _slow_gate() -> Gate:
+    """A gate whose table calls may take up to 10 s (so a held call is only slow)."""
+    return Gate(load_settings({}, provider="local", auth="api_key", keys_table=TABLE,
+                              keys_timeout_s=10.0))
+
+
+def _bearer(key: str) -> HttpRequest:
+    return HttpRequest("POST", "/v1/chat/completions", {"authorization": f"Bearer {key}"})
+
+
+def _until(condition: Callable[[], bool], timeout: float = 10) -> bool:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_many_cold_requests_for_one_key_make_one_table_lookup(
+        table: KeyStore, proxy: FlakyTable) -> None:
+    # GIVEN a key no request has looked up yet, and a slow table (GetItem answers only when
+    # the test says)
+    key, record = table.create("busy")
+    proxy.rules.append(Rule("GetItem", "#KEY", HOLD))
+    gate = _slow_gate()
+    ids: list[str] = []
+    # WHEN 100 requests with that key come at once, all while the first lookup is under way
+    threads = [threading.Thread(target=lambda: ids.append(gate.authenticate(_bearer(key)).id))
+               for _ in range(100)]
+    for thread in threads:
+        thread.start()
+    assert _until(lambda: len(proxy.calls_of("GetItem")) >= 1)
+    time.sleep(0.5)  # every request is in by now
+    proxy.released.set()
+    for thread in threads:
+        thread.join(20)
+    # THEN every request got the key, from one GetItem
+    assert ids == [record.id] * 100
+    assert len(proxy.calls_of("GetItem")) == 1
+
+
+def test_a_request_waiting_on_another_ones_lookup_stops_at_its_own_deadline(
+        table: KeyStore, proxy: FlakyTable) -> None:
+    # GIVEN a request whose lookup of a key is held up by a slow table
+    key, record = table.create("slow")
+    proxy.rules.append(Rule("GetItem", "#KEY", HOLD))
+    gate = _slow_gate()
+    first: list[str] = []
+    leader = threading.Thread(target=lambda: first.append(gate.authenticate(_bearer(key)).id))
+    leader.start()
+    assert _until(lambda: len(proxy.calls_of("GetItem")) >= 1)
+    # WHEN another request for the same key comes with 0.3 s left
+    started = time.monotonic()
+    with deadline.bound(Deadline.after(0.3)), pytest.raises(DeadlineExceededError):
+        gate.authenticate(_bearer(key))
+    waited = time.monotonic() - started
+    proxy.released.set()
+    leader.join(20)
+    # THEN it stopped waiting at its deadline, without a lookup of its own, and the first
+    # request still got its answer
+    assert 0.25 <= waited < 1.5
+    assert len(proxy.calls_of("GetItem")) == 1
+    assert first == [record.id]

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
 
+from streamgate import deadline
 from streamgate.config import load_settings
 from streamgate.credentials import ApiKey
+from streamgate.deadline import Deadline
+from streamgate.errors import DeadlineExceededError
 from streamgate.handler import App
 from streamgate.providers.openai import OpenAIProvider, Upstream
+from tests.fake_http import start_server
 from tests.fake_openai import (
     FakeUpstream,
     Reply,
@@ -340,3 +346,159 @@ def test_models_come_from_the_upstream_when_not_configured() -> None:
     assert unknown.status == 404
     assert fake.chat_requests() == []
     assert fake.requests[0][1]["authorization"] == "Bearer sk-test-key"
+
+
+# -- the model list and the host's name: no wait outlasts the request --------------------------
+
+class _SlowModels:
+    """An upstream whose ``/models`` answers only while ``release`` is set (it is, at first),
+    counting the fetches."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.release.set()
+        self.fetches = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+                fake.fetches += 1
+                fake.release.wait(10)
+                body = b'{"object": "list", "data": [{"id": "m1", "object": "model"}]}'
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self.server = start_server(Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def slow_models() -> Iterator[_SlowModels]:
+    fake = _SlowModels()
+    yield fake
+    fake.close()
+
+
+def _provider(url: str, **settings: Any) -> OpenAIProvider:
+    s = load_settings({}, provider="openai", upstream_base_url=url, **settings)
+    provider = OpenAIProvider(s, ApiKey(None, 60, value=""),
+                              Upstream(url, s.upstream_connect_timeout_s))
+    _providers.append(provider)
+    return provider
+
+
+def test_when_the_model_list_expires_one_request_refreshes_it_and_the_others_do_not_wait(
+        slow_models: _SlowModels) -> None:
+    # GIVEN a list fetched once and expired since, and an upstream now slow to list its models
+    provider = _provider(slow_models.url, upstream_api_key_ttl_s=0.2)
+    assert provider.models() == ["m1"]
+    time.sleep(0.3)
+    slow_models.release.clear()
+    # WHEN 20 requests want the list at once
+    took: list[float] = []
+
+    def ask() -> None:
+        started = time.monotonic()
+        assert provider.models() == ["m1"]
+        took.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=ask) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    answered_at_once = len(took)
+    slow_models.release.set()
+    for thread in threads:
+        thread.join(10)
+    # THEN 19 had their answer at once, the list they had, while one refreshed it (one fetch)
+    assert answered_at_once == 19
+    assert len(took) == 20
+    assert slow_models.fetches == 2
+
+
+def test_the_first_fetch_of_the_model_list_ends_at_the_requests_deadline(
+        slow_models: _SlowModels) -> None:
+    # GIVEN an upstream that takes 10 s to list its models (first-token timeout 60 s)
+    slow_models.release.clear()
+    provider = _provider(slow_models.url)
+    # WHEN a request with 0.3 s left needs the list
+    started = time.monotonic()
+    with deadline.bound(Deadline.after(0.3)), pytest.raises(DeadlineExceededError):
+        provider.models()
+    # THEN it ends at its deadline, not at the upstream's pace
+    assert time.monotonic() - started < 1.5
+
+
+def test_a_request_waiting_for_another_ones_first_fetch_of_the_list_ends_at_its_deadline(
+        slow_models: _SlowModels) -> None:
+    # GIVEN a request fetching the list from an upstream that is slow to answer
+    slow_models.release.clear()
+    provider = _provider(slow_models.url)
+    first: list[list[str]] = []
+    fetching = threading.Thread(target=lambda: first.append(provider.models()))
+    fetching.start()
+    end = time.monotonic() + 5
+    while slow_models.fetches == 0 and time.monotonic() < end:
+        time.sleep(0.01)
+    # WHEN another request with 0.3 s left needs it
+    started = time.monotonic()
+    with deadline.bound(Deadline.after(0.3)), pytest.raises(DeadlineExceededError):
+        provider.models()
+    waited = time.monotonic() - started
+    slow_models.release.set()
+    fetching.join(10)
+    # THEN it stopped at its deadline, without a fetch of its own, and the first got the list
+    assert waited < 1.5
+    assert slow_models.fetches == 1
+    assert first == [["m1"]]
+
+
+def test_a_resolver_that_hangs_cannot_outlast_a_request_and_holds_one_thread() -> None:
+    # GIVEN an upstream known by a name whose resolution hangs until the test says
+    release = threading.Event()
+    asked: list[str] = []
+
+    def hanging(host: str, port: int) -> list[Any]:
+        asked.append(host)
+        release.wait(10)
+        return socket.getaddrinfo("127.0.0.1", port, 0, socket.SOCK_STREAM)
+
+    with FakeUpstream([Reply(body=[text_stream("hello")])]) as fake:
+        url = fake.url.replace("127.0.0.1", "upstream.test")
+        s = load_settings({}, provider="openai", upstream_base_url=url,
+                          upstream_models=("m",), upstream_max_attempts=1)
+        provider = OpenAIProvider(s, ApiKey(None, 60, value=""),
+                                  Upstream(url, s.upstream_connect_timeout_s,
+                                           resolver=hanging))
+        _providers.append(provider)
+        app = App(s, provider)
+        body = {"model": "m", "messages": USER, "stream": True}
+        # WHEN two requests with 0.5 s left each come while the name does not resolve
+        for _ in range(2):
+            started = time.monotonic()
+            response = app.handle(chat_event(body), deadline=Deadline.after(0.5))
+            body_bytes(response)
+            response.close()
+            # THEN each ends at its deadline (504), not when the resolver gives up
+            assert response.status == 504
+            assert time.monotonic() - started < 1.5
+        # AND the name was being resolved once, not once per request
+        assert asked == ["upstream.test"]
+        # AND once it resolves, requests go through
+        release.set()
+        time.sleep(0.2)
+        status, raw = _stream(app, body)
+    assert status == 200 and b"hello" in raw, raw

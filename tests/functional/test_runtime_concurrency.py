@@ -24,7 +24,7 @@ from streamgate.errors import UpstreamError
 from streamgate.handler import App, LambdaContext, Response
 from streamgate.providers import Delta, Finish, TextDelta, Usage
 from streamgate.runtime import run
-from streamgate.runtime_api import Invocation, RuntimeAPIClient
+from streamgate.runtime_api import Invocation
 from streamgate.validation import ChatRequest
 from tests.fake_runtime_api import FakeRuntimeAPI, Invoke, Posted
 from tests.helpers import ScriptedProvider, Step, chat_event, make_app, replay, sse_json
@@ -300,33 +300,141 @@ def test_an_init_failure_is_reported_once_and_no_worker_starts() -> None:
     assert api.next_times == []
 
 
-def test_a_stop_never_drops_an_invocation_a_worker_has_received(
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_stop_never_drops_an_invocation_whose_answer_has_begun_to_arrive() -> None:
+    # GIVEN eight workers and seven invocations handed out together, each answer held after
+    # its status line; the eighth poll is answered 410 once all seven have begun to arrive
+    release = threading.Event()
+    api = FakeRuntimeAPI([Invoke(_chat(f"p{i}"), rest_after=release) for i in range(7)],
+                         hold_until_polls=8)
+    api.hold_when_empty.clear()
+    loop, result = _running(make_app(), api, workers=8)
+    assert api.wait_for_begun(7)
+    # WHEN the 410 stops every worker while the seven answers are arriving
+    api.hold_when_empty.set()
+    time.sleep(1)  # the stop reaches every client: whatever it would cut, it has cut
+    release.set()
+    loop.join(20)
+    api.close()
+    # THEN the loop ended with 0, and every invocation whose answer had begun got its response
+    assert not loop.is_alive() and result == [0]
+    assert sorted(p.path.split("/")[-2] for p in api.posted) == sorted(api.begun)
+    assert len(api.begun) == 7
+    assert all(p.path.endswith("/response") for p in api.posted)
+
+
+def test_another_workers_failed_poll_does_not_cut_an_answer_caught_arriving() -> None:
+    # GIVEN two workers: one's poll has read the status line of an invocation's answer (the
+    # headers and event held back), the other's poll is waiting
+    release = threading.Event()
+    api = FakeRuntimeAPI([Invoke(_chat("held"), rest_after=release)])
+    api.hold_when_empty.clear()
+    loop, result = _running(make_app(), api, workers=2)
+    assert api.wait_for_begun(1)
+    # WHEN the other poll fails (the Runtime API answers it with garbage), which stops every
+    # worker, and only then the rest of the first answer arrives
+    api.broken = True
+    api.hold_when_empty.set()
+    time.sleep(1)  # the stop reaches every client: whatever it would cut, it has cut
+    release.set()
+    loop.join(20)
+    api.close()
+    # THEN the loop exits 1 (next broke), and the invocation that was arriving was served
+    assert not loop.is_alive() and result == [1]
+    _, events = _split(api.response_of("req-1"))
+    assert events[-1] == b"data: [DONE]\n\n"
+
+
+def test_an_exception_escaping_one_workers_loop_stops_all_after_the_streams_in_flight(
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    # GIVEN eight workers and seven invocations handed out together: the eighth poll gets the
-    # Runtime API's 410 while the others' invocations are arriving, and stops every worker
-    received: set[str] = set()
-    lock = threading.Lock()
-    original = RuntimeAPIClient.next_invocation
+    # GIVEN three workers: one streaming slowly, one whose invocation meets a SystemExit (a
+    # library calling sys.exit(): not an Exception, so no invocation's handling catches it),
+    # one waiting in GET next
+    provider = ByPrompt({"slow": _paced([f"w{j} " for j in range(10)], 0.1),
+                         "exits": [SystemExit(3)]})
+    api = FakeRuntimeAPI([_chat("slow"), _chat("exits")], hold_until_polls=3)
+    api.hold_when_empty.clear()
+    capsys.readouterr()
+    # WHEN the loop runs (an exception escaping a thread would fail this test: pytest turns
+    # it into an error)
+    started = time.monotonic()
+    loop, result = _running(make_app(provider), api, workers=3)
+    loop.join(20)
+    api.close()
+    # THEN the loop ended with status 1 within seconds: the waiting poll was cut, not waited
+    # out (the fake holds it 30 s)
+    assert not loop.is_alive() and result == [1]
+    assert time.monotonic() - started < 10
+    # AND the invocation that met it got its /error, naming the exception and no more
+    (error,) = [p for p in api.posted if p.path.endswith("/error")]
+    assert error.path == "/2018-06-01/runtime/invocation/req-2/error"
+    assert json.loads(error.body) == {
+        "errorType": "Function.SystemExit",
+        "errorMessage": "SystemExit (details in the function's log)", "stackTrace": []}
+    # AND the stream in flight ran to its end
+    _, events = _split(api.response_of("req-1"))
+    assert events[-1] == b"data: [DONE]\n\n"
+    # AND the log says which worker failed, and why
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+               if line.startswith("{")]
+    (failed,) = [r for r in records if r.get("message", "").startswith("runtime worker")]
+    assert failed["level"] == "ERROR" and "SystemExit" in failed["exception"]
 
-    def recording(self: RuntimeAPIClient) -> Invocation:
-        invocation = original(self)
-        with lock:
-            received.add(invocation.request_id)
-        return invocation
 
-    monkeypatch.setattr(RuntimeAPIClient, "next_invocation", recording)
-    lost: list[str] = []
-    for _ in range(25):  # the race is between threads: give it many chances
-        received.clear()
-        with FakeRuntimeAPI([_chat(f"p{i}") for i in range(7)], hold_until_polls=8) as api:
-            # WHEN the loop runs until the stop
-            assert run(make_app(), environ=_env(api, 8)) == 0
-            answered = {p.path.split("/")[-2] for p in api.posted}
-        # THEN every invocation a worker received got its answer: the stop cut only polls
-        # still waiting, never one whose invocation had arrived
-        lost += sorted(received - answered)
-    assert lost == []
+def test_an_exit_mid_stream_still_ends_that_body_with_trailers_then_stops_the_loop() -> None:
+    # GIVEN two workers: one invocation whose model call meets a SystemExit after its first
+    # words (its 200 committed), the other worker waiting in GET next
+    provider = ByPrompt({"exits": [TextDelta("partial"), 0.05, SystemExit(3)]})
+    api = FakeRuntimeAPI([_chat("exits")])
+    api.hold_when_empty.clear()
+    # WHEN the loop runs
+    loop, result = _running(make_app(provider), api, workers=2)
+    loop.join(20)
+    api.close()
+    # THEN the body was ended properly, with trailers saying it failed, and the loop ended 1
+    assert not loop.is_alive() and result == [1]
+    posted = api.response_of("req-1")
+    prelude, events = _split(posted)
+    assert prelude["statusCode"] == 200 and b"partial" in b"".join(events)
+    assert posted.trailers["Lambda-Runtime-Function-Error-Type"] == "Runtime.ResponseFailed"
+    assert not [p for p in api.posted if p.path.endswith("/error")]
+
+
+def test_one_workers_response_failing_leaves_the_other_streams_whole_and_the_loop_serving(
+) -> None:
+    # GIVEN three streams side by side, the Runtime API resetting the second one's /response
+    # after 3 chunks, and a fourth invocation after them
+    words = {f"p{i}": [f"w{i}.{j} " for j in range(12)] for i in range(4)}
+    provider = ByPrompt({p: _paced(w) for p, w in words.items()})
+    api = FakeRuntimeAPI([_chat("p0"), Invoke(_chat("p1"), response="reset-after-3"),
+                          _chat("p2"), _chat("p3")], hold_until_polls=3)
+    # WHEN three workers serve them
+    assert run(make_app(provider), environ=_env(api, 3)) == 0
+    api.close()
+    # THEN the reset stream was cut short, its model call closed, and it got no /error (its
+    # response had begun)
+    assert len(api.response_of("req-2").chunks) == 3
+    assert provider.active == 0
+    assert not [p for p in api.posted if p.path.endswith("/error")]
+    # AND every other stream, the one served after the failure included, is whole and
+    # byte-exact
+    assert provider.most_active == 3
+    for n, prompt in ((1, "p0"), (3, "p2"), (4, "p3")):
+        posted = api.response_of(f"req-{n}")
+        _, events = _split(posted)
+        assert _normalised(b"".join(events)) == _normalised(
+            _reference(make_app(ByPrompt({prompt: _paced(words[prompt], 0.0)})),
+                       _chat(prompt)))
+        assert posted.trailers == {}
+
+
+def _running(app: App, api: FakeRuntimeAPI, *, workers: int) -> tuple[threading.Thread,
+                                                                       list[int]]:
+    """The loop, started on a thread of its own; its exit status lands in the list."""
+    result: list[int] = []
+    loop = threading.Thread(target=lambda: result.append(run(app, environ=_env(api, workers))))
+    loop.start()
+    return loop, result
 
 
 def test_an_oversized_event_is_reported_even_when_a_stop_comes_while_it_arrives() -> None:

@@ -185,3 +185,92 @@ def test_a_metrics_flush_that_fails_loses_nothing_else_and_doubles_nothing_later
     # AND the next request's metrics are its own, not the failed request's as well
     later = _run(capsys, app)
     assert later.metrics()["Requests"] == 1.0
+
+
+# -- every line about a request carries its id, from the threads it starts too ------------------
+
+def _lines_of_one_invocation(capsys: pytest.CaptureFixture[str], app: App) -> list[dict[str, Any]]:
+    """The JSON lines written while the Lambda loop (one worker) serves one streamed chat
+    invocation, req-1, with its trace header."""
+    import logging
+
+    from streamgate.runtime import run
+    from tests.fake_runtime_api import FakeRuntimeAPI, Invoke
+
+    trace = "Root=1-5759e988-bd862e3fe1be46a994270001;Parent=53995c3f42cd8ad1;Sampled=1"
+    streamgate_logger = logging.getLogger("streamgate")
+    level = streamgate_logger.level
+    streamgate_logger.setLevel(logging.DEBUG)
+    capsys.readouterr()
+    try:
+        with FakeRuntimeAPI([Invoke(chat_event({"prompt": "hi", "stream": True}),
+                                    headers={"Lambda-Runtime-Trace-Id": trace})]) as api:
+            assert run(app, environ={"AWS_LAMBDA_RUNTIME_API": api.address}) == 0
+    finally:
+        streamgate_logger.setLevel(level)
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()
+            if line.startswith("{")]
+
+
+def _about_req_1(line: dict[str, Any]) -> None:
+    assert line["function_request_id"] == "req-1"
+    assert line["xray_trace_id"] == "1-5759e988-bd862e3fe1be46a994270001"
+
+
+def test_the_watchdogs_line_about_a_request_carries_its_id_and_trace(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+    import time
+
+    from streamgate.config import load_settings
+    from streamgate.credentials import ApiKey
+    from streamgate.httpclient import Upstream
+    from streamgate.providers.openai import OpenAIProvider
+    from tests.fake_http import RawPeer, read_request
+
+    # GIVEN an upstream that trickles its status line a byte every 100 ms (every recv returns
+    # in time: only the watchdog can end the wait), and a first-token timeout of 0.5 s
+    def trickle(sock: socket.socket) -> None:
+        read_request(sock)
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100:
+            sock.sendall(bytes([byte]))
+            time.sleep(0.1)
+
+    with RawPeer(trickle) as peer:
+        s = load_settings({}, provider="openai", upstream_base_url=peer.url,
+                          upstream_models=("m",), upstream_first_token_timeout_s=0.5,
+                          upstream_max_attempts=1)
+        provider = OpenAIProvider(s, ApiKey(None, 60, value=""),
+                                  Upstream(peer.url, s.upstream_connect_timeout_s))
+        # WHEN the Lambda loop serves an invocation that waits on it
+        try:
+            lines = _lines_of_one_invocation(capsys, App(s, provider))
+        finally:
+            provider.close()
+    # THEN the watchdog's line (written by its own thread) names the invocation and its trace
+    (cut,) = [line for line in lines if line.get("name") == "streamgate.deadline"]
+    assert cut["message"] == "a wait reached its time limit: its socket is shut down"
+    _about_req_1(cut)
+    (record,) = [line for line in lines if line.get("message") == "request"]
+    assert record["error_code"] == "upstream_timeout"
+
+
+def test_the_bedrock_readers_line_about_a_request_carries_its_id_and_trace(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from streamgate.config import load_settings
+    from streamgate.providers.bedrock import BedrockProvider
+    from tests.fake_bedrock import FakeBedrock, Reply, start_event
+
+    # GIVEN Bedrock starting a stream and then sending no content for 3 s, and a first-token
+    # timeout of 0.5 s
+    with FakeBedrock([Reply(frames=[start_event(), 3.0])]) as fake:
+        s = load_settings({}, provider="bedrock", bedrock_first_token_timeout_s=0.5,
+                          bedrock_max_attempts=1)
+        # WHEN the Lambda loop serves an invocation that reads it
+        lines = _lines_of_one_invocation(capsys, App(s, BedrockProvider(s, fake.client())))
+    # THEN the reader thread's last line names the invocation and its trace
+    (ended,) = [line for line in lines if line.get("name") == "streamgate.providers.bedrock"]
+    assert ended["message"] == "the Bedrock reader has ended, after its request stopped reading"
+    _about_req_1(ended)
+    (record,) = [line for line in lines if line.get("message") == "request"]
+    assert record["error_code"] == "upstream_timeout"

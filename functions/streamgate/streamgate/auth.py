@@ -34,9 +34,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from streamgate import deadline
 from streamgate.errors import (
     AuthenticationError,
     ModelNotAllowedError,
@@ -46,6 +48,7 @@ from streamgate.errors import (
 from streamgate.events import HttpRequest
 from streamgate.keystore import (
     MONTH_TTL_S,
+    UNAVAILABLE,
     KeyRecord,
     KeyStore,
     KeyStoreError,
@@ -66,6 +69,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _CACHE_LIMIT = 1_024
+_LOOKUP_SLACK_S = 1.0  # beyond a table call's two attempts, before a waiter gives up on it
 # Rough prompt-size estimate, used only to reserve tokens and to charge streams that ended
 # without the provider reporting usage: ~4 characters per token, ~4 tokens of framing per
 # message, and a flat figure per image (a ~1 megapixel image costs about this much).
@@ -98,6 +102,9 @@ class Gate:
                              timeout_s=settings.keys_timeout_s)
         self.store = store
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+        # The lookup in flight per key id: one GetItem per key at a time, however many
+        # requests want it (a cold container, a key whose cache entry just expired).
+        self._lookups: dict[str, Future[KeyRecord | None]] = {}
         self._lock = threading.Lock()
 
     def authenticate(self, request: HttpRequest) -> Caller:
@@ -126,23 +133,54 @@ class Gate:
         return Caller(key=record)
 
     def _lookup(self, key: str) -> KeyRecord | None:
+        """The key's record (None: no such key), from the cache or the table. One request
+        looks a key up at a time; the others wait for its answer (or its failure), each
+        bounded by its own deadline and by what the lookup itself may take."""
         key_id = key_digest(key)[:16]
-        now = time.monotonic()
         with self._lock:
             hit = self._cache.get(key_id)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+            if hit is not None and hit[0] > time.monotonic():
+                return hit[1]
+            flight = self._lookups.get(key_id)
+            if flight is None:
+                flight = self._lookups[key_id] = Future()
+                leader = True
+            else:
+                leader = False
+        if not leader:
+            return self._await(flight, key_id)
         assert self.store is not None
         try:
             record = self.store.get(key_id)
-        except KeyStoreError as e:
-            _log_outage(e, "look up the key", key_id)
+        except BaseException as e:
+            if isinstance(e, KeyStoreError):
+                _log_outage(e, "look up the key", key_id)
+            with self._lock:
+                del self._lookups[key_id]
+            flight.set_exception(e)
             raise
         with self._lock:
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
-            self._cache[key_id] = (now + self.cache_ttl_s, record)
+            self._cache[key_id] = (time.monotonic() + self.cache_ttl_s, record)
+            del self._lookups[key_id]
+        flight.set_result(record)
         return record
+
+    def _await(self, flight: Future[KeyRecord | None], key_id: str) -> KeyRecord | None:
+        """Another request's lookup of the same key: its record, or its failure (logged once,
+        by that request). A table call takes at most about twice its time budget (two
+        attempts); past that, or past this request's deadline, this request stops waiting."""
+        assert self.store is not None
+        wait = deadline.current().cap(2 * self.store.timeout_s + _LOOKUP_SLACK_S)
+        try:
+            return flight.result(timeout=wait)
+        except TimeoutError:
+            deadline.current().check()
+            err = KeyStoreError(UNAVAILABLE, f"the lookup of key {key_id} in flight did not "
+                                             f"finish within {wait:.1f} s")
+            _log_outage(err, "look up the key", key_id)
+            raise err from None
 
     def allowed_models(self, caller: Caller, models: list[str]) -> list[str]:
         return [m for m in models if caller.key is None or caller.key.allows(m)]

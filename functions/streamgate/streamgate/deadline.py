@@ -19,15 +19,19 @@ attribute write, so the guard costs nothing per chunk.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import heapq
 import itertools
+import logging
 import math
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from streamgate.errors import DeadlineExceededError
+
+logger = logging.getLogger(__name__)
 
 DEADLINE_MESSAGE = "Generation stopped: the request reached the function's time limit"
 
@@ -74,13 +78,32 @@ class Deadline:
 
 
 NO_DEADLINE = Deadline()
+# The deadline of the request the current thread (or context) serves, for the waits that
+# no call passes one to: the key lookup, the model list. Set by the driver (bound()).
+_CURRENT: contextvars.ContextVar[Deadline] = contextvars.ContextVar("streamgate_deadline",
+                                                                   default=NO_DEADLINE)
+
+
+def current() -> Deadline:
+    """The deadline bound by :func:`bound` in this context; :data:`NO_DEADLINE` if none."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def bound(deadline: Deadline) -> Iterator[None]:
+    """Make ``deadline`` this context's :func:`current` deadline while the block runs."""
+    token = _CURRENT.set(deadline)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
 
 
 class Guard:
     """One socket's wall-clock limit (a monotonic instant). :meth:`move` changes it,
     :meth:`cancel` ends the guard; ``fired`` tells the owner why its read ended."""
 
-    __slots__ = ("sock", "at", "fired", "active", "_scheduled", "_watchdog")
+    __slots__ = ("sock", "at", "fired", "active", "_scheduled", "_watchdog", "_context")
 
     def __init__(self, watchdog: _Watchdog, sock: socket.socket, at: float) -> None:
         self.sock = sock
@@ -89,6 +112,8 @@ class Guard:
         self.active = True
         self._scheduled = math.inf
         self._watchdog = watchdog
+        # The owner's context (its request id and trace, for the log): the watchdog acts in it.
+        self._context = contextvars.copy_context()
 
     def move(self, at: float) -> None:
         self.at = at
@@ -156,10 +181,21 @@ class _Watchdog:
                 if not due:
                     self._cv.wait(self._heap[0][0] - now if self._heap else None)
             for g in due:
-                # socket.socket's own shutdown, even for an SSLSocket (whose override would
-                # unwrap TLS under a reader's feet): it only needs the file descriptor.
-                with contextlib.suppress(OSError):
-                    socket.socket.shutdown(g.sock, socket.SHUT_RDWR)
+                g._context.run(_fire, g)
+
+
+def _fire(g: Guard) -> None:
+    """Cut a guarded socket whose time has come, saying so in its request's log. Nothing here
+    may end the watchdog: every guard of the process depends on it."""
+    try:
+        logger.debug("a wait reached its time limit: its socket is shut down")
+        # socket.socket's own shutdown, even for an SSLSocket (whose override would unwrap
+        # TLS under a reader's feet): it only needs the file descriptor.
+        socket.socket.shutdown(g.sock, socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+    except Exception:  # noqa: BLE001
+        logger.exception("the deadline watchdog could not cut a socket")
 
 
 _watchdog = _Watchdog()

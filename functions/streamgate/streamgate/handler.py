@@ -41,7 +41,7 @@ from typing import Any, Protocol
 from streamgate import cors, playground, sse
 from streamgate.auth import Admission, Caller, Gate
 from streamgate.config import Settings, load_settings
-from streamgate.deadline import NO_DEADLINE, Deadline
+from streamgate.deadline import NO_DEADLINE, Deadline, bound
 from streamgate.dialects import Answer, AnswerCall, Call, Dialect, Encoder
 from streamgate.dialects.chat import ChatDialect
 from streamgate.dialects.embeddings import EmbeddingsDialect, EmbeddingsParsed
@@ -206,10 +206,12 @@ class App:
             if preflight:
                 response, admission = Response(204, {}, iter([]), outcome), None
             else:
-                response, admission = self._handle(
-                    event, context, outcome,
-                    deadline if deadline is not None else _deadline(context, self.settings),
-                    own_origin)
+                limit = deadline if deadline is not None else _deadline(context, self.settings)
+                # Waits deep in shared pieces (a key lookup another request started, the
+                # upstream's model list) end by it too, on both drivers (deadline.current()).
+                with bound(limit):
+                    response, admission = self._handle(event, context, outcome, limit,
+                                                       own_origin)
             response.headers.update(cors_headers)
         except Exception:  # a bug: still an answer, never an exception in a driver
             logger.exception("unhandled error building the response")

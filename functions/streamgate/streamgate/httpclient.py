@@ -9,28 +9,43 @@ combines its own timeout with the request's deadline). That instant is both the 
 of every ``recv`` and a :func:`streamgate.deadline.guard` on the socket, so a peer that trickles
 bytes (a status line, a chunk-size line, a TLS handshake) cannot stretch a wait past it. A
 wait that ends that way raises :class:`WaitExpired`; the caller says what it was waiting for.
+Resolving the host's name (``getaddrinfo``, which takes no timeout and cannot be interrupted)
+runs on a helper thread that the connect waits for until the same instant; one resolution per
+upstream runs at a time, so a resolver that hangs holds one thread, not one per request.
 
 Kept-alive connections: the upstream may close one while it sits idle (the normal case after
-Lambda thaws a container). One that is readable before reuse (a FIN or stray bytes), or idle
-longer than ``max_idle_s`` (NAT gateways drop silent flows without telling either side), is
+Lambda thaws a container). One that is readable before reuse (a FIN or stray bytes) is
 discarded; a write or read that finds the connection closed is retried once on a new one.
+
+The idle pool is a stack: the connection given back last is reused first, so under light
+load the same few stay warm and the rest age. Each use (taking one, giving one back) first
+closes the idle connections older than ``max_idle_s`` (NAT gateways drop silent flows without
+telling either side) and the oldest beyond ``max_idle`` (16), so a burst of N streams leaves
+at most that many sockets open, not N, within Lambda's 1,024 descriptors.
 """
 
 from __future__ import annotations
 
+import contextvars
 import http.client
 import select
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any
 from urllib.parse import urlsplit
 
 from streamgate.deadline import Deadline, Guard, guard
 from streamgate.errors import ConfigError, UpstreamError, UpstreamTimeoutError
 
 READ_SIZE = 65536
+# Idle connections kept per upstream. Under steady load few are idle at any moment (each is
+# taken again as the next request comes), so the cap only trims what a burst left behind;
+# past it, a request pays one new connection.
+MAX_IDLE = 16
 
 
 class WaitExpired(Exception):
@@ -41,7 +56,8 @@ class Upstream:
     """Keep-alive HTTP/1.1 connections to one base URL, reused across invocations."""
 
     def __init__(self, base_url: str, connect_timeout_s: float, *,
-                 max_idle_s: float = 60.0) -> None:
+                 max_idle_s: float = 60.0, max_idle: int = MAX_IDLE,
+                 resolver: Resolver | None = None) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError("STREAMGATE_UPSTREAM_BASE_URL must be an http:// or https:// URL "
@@ -53,8 +69,12 @@ class Upstream:
         self.where = f"{self._host}:{self._port}"  # for messages: never the path or userinfo
         self._connect_timeout_s = connect_timeout_s
         self._max_idle_s = max_idle_s
+        self._max_idle = max_idle
+        # (given back at, connection), oldest first: taken from the end, trimmed from the front
         self._idle: list[tuple[float, http.client.HTTPConnection]] = []
         self._lock = threading.Lock()
+        self._resolver = resolver or _getaddrinfo
+        self._resolving: Future[list[AddrInfo]] | None = None  # the resolution in flight
 
     def open(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str],
              *, until: float, deadline: Deadline) -> Exchange:
@@ -70,15 +90,27 @@ class Upstream:
                           deadline, fresh=True)
 
     def _take_idle(self) -> http.client.HTTPConnection | None:
-        now = time.monotonic()
         while True:
             with self._lock:
-                if not self._idle:
-                    return None
-                since, conn = self._idle.pop()
-            if now - since <= self._max_idle_s and not _readable(conn.sock):
+                stale = self._trim()
+                conn = self._idle.pop()[1] if self._idle else None
+            for old in stale:
+                old.close()
+            if conn is None or not _readable(conn.sock):
                 return conn
             conn.close()
+
+    def _trim(self) -> list[http.client.HTTPConnection]:
+        """Under the lock: take out the idle connections older than ``max_idle_s`` and the
+        oldest beyond ``max_idle``, for the caller to close (outside the lock)."""
+        now = time.monotonic()
+        cut = 0
+        while cut < len(self._idle) and (len(self._idle) - cut > self._max_idle
+                                         or now - self._idle[cut][0] > self._max_idle_s):
+            cut += 1
+        stale = [conn for _, conn in self._idle[:cut]]
+        del self._idle[:cut]
+        return stale
 
     def _connect(self, until: float, deadline: Deadline) -> http.client.HTTPConnection:
         """A new connection, TCP and TLS done here so the guard covers the handshake too."""
@@ -90,7 +122,7 @@ class Upstream:
         try:
             if wait <= 0:
                 raise TimeoutError
-            sock = socket.create_connection((self._host, self._port), timeout=wait)
+            sock = self._open_socket(time.monotonic() + wait)
             # As http.client's own connect() does: http.client writes a request's headers and
             # body separately, and on a kept-alive connection Nagle's algorithm would hold the
             # body until the upstream's delayed ACK of the headers, ~40 ms on Linux.
@@ -117,6 +149,55 @@ class Upstream:
         g.cancel()
         conn.sock = sock
         return conn
+
+    def _open_socket(self, until: float) -> socket.socket:
+        """A TCP connection to the first of the host's addresses that accepts one by ``until``
+        (as ``socket.create_connection``, the name resolved within the same limit)."""
+        error: OSError = OSError(f"no address for {self._host}")
+        for family, kind, proto, _, address in self._addresses(until):
+            left = until - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(left)
+                sock.connect(address)
+                return sock
+            except OSError as e:
+                sock.close()
+                error = e
+        raise error
+
+    def _addresses(self, until: float) -> list[AddrInfo]:
+        """The host's addresses by ``until`` (``TimeoutError`` past it). A numeric host needs
+        no resolver; a name is resolved on a helper thread, one resolution at a time."""
+        try:
+            return list(socket.getaddrinfo(self._host, self._port, 0, socket.SOCK_STREAM, 0,
+                                           socket.AI_NUMERICHOST))
+        except socket.gaierror:
+            pass  # a name
+        with self._lock:
+            flight = self._resolving
+            if flight is None:
+                flight = self._resolving = Future()
+                threading.Thread(target=contextvars.copy_context().run,
+                                 args=(self._resolve, flight), name="streamgate-resolve",
+                                 daemon=True).start()
+        return flight.result(timeout=max(until - time.monotonic(), 0.0))
+
+    def _resolve(self, flight: Future[list[AddrInfo]]) -> None:
+        """On the helper thread: one resolution, handed to everyone waiting for it."""
+        try:
+            addresses = list(self._resolver(self._host, self._port))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiters
+            with self._lock:
+                self._resolving = None
+            flight.set_exception(e if isinstance(e, OSError)
+                                 else OSError(f"resolving {self._host} failed: {e!r}"))
+            return
+        with self._lock:
+            self._resolving = None
+        flight.set_result(addresses)
 
     def _send(self, conn: http.client.HTTPConnection, method: str, path: str,
               body: bytes | None, headers: Mapping[str, str], until: float,
@@ -145,12 +226,24 @@ class Upstream:
     def give_back(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
             self._idle.append((time.monotonic(), conn))
+            stale = self._trim()
+        for old in stale:
+            old.close()
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for _, conn in idle:
             conn.close()
+
+
+AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
+# (host, port) -> socket.getaddrinfo's answer; injected by tests (a resolver that hangs).
+Resolver = Callable[[str, int], Sequence[AddrInfo]]
+
+
+def _getaddrinfo(host: str, port: int) -> list[AddrInfo]:
+    return list(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
 
 
 class _Stale(Exception):

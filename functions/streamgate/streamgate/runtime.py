@@ -14,7 +14,14 @@ Failure policy (https://docs.aws.amazon.com/lambda/latest/dg/runtimes-custom.htm
 - the Runtime API fails while we answer (a reset, a short or refused reply) → logged;
 - after init, no failure of one invocation ends the loop: it polls ``next`` again. Only ``next``
   itself failing ends it (410 is the Runtime API saying stop: exit 0; a broken connection or
-  reply: exit 1, and Lambda starts a new environment).
+  reply: exit 1, and Lambda starts a new environment), or what is not an ``Exception``
+  (SystemExit from a library, say): that invocation is still answered (``/error``, or its
+  body ended with trailers), then the loop ends with exit 1.
+
+Every line logged about an invocation, by its thread or one it starts (the Bedrock reader,
+the deadline watchdog acting on its sockets), carries its request id
+(``function_request_id``) and trace; the waits that no call hands a deadline to (the key
+lookup, the upstream's model list) read the invocation's from :func:`streamgate.deadline.current`.
 
 A missing, unreadable or past deadline gives a context with no time left, so the handler
 answers 504 without admitting the request or calling a model.
@@ -28,10 +35,11 @@ process with its own init and memory. (1 or unset: one loop on the main thread, 
 
 - Init happens once, before any worker starts; its failure is posted to ``/init/error`` once.
 - The policy above holds per worker: nothing one invocation does stops its worker or touches
-  another's stream. ``next`` failing stops them all, as in aws-lambda-go: the environment runs
-  at its full concurrency or not at all. Workers in a stream finish it (each is bounded by its
-  deadline); workers waiting in ``next`` have that poll cut; the exit status is 1 if any
-  ``next`` broke, 0 if the Runtime API only said stop (410).
+  another's stream. ``next`` failing (or a worker ending on a SystemExit) stops them all, as
+  in aws-lambda-go: the environment runs at its full concurrency or not at all. Workers in a
+  stream finish it (each is bounded by its deadline); workers waiting in ``next`` have that
+  poll cut, unless a byte of its answer has arrived (that invocation is served); the exit
+  status is 1 if any ``next`` broke, 0 if the Runtime API only said stop (410).
 - Per invocation, in the worker's thread: the context, the deadline, the trace header (a
   context variable read by telemetry; ``_X_AMZN_TRACE_ID``, being the process's, is left unset
   as it could only name some other invocation), the log field ``function_request_id``, the
@@ -44,15 +52,17 @@ What the workers share, and why that is safe:
   thread-safe; building them is not, so every boto3 client is built under one lock, in
   aws.py, with a connection pool as large as the concurrency) and each stream's own reader
   thread; the OpenAI-compatible upstream's connection pool (``httpclient.Upstream``: idle
-  connections under a lock, each connection used by one request at a time); its upstream key
+  connections under a lock, each connection used by one request at a time, one name
+  resolution in flight) and its model list (one fetch in flight); its upstream key
   (``credentials.ApiKey``: read and refreshed under a lock; while one thread refreshes, the
   others keep using the current key); the embedded model (one generation at a time, by its
   own lock; development only);
-- the key gate (``auth.Gate``): its key cache is a dict under a lock, its table client built
-  once under the key store's lock; the limits themselves are conditional DynamoDB writes,
-  safe across threads as across environments;
+- the key gate (``auth.Gate``): its key cache is a dict under a lock, with one lookup per key
+  in flight (the others wait for it), its table client built once under the key store's
+  lock; the limits themselves are conditional DynamoDB writes, safe across threads as across
+  environments;
 - the deadline watchdog (one thread; its heap under a condition variable, each guard owned by
-  one request);
+  one request, and fired in that request's context);
 - telemetry: the Powertools logger and stdout, each line written whole under one lock; with
   tracing, the OpenTelemetry tracer and the span exporter's queue (a lock and an append per
   ended span; one export thread), each request's spans tied to it by explicit parents.
@@ -76,7 +86,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from streamgate import aws, telemetry
+from streamgate import aws, deadline, telemetry
 from streamgate.config import (
     LambdaEnvironment,
     Settings,
@@ -84,6 +94,7 @@ from streamgate.config import (
     load_settings,
     set_trace_id,
 )
+from streamgate.deadline import Deadline
 from streamgate.errors import ConfigError, StreamgateError
 from streamgate.handler import App, Response
 from streamgate.routes import Router
@@ -207,10 +218,11 @@ class _Workers:
         """One worker thread."""
         try:
             self._loop(i)
-        except BaseException:  # a bug in the loop itself: stop everything rather than shrink
+        except BaseException:  # noqa: BLE001 - a bug in the loop itself, or an exit asked for
+            # (SystemExit): stop everything rather than shrink. The log has the traceback; a
+            # thread's exception has nowhere else to go.
             logger.exception("runtime worker %d failed", i)
             self._stop(1)
-            raise
 
     def _loop(self, i: int) -> None:
         client = self.clients[i]
@@ -256,41 +268,46 @@ def _invoke(
     client: RuntimeAPIClient, app: App, env: LambdaEnvironment, invocation: Invocation, *,
     concurrent: bool = False,
 ) -> None:
-    """Serve one invocation; nothing that goes wrong here leaves this function. With
-    ``concurrent`` workers, its trace header and log field stay in this thread."""
+    """Serve one invocation; nothing that goes wrong here leaves this function but what is
+    not an ``Exception`` (SystemExit, say: the invocation is answered, then it ends the
+    worker). Every line logged about it, by this thread or one it starts, carries its request
+    id; with ``concurrent`` workers, its trace header stays in this thread."""
     response: Response | None = None
     try:
         set_trace_id(invocation.trace_id, process_wide=not concurrent)
-        if concurrent:
-            telemetry.bind_request(invocation.request_id)
+        telemetry.bind_request(invocation.request_id)
         context = LambdaContext(invocation, env)
         try:
             event = json.loads(invocation.event)
         except (ValueError, RecursionError):
             event = None  # the handler answers an unreadable event with a 400
-        response = app.handle(event, context)
-        # Writes may wait on a Runtime API that reads slowly, but not past the deadline.
-        timeout = context.get_remaining_time_in_millis() / 1000 + _WRITE_GRACE_S
-        if env.sam_local:
-            client.post_response(invocation.request_id, proxy_response(response))
-        else:
-            client.stream_response(
-                invocation.request_id, prelude(response), response.body,
-                lambda: _stream_failure(response), timeout=timeout,
-            )
-    except Exception as e:
+        # The waits deep in the request (the key lookup, the model list) read it from here.
+        with deadline.bound(_deadline(context, app.settings)):
+            response = app.handle(event, context)
+            # Writes may wait on a Runtime API that reads slowly, but not past the deadline.
+            timeout = context.get_remaining_time_in_millis() / 1000 + _WRITE_GRACE_S
+            if env.sam_local:
+                client.post_response(invocation.request_id, proxy_response(response))
+            else:
+                client.stream_response(
+                    invocation.request_id, prelude(response), response.body,
+                    lambda: _stream_failure(response), timeout=timeout,
+                )
+    except BaseException as e:
         if response is None:
             logger.exception("invocation %s failed before its response", invocation.request_id)
             _report(client, invocation.request_id, error_type(e), _safe_message(e))
-        else:
+        elif isinstance(e, Exception):
             logger.exception("could not deliver the response of %s to the Runtime API",
                              invocation.request_id)
+        if not isinstance(e, Exception):
+            raise
     finally:
         if response is not None:
             response.close()
         app.telemetry.flush(_remaining_s(invocation))
+        telemetry.bind_request(None)
         if concurrent:
-            telemetry.bind_request(None)
             set_trace_id(None, process_wide=False)  # lines between invocations name none
 
 
@@ -299,6 +316,12 @@ def _remaining_s(invocation: Invocation) -> float:
     if invocation.deadline_ms is None:
         return 0.0
     return max(0.0, invocation.deadline_ms / 1000 - time.time())
+
+
+def _deadline(context: LambdaContext, settings: Settings) -> Deadline:
+    """The handler's own: the Lambda deadline less the margin."""
+    remaining_ms = context.get_remaining_time_in_millis() - settings.deadline_margin_ms
+    return Deadline(time.monotonic() + remaining_ms / 1000)
 
 
 def _report(client: RuntimeAPIClient, request_id: str, kind: str, message: str) -> None:

@@ -20,6 +20,7 @@ import http.client
 import json
 import logging
 import math
+import select
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -140,14 +141,9 @@ class RuntimeAPIClient:
                 assert conn.sock is not None
                 conn.sock.settimeout(timeout)
                 conn.request(method, path, body=body, headers=headers or {})
+                if poll:
+                    self._await_answer(conn.sock)
                 response = conn.getresponse()
-                with self._lock:
-                    # A poll's answer is arriving: a stop no longer cuts it (that would lose an
-                    # invocation already handed to this environment), and reading the rest is
-                    # a transfer, not a wait.
-                    self._polling = False
-                if timeout is None:
-                    conn.sock.settimeout(CALL_TIMEOUT_S)
                 data = response.read(limit)
                 if len(data) < limit and response.length:  # the peer closed before the end
                     raise http.client.IncompleteRead(data, response.length)
@@ -163,6 +159,20 @@ class RuntimeAPIClient:
                 raise
         raise AssertionError("unreachable")
 
+    def _await_answer(self, sock: socket.socket) -> None:
+        """Block until the poll's answer starts to arrive (or its socket is cut). From its
+        first byte on, a stop no longer cuts it: the invocation is already handed to this
+        environment, and cutting its status line from its headers would lose it. Reading
+        the rest is a transfer, not a wait: it gets the calls' timeout."""
+        try:
+            arrived = bool(sock.recv(1, socket.MSG_PEEK))  # blocks: the long poll
+        except OSError:
+            arrived = False  # cut, or broken: getresponse() says which
+        if arrived:
+            with self._lock:
+                self._polling = False
+            sock.settimeout(CALL_TIMEOUT_S)
+
     def _poll_cut(self) -> bool:
         with self._lock:
             return self._stopped and self._polling
@@ -174,13 +184,15 @@ class RuntimeAPIClient:
 
     def stop_polling(self) -> None:
         """From another thread: no more ``GET next`` on this client, and a poll waiting now is
-        cut (it fails with ``OSError``, unless its invocation has already arrived: that one is
-        returned and served). Posting responses and errors goes on."""
+        cut (it fails with ``OSError``), unless a byte of its answer has arrived: that
+        invocation is read whole, returned and served. Posting responses and errors goes on."""
         with self._lock:
             self._stopped = True
             conn = self._conn if self._polling else None
             sock = conn.sock if conn is not None else None
-            if sock is not None:
+            # An answer whose first byte is here, not yet seen by the poll's thread, is as
+            # good as arrived: only a poll with nothing to read is cut.
+            if sock is not None and not _unread(sock):
                 with contextlib.suppress(OSError):  # already closed
                     sock.shutdown(socket.SHUT_RDWR)  # shut down, not closed: the owner closes
 
@@ -257,8 +269,10 @@ class RuntimeAPIClient:
         terminator, with real trailers if ``failure()`` - asked once ``events`` is exhausted -
         names an error type and message. ``timeout`` bounds each write and the wait for the
         answer (a Runtime API that stops reading cannot hold the loop forever). Should
-        ``events`` itself raise, the body still ends properly, with trailers naming it.
+        ``events`` itself raise, the body still ends properly, with trailers naming it (what
+        is not an ``Exception``, SystemExit say, is raised again once the body has ended).
         """
+        escaped: BaseException | None = None
         conn = self._connection()
         try:
             assert conn.sock is not None
@@ -278,17 +292,32 @@ class RuntimeAPIClient:
                 trailers = failure()
             except OSError:
                 raise
-            except Exception:  # noqa: BLE001 - a bug in the body: still end it, with trailers
+            except BaseException as e:  # a bug in the body: still end it, with trailers
                 logger.exception("the response body failed mid-stream")
                 trailers = ("Runtime.ResponseFailed", "The response failed mid-stream")
+                escaped = None if isinstance(e, Exception) else e
             conn.send(b"0\r\n" + _trailers(trailers) + b"\r\n")
             response = conn.getresponse()
             response.read(MAX_REPLY_BYTES)
-        except (OSError, http.client.HTTPException):
+        except (OSError, http.client.HTTPException) as e:
             self.close()
+            if escaped is not None:
+                raise escaped from e
             raise
+        if escaped is not None:
+            raise escaped
         if response.status != 202:
             raise RuntimeAPIError(f"POST response answered {response.status}")
+
+
+def _unread(sock: socket.socket) -> bool:
+    """Whether the peer has sent bytes (or closed) that are not read yet; never blocks."""
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):  # closed meanwhile
+        return False
 
 
 def _epoch_ms(raw: str | None) -> int | None:

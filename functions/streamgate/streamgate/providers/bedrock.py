@@ -39,6 +39,7 @@ malformed event is an ``upstream_error``, and its messages are relayed text.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -366,8 +367,10 @@ class _EventPump:
         self._events: Any = None
         self._closed = False
         self._drained = False  # the consumer has taken the end or the reader's error
-        threading.Thread(target=self._run, args=(call,), name="bedrock-stream",
-                         daemon=True).start()
+        # In the request's context: what it logs (botocore's credential refresh, say, or our
+        # own lines) carries the request's id and trace, as the consumer's lines do.
+        threading.Thread(target=contextvars.copy_context().run, args=(self._run, call),
+                         name="bedrock-stream", daemon=True).start()
 
     def _run(self, call: Callable[[], Any]) -> None:
         events = None
@@ -387,6 +390,8 @@ class _EventPump:
             close = getattr(events, "close", None)
             if close is not None:
                 close()
+            if self._closed:  # the request stopped reading (done, timed out, client gone)
+                logger.debug("the Bedrock reader has ended, after its request stopped reading")
 
     def get(self, timeout: float) -> dict[str, Any] | None:
         """The next event, None at the end; raises the reader's error or ``queue.Empty``."""

@@ -22,11 +22,13 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from streamgate import sse, telemetry
 from streamgate.credentials import ApiKey, api_key
-from streamgate.deadline import NO_DEADLINE, Deadline
+from streamgate.deadline import Deadline
+from streamgate.deadline import current as deadline_of_request
 from streamgate.errors import (
     ConfigError,
     NotFoundError,
@@ -83,6 +85,7 @@ _COMPLETION_BODY_LIMIT = 16 << 20
 # Token counts past this are not a real answer's: refused as malformed, never charged.
 _MAX_TOKENS_REPORTED = 100_000_000
 WHO = "The upstream"
+_RELIST_AFTER_FAILURE_S = 10.0  # a failed refresh of /models is not tried again sooner
 
 
 class OpenAIProvider:
@@ -101,8 +104,9 @@ class OpenAIProvider:
                                       max_idle_s=settings.upstream_max_idle_s)
         self._public = model_map(settings.upstream_models)  # our name -> upstream name
         self._lock = threading.Lock()
-        self._listed: list[str] = []
+        self._listed: list[str] | None = None  # the upstream's /models, once fetched
         self._listed_until = float("-inf")
+        self._listing: Future[list[str]] | None = None  # the fetch in flight
 
     def close(self) -> None:
         self._http.close()
@@ -116,17 +120,62 @@ class OpenAIProvider:
         return models[0]
 
     def models(self) -> list[str]:
-        """The configured names, else the upstream's own ``/models`` (cached like the key)."""
+        """The configured names, else the upstream's own ``/models``, cached like the key.
+
+        One request at a time fetches the list, within its deadline
+        (:func:`streamgate.deadline.current`) and the first-token timeout. While it does, the
+        others use the list they have; with none yet, they wait for that fetch (sharing its
+        failure), each no longer than its own deadline. A refresh that fails keeps the old
+        list, and is tried again after ``_RELIST_AFTER_FAILURE_S``."""
         if self._public:
             return list(self._public)
         with self._lock:
-            if time.monotonic() >= self._listed_until:
-                self._listed = self._list_models()
-                self._listed_until = time.monotonic() + self._settings.upstream_api_key_ttl_s
-            return list(self._listed)
+            listed = self._listed
+            if listed is not None and time.monotonic() < self._listed_until:
+                return list(listed)
+            flight = self._listing
+            if flight is None:
+                flight = self._listing = Future()
+                leader = True
+            else:
+                leader = False
+        if not leader:
+            return list(listed) if listed is not None else self._await_listing(flight)
+        try:
+            models = self._list_models(deadline_of_request())
+        except BaseException as e:
+            with self._lock:
+                self._listing = None
+                if listed is not None:
+                    self._listed_until = time.monotonic() + _RELIST_AFTER_FAILURE_S
+            flight.set_exception(e)
+            if listed is None or not isinstance(e, Exception):
+                raise
+            logger.warning("the upstream's model list was not refreshed; the one before is "
+                           "kept (%s)", e.message if isinstance(e, StreamgateError)
+                           else type(e).__name__)
+            return list(listed)
+        with self._lock:
+            self._listed, self._listing = models, None
+            self._listed_until = time.monotonic() + self._settings.upstream_api_key_ttl_s
+        flight.set_result(models)
+        return list(models)
 
-    def _list_models(self) -> list[str]:
-        doc = self._fetch_json("GET", "/models", None, _MODELS_BODY_LIMIT, NO_DEADLINE)
+    def _await_listing(self, flight: Future[list[str]]) -> list[str]:
+        """Another request's first fetch of the list: no longer than this request's deadline,
+        nor than that fetch may take (connecting, then its answer)."""
+        s = self._settings
+        deadline = deadline_of_request()
+        try:
+            return list(flight.result(timeout=deadline.cap(
+                s.upstream_connect_timeout_s + s.upstream_first_token_timeout_s)))
+        except TimeoutError:
+            deadline.check()
+            raise UpstreamTimeoutError("The upstream's model list did not arrive in time",
+                                       transient=True) from None
+
+    def _list_models(self, deadline: Deadline) -> list[str]:
+        doc = self._fetch_json("GET", "/models", None, _MODELS_BODY_LIMIT, deadline)
         data = doc.get("data") if isinstance(doc, dict) else None
         if not isinstance(data, list):
             raise UpstreamError("The upstream's /models answer has no 'data' list")
