@@ -200,7 +200,7 @@ def test_every_other_route_keeps_default_src_none() -> None:
 def test_the_playground_is_off_unless_configured_and_only_answers_get() -> None:
     assert _handle({}, path="/", method="GET", body=None)[0] == 404
     status, headers, _, _ = _handle({}, path="/", method="POST", playground=True)
-    assert status == 405 and headers["allow"] == "GET"
+    assert status == 405 and headers["allow"] == "GET, HEAD"
 
 
 def test_the_dev_server_serves_the_playground_and_takes_its_origins_from_the_command_line(

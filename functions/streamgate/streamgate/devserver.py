@@ -572,7 +572,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 headers["transfer-encoding"] = "chunked"
             elif not streaming:
                 body = b"".join(response.body)
-                headers["content-length"] = str(len(body))
+                # The handler answers HEAD without GET's body, whose length it does not
+                # give: none, rather than a wrong one (RFC 9110 §8.6).
+                if self.command != "HEAD":
+                    headers["content-length"] = str(len(body))
             if self.close_connection:
                 headers["connection"] = "close"
             self._send_head(response.status, headers)

@@ -209,6 +209,9 @@ class App:
                 InternalError("The server had an error while processing your request."),
                 outcome=outcome)
             admission = None
+        if outcome.method == "HEAD":  # no answer to HEAD has a body, not even an error
+            _close_body(response.body)
+            response.body = iter(())
         return self._finalise(response, outcome, admission)
 
     def refuse(self, err: StreamgateError) -> Response:
@@ -254,17 +257,19 @@ class App:
                     f"Requests from the origin {origin!r} are not allowed: browsers may call "
                     "this server only from its own pages and the allowed CORS origins")
             if request.path == PLAYGROUND_PATH and self.settings.playground:
-                if request.method != "GET":
+                if request.method not in ("GET", "HEAD"):
                     raise MethodNotAllowedError(
-                        f"Method {request.method} is not allowed on /; use GET", allow="GET")
+                        f"Method {request.method} is not allowed on /; use GET",
+                        allow="GET, HEAD")
                 return _playground(outcome), None
             allowed = _ROUTES.get(request.path)
             if allowed is None:
                 raise NotFoundError(f"Unknown path {request.path!r}; try POST {CHAT_PATH}")
-            if request.method != allowed:
+            # HEAD wherever GET works (RFC 9110 §9.3.2): GET's answer, its body dropped below.
+            if request.method != allowed and (request.method, allowed) != ("HEAD", "GET"):
                 raise MethodNotAllowedError(
                     f"Method {request.method} is not allowed on {request.path}; use {allowed}",
-                    allow=allowed,
+                    allow="GET, HEAD" if allowed == "GET" else allowed,
                 )
             if request.path == HEALTH_PATH:
                 return _json(200, {"status": "ok", "provider": self.settings.provider},
@@ -502,6 +507,12 @@ def _deadline(context: LambdaContext | None, settings: Settings) -> Deadline:
         return NO_DEADLINE
     remaining_ms = context.get_remaining_time_in_millis() - settings.deadline_margin_ms
     return Deadline(time.monotonic() + remaining_ms / 1000)
+
+
+def _close_body(body: Iterator[bytes]) -> None:
+    close = getattr(body, "close", None)
+    if close is not None:
+        close()
 
 
 def _close(deltas: Iterator[Delta]) -> None:
