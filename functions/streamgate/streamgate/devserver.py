@@ -35,6 +35,7 @@ import argparse
 import base64
 import contextlib
 import email.utils
+import io
 import logging
 import re
 import select
@@ -186,6 +187,38 @@ class _BodyError(Exception):
         self.send = send
 
 
+class _Reader(io.RawIOBase):
+    """The connection's bytes for ``rfile``. While ``until`` is set (a monotonic instant: the
+    request head's wall-clock limit), no read waits past it, nor longer than ``stall_s``: a
+    read that would raises :class:`TimeoutError` and leaves the connection whole, so that the
+    408 can still be written (the guard, which shuts the socket down, cannot allow that).
+    Otherwise each read waits as the socket's own timeout says."""
+
+    def __init__(self, sock: socket.socket, stall_s: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._stall_s = stall_s
+        self.until: float | None = None
+        self.received = 0  # bytes, all told
+        self.expired = False  # the last TimeoutError was ``until`` (not a stall)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.until is not None:
+            left = self.until - time.monotonic()
+            wait = min(left, self._stall_s)
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            if wait <= 0 or not poller.poll(wait * 1000):
+                self.expired = left <= self._stall_s
+                raise TimeoutError("no request data in time")
+        n: int = self._sock.recv_into(buffer)
+        self.received += n
+        return n
+
+
 class DevServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -286,6 +319,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.settimeout(self.server.request_timeout_s)
+        self.rfile.close()  # the standard library's: ours bounds a request head's reads
+        self._reader = _Reader(self.connection, self.server.request_timeout_s)
+        self.rfile = io.BufferedReader(self._reader)
         # Events are small writes that must leave at once: without this, Nagle's algorithm
         # holds the first event until the client ACKs the headers (~40 ms of delayed ACK).
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -318,28 +354,52 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self.command = ""
         self.http11 = True
         self.close_connection = True
-        self._guard.move(time.monotonic() + self.server.header_timeout_s)
+        # The head's reads end by the header timeout (the reader), the connection itself by
+        # then plus the grace to write a 408 (the guard).
+        limit = time.monotonic() + self.server.header_timeout_s
+        self._reader.until = limit
+        self._guard.move(limit + _DEADLINE_GRACE_S)
+        received = self._reader.received
         try:
             line = self.rfile.readline(_MAX_LINE + 1)
             if line in (b"\r\n", b"\n"):  # RFC 9112 §2.2: ignore an empty line before one
                 line = self.rfile.readline(_MAX_LINE + 1)
-            self.raw_requestline = line
-            if self._guard.fired or not line:
-                # Closed (idle keep-alive, or the client is done), or cut off mid-line.
-                if line:
-                    self._log_cut("request line")
-                return
+        except TimeoutError:
+            # Idle keep-alive, or cut off mid-line: nothing to answer (no request line, no
+            # telling whether it is HTTP at all).
+            if self._reader.received > received:
+                self._log_cut("request line")
+            return
+        except OSError:  # the client reset
+            return
+        self.raw_requestline = line
+        if self._guard.fired or not line:  # closed (the client is done), or cut off
+            return
+        try:
             if len(line) > _MAX_LINE:
+                self._reader.until = None
                 self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
                 return
-            if not self.parse_request():
-                return
-            if self._guard.fired:  # the headers were cut off: what was read is not a request
-                self.close_connection = True
-                self._log_cut("headers")
-                return
-        except OSError:  # a read stalled past request_timeout_s, or the client reset
+            parsed = self.parse_request()
+        except TimeoutError:
+            # The request line arrived, its headers did not: that much is a request, and
+            # it gets its answer.
+            self._reader.until = None
+            self._refuse(HTTPProtocolError(
+                f"The request headers did not arrive within {self.server.header_timeout_s:g} s"
+                if self._reader.expired else
+                f"No request header data arrived for {self.server.request_timeout_s:g} s",
+                status=408))
+            return
+        except OSError:  # the client reset
             self.close_connection = True
+            return
+        self._reader.until = None
+        if not parsed:
+            return
+        if self._guard.fired:  # cut off: what was read is not a request, and none can answer
+            self.close_connection = True
+            self._log_cut("headers")
             return
         self._serve()
 
@@ -387,6 +447,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         if self.command == "OPTIONS" and self.headers.get("access-control-request-method"):
             cors = server.cors_headers(origin, preflight=True)
             if cors:  # a preflight the Function URL would answer itself
+                cors["x-request-id"] = uuid.uuid4().hex  # as on every answer
                 if self._announces_body():
                     self.close_connection = True  # we do not read it
                     cors["connection"] = "close"
