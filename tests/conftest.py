@@ -3,6 +3,7 @@ and the browser tier's duration in the summary (it must stay reasonable for CI).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -13,21 +14,48 @@ from streamgate.devserver import serve
 from streamgate.handler import App
 from streamgate.providers import Provider
 
+# Dev-server threads still running when their server was closed (a provider that did not
+# stop): while any lives, no model may be freed under it.
+_UNFINISHED: list[threading.Thread] = []
+
 
 @contextmanager
 def running_dev_server(app: App, *, max_streams: int = 32, request_timeout_s: float = 60,
                        header_timeout_s: float = 10, timeout_s: float = 300,
-                       max_connections: int = 256) -> Iterator[str]:
-    """The dev server on 127.0.0.1:<ephemeral>; yields its base URL and always shuts it down.
-    Its CORS origins are the app's (``make_app(cors_origins=...)``)."""
+                       max_connections: int = 256, close_timeout_s: float = 10) -> Iterator[str]:
+    """The dev server on 127.0.0.1:<ephemeral>; yields its base URL and always shuts it down:
+    its open connections are ended and their threads waited for (``close_timeout_s``), so no
+    request of this server is still running, or still writing its log record, afterwards.
+    Threads still running then fail the test. Its CORS origins are the app's
+    (``make_app(cors_origins=...)``)."""
     server = serve("127.0.0.1", 0, app, max_streams=max_streams,
                    request_timeout_s=request_timeout_s, header_timeout_s=header_timeout_s,
-                   timeout_s=timeout_s, max_connections=max_connections)
+                   timeout_s=timeout_s, max_connections=max_connections,
+                   close_timeout_s=close_timeout_s)
     try:
         yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
         server.server_close()
+        if server.unfinished:
+            _UNFINISHED.extend(server.unfinished)
+            raise AssertionError(
+                f"{len(server.unfinished)} request threads of the dev server still ran "
+                f"{close_timeout_s:g} s after it closed their connections: the provider did "
+                "not stop when its stream was closed")
+
+
+def close_model(provider: Provider) -> None:
+    """Free the embedded model, unless a dev-server thread that may still be generating with
+    it is alive: freeing a llama.cpp model under a running generation kills the process
+    (SIGSEGV) before pytest can report anything. Then the teardown fails, saying so."""
+    running = [t.name for t in _UNFINISHED if t.is_alive()]
+    if running:
+        pytest.fail(f"the embedded model was left open: dev-server threads {running} may "
+                    "still generate with it")
+    close = getattr(provider, "close", None)
+    if close is not None:
+        close()
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +65,7 @@ def local_provider() -> Iterator[Provider]:
 
     provider = local.create(load_settings({}, provider="local"))
     yield provider
-    provider.close()
+    close_model(provider)
 
 
 @pytest.fixture(scope="session")

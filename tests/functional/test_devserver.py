@@ -4,6 +4,7 @@ concurrency, disconnects and request-body handling."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import threading
@@ -14,7 +15,7 @@ import pytest
 import requests
 
 from streamgate.deadline import Deadline
-from streamgate.devserver import build_event, build_parser
+from streamgate.devserver import build_event, build_parser, serve
 from streamgate.providers import Delta, Finish, TextDelta, Usage
 from streamgate.validation import ChatRequest
 from tests.conftest import running_dev_server
@@ -103,6 +104,65 @@ def test_a_client_that_disconnects_stops_generation_and_frees_its_slot() -> None
                 break
             time.sleep(0.05)
         assert r.status_code == 200
+
+
+def test_closing_the_server_ends_the_streams_in_flight_and_waits_for_their_threads() -> None:
+    # GIVEN a stream in flight from a provider that would talk for a minute, to a client that
+    # keeps its connection open
+    provider = ScriptedProvider([TextDelta("x"), *[s for _ in range(1200)
+                                                   for s in (0.05, TextDelta("y"))],
+                                 Finish("stop")])
+    server = serve("127.0.0.1", 0, make_app(provider), close_timeout_s=10)
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
+        body = json.dumps({"prompt": "hi", "stream": True}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        assert b"200 OK" in sock.recv(4096)
+        # WHEN the server is shut down and closed
+        server.shutdown()
+        started = time.monotonic()
+        server.server_close()
+        took = time.monotonic() - started
+        # THEN by the time close returns, the stream has been cut, the provider closed (the
+        # model freed) and the request's thread has ended
+        assert provider.closed.is_set() and not provider.finished.is_set()
+        assert server.unfinished == []
+        assert took < 5
+
+
+def test_a_thread_that_outlives_the_close_timeout_is_reported() -> None:
+    # GIVEN a provider that blocks for 3 s without yielding (it cannot be stopped sooner)
+    started = threading.Event()
+
+    class Stuck(ScriptedProvider):
+        def stream(self, request: ChatRequest, model: str,
+                   deadline: Deadline) -> Iterator[Delta]:
+            started.set()
+            time.sleep(3)
+            yield TextDelta("late")
+            yield Finish("stop")
+
+    server = serve("127.0.0.1", 0, make_app(Stuck()), close_timeout_s=0.5)
+
+    def ask() -> None:
+        with contextlib.suppress(requests.RequestException):  # the close cuts it off
+            requests.post(f"http://127.0.0.1:{server.server_port}{CHAT}",
+                          json={"prompt": "hi"}, timeout=10)
+
+    client = threading.Thread(target=ask)
+    client.start()
+    assert started.wait(10)
+    # WHEN the server is closed with a 0.5 s bound
+    server.shutdown()
+    began = time.monotonic()
+    server.server_close()
+    took = time.monotonic() - began
+    # THEN close waited the bound, no longer, and names the thread still running
+    assert 0.4 < took < 2.5
+    assert len(server.unfinished) == 1 and server.unfinished[0].is_alive()
+    server.unfinished[0].join(10)
+    client.join(10)
 
 
 def test_over_the_concurrency_limit_is_a_429_with_our_headers_and_a_request_log_record(

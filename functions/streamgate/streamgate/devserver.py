@@ -228,10 +228,11 @@ class DevServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], app: App, *, max_streams: int = 32,
                  request_timeout_s: float = 60,
                  header_timeout_s: float = 10, timeout_s: float = 300,
-                 max_connections: int = 256) -> None:
+                 max_connections: int = 256, close_timeout_s: float = 10) -> None:
         for name, value in (("max_streams", max_streams), ("request_timeout_s",
                             request_timeout_s), ("header_timeout_s", header_timeout_s),
-                            ("timeout_s", timeout_s), ("max_connections", max_connections)):
+                            ("timeout_s", timeout_s), ("max_connections", max_connections),
+                            ("close_timeout_s", close_timeout_s)):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
         super().__init__(address, _RequestHandler)
@@ -244,9 +245,13 @@ class DevServer(ThreadingHTTPServer):
         # A request's time limit, as the function timeout is on Lambda: its Deadline.
         self.timeout_s = timeout_s
         self.max_connections = max_connections
+        # How long server_close waits for the threads of the connections it ends.
+        self.close_timeout_s = close_timeout_s
         self.slots = threading.BoundedSemaphore(max_streams)
         self._connections = 0
         self._connections_lock = threading.Lock()
+        self._handlers: dict[threading.Thread, socket.socket | tuple[bytes, socket.socket]] = {}
+        self.unfinished: list[threading.Thread] = []
 
     def cors_headers(self, origin: str | None, *, preflight: bool) -> dict[str, str]:
         """What the Function URL adds for an allowed ``Origin``; nothing for others."""
@@ -267,10 +272,16 @@ class DevServer(ThreadingHTTPServer):
                 self._refuse_connection(request, client_address)
             self.shutdown_request(request)
             return
+        # ThreadingMixIn keeps no daemon thread: ours are kept, with their connections, so
+        # that server_close can end and wait for them.
+        thread = threading.Thread(target=self.process_request_thread,
+                                  args=(request, client_address), daemon=True)
         try:
-            super().process_request(request, client_address)
+            with self._connections_lock:
+                self._handlers[thread] = request
+            thread.start()
         except BaseException:
-            self._connection_closed()
+            self._connection_closed(thread)
             raise
 
     def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket],
@@ -278,11 +289,33 @@ class DevServer(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._connection_closed()
+            self._connection_closed(threading.current_thread())
 
-    def _connection_closed(self) -> None:
+    def _connection_closed(self, thread: threading.Thread) -> None:
         with self._connections_lock:
             self._connections -= 1
+            self._handlers.pop(thread, None)
+
+    def server_close(self) -> None:
+        """Stop listening, then end the connections still open and wait for their threads, at
+        most ``close_timeout_s``: a stream in flight is cut, and its thread closes the response,
+        which stops generation and frees the model. Whoever closes the model after this does
+        not free it under a running generation. Threads still running after that (a provider
+        that does not stop) are logged and left in ``unfinished``."""
+        super().server_close()
+        with self._connections_lock:
+            handlers = list(self._handlers.items())
+        for _, request in handlers:
+            sock = request if isinstance(request, socket.socket) else request[1]
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read or write at once
+        until = time.monotonic() + self.close_timeout_s
+        for thread, _ in handlers:
+            thread.join(max(0.0, until - time.monotonic()))
+        self.unfinished = [thread for thread, _ in handlers if thread.is_alive()]
+        if self.unfinished:
+            logger.warning("%d request threads still running %g s after the server closed",
+                           len(self.unfinished), self.close_timeout_s)
 
     def _refuse_connection(self, sock: socket.socket, client_address: Any) -> None:
         """503 with ``Retry-After``, without reading the request: one non-blocking send (a new
@@ -295,6 +328,10 @@ class DevServer(ThreadingHTTPServer):
             body = b"".join(response.body)
             headers = {**response.headers, "content-length": str(len(body)),
                        "connection": "close"}
+            response.close()  # recorded before the client has the answer (see _write)
+            logger.info("%s refused: %d connections open (--max-connections)",
+                        client_address[0] if isinstance(client_address, tuple)
+                        else client_address, self.max_connections)
             sock.setblocking(False)
             sock.send(_head(response.status, headers) + body)
             for _ in range(16):  # up to 1 MB already in the receive buffer
@@ -304,9 +341,6 @@ class DevServer(ThreadingHTTPServer):
             pass
         finally:
             response.close()
-        logger.info("%s refused: %d connections open (--max-connections)",
-                    client_address[0] if isinstance(client_address, tuple) else client_address,
-                    self.max_connections)
 
 
 class _RequestHandler(BaseHTTPRequestHandler):
@@ -622,7 +656,12 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def _write(self, response: Response) -> None:
         """Status and headers, then the body: a stream's events each as its own chunk for
-        HTTP/1.1, or raw until the connection closes for HTTP/1.0, sent as they come."""
+        HTTP/1.1, or raw until the connection closes for HTTP/1.0, sent as they come.
+
+        The response is closed (the request recorded: its log record and metrics) before the
+        client can see the end of the answer, so whoever reads an answer to its end finds its
+        record already written: a test's own capture holds it, rather than whatever the
+        terminal shows after the test."""
         streaming = response.headers.get("content-type") == "text/event-stream"
         chunked = streaming and self.http11
         if streaming and not chunked:
@@ -641,12 +680,14 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 headers["connection"] = "close"
             self._send_head(response.status, headers)
             if not streaming:
+                response.close()
                 if self.command != "HEAD":
                     self.wfile.write(body)
                 return
             for item in response.body:
                 if item:  # an empty chunk would end the body
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(item), item) if chunked else item)
+            response.close()  # HTTP/1.0: the end is the connection closing, after this
             if chunked:
                 self.wfile.write(b"0\r\n\r\n")
         except OSError:
@@ -687,11 +728,13 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
 def serve(host: str, port: int, app: App, *, max_streams: int = 32,
           request_timeout_s: float = 60, header_timeout_s: float = 10, timeout_s: float = 300,
-          max_connections: int = 256) -> DevServer:
-    """A started server in a background thread; ``shutdown()`` stops it."""
+          max_connections: int = 256, close_timeout_s: float = 10) -> DevServer:
+    """A started server in a background thread; ``shutdown()`` stops it, then
+    ``server_close()`` ends its connections and waits for their threads."""
     server = DevServer((host, port), app, max_streams=max_streams,
                        request_timeout_s=request_timeout_s, header_timeout_s=header_timeout_s,
-                       timeout_s=timeout_s, max_connections=max_connections)
+                       timeout_s=timeout_s, max_connections=max_connections,
+                       close_timeout_s=close_timeout_s)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="devserver",
                      daemon=True).start()
     return server
