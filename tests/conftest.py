@@ -1,8 +1,15 @@
 """Fixtures shared by the tiers: dev servers on ephemeral loopback ports, the embedded model;
-and the browser tier's duration in the summary (it must stay reasonable for CI)."""
+garbage collected after every test, so that a resource left unclosed fails the test that left
+it; and the browser tier's count and duration in the summary (it must stay reasonable for CI).
+
+``STREAMGATE_NO_SKIPS=1`` (set by ``.ci/run``) makes a skipped test fail the run: in CI every
+tier must really run. Expected failures (``xfail``) are not skips and stay allowed."""
 
 from __future__ import annotations
 
+import gc
+import os
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +21,8 @@ from streamgate.devserver import serve
 from streamgate.handler import App
 from streamgate.providers import Provider
 
+# The switch under which any skipped test fails the run (README, Tests).
+NO_SKIPS = "STREAMGATE_NO_SKIPS"
 # Dev-server threads still running when their server was closed (a provider that did not
 # stop): while any lives, no model may be freed under it.
 _UNFINISHED: list[threading.Thread] = []
@@ -76,16 +85,92 @@ def model_server(local_provider: Provider) -> Iterator[str]:
         yield url
 
 
-_BROWSER_TIER: dict[str, float] = {}
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What exists once the tests are collected (modules, the tests themselves) lives for the
+    whole run: frozen out of every later collection, so that collecting after each test scans
+    only what tests made (a full collection of the whole heap takes about a second here)."""
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """After each test (its other fixtures' teardown included), collect garbage: a socket,
+    file or generator left unclosed is finalised now, and its ResourceWarning (an error under
+    ``filterwarnings = error``) fails this test, not a later one or nobody at exit."""
+    yield
+    gc.collect()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """llama-cpp-python opens two /dev/null files when it is imported and keeps them for the
+    life of the process (llama_cpp/_utils.py, for silencing llama.cpp while a model loads).
+    Every model is loaded and freed by now: close them, so that the interpreter's exit does
+    not report them as unclosed files after the summary."""
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        file = getattr(utils, name, None)
+        if file is not None:
+            file.close()
+
+
+# -- CI: no tier may skip ---------------------------------------------------------------------
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item,
+                              call: pytest.CallInfo[None]) -> Iterator[None]:
+    """With ``STREAMGATE_NO_SKIPS=1``, a skip is reported as a failure that gives its reason."""
+    report: pytest.TestReport = yield
+    if (report.skipped and not hasattr(report, "wasxfail")
+            and os.environ.get(NO_SKIPS) == "1"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (f"skipped, which {NO_SKIPS}=1 (CI) does not allow: every tier must "
+                           f"run here. {reason}")
+    return report
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if "browser" in report.keywords:
-        _BROWSER_TIER[report.nodeid] = _BROWSER_TIER.get(report.nodeid, 0.0) + report.duration
+        _count_browser_phase(report)
+
+
+# -- the browser tier's summary ---------------------------------------------------------------
+
+_BROWSER_SECONDS: dict[str, float] = {}
+_BROWSER_OUTCOME: dict[str, str] = {}
+
+
+def _count_browser_phase(report: pytest.TestReport) -> None:
+    """One outcome per test: skipped (in any phase, before it ran), failed (in any phase), or
+    passed (its call passed); seconds of setup, call and teardown summed."""
+    _BROWSER_SECONDS[report.nodeid] = _BROWSER_SECONDS.get(report.nodeid, 0.0) + report.duration
+    before = _BROWSER_OUTCOME.get(report.nodeid)
+    if report.skipped and not hasattr(report, "wasxfail"):
+        outcome = "skipped" if before in (None, "setup", "skipped") else before
+    elif report.failed:
+        outcome = "failed"
+    elif report.when == "call":
+        outcome = "xfailed" if hasattr(report, "wasxfail") else "passed"
+    else:
+        outcome = before or "setup"
+    _BROWSER_OUTCOME[report.nodeid] = outcome
+
+
+def browser_summary() -> str | None:
+    """``browser tier: N ran (P passed, F failed), S skipped, T s``: the tests that ran, and
+    the time all of them took (setup, calls and teardown, skips included)."""
+    if not _BROWSER_OUTCOME:
+        return None
+    outcomes = list(_BROWSER_OUTCOME.values())
+    counts = {name: outcomes.count(name) for name in ("passed", "failed", "xfailed")}
+    skipped = outcomes.count("skipped")
+    ran = ", ".join(f"{n} {name}" for name, n in counts.items() if n or name != "xfailed")
+    return (f"browser tier: {len(outcomes) - skipped} ran ({ran}), {skipped} skipped, "
+            f"{sum(_BROWSER_SECONDS.values()):.1f} s (setup, calls and teardown)")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if _BROWSER_TIER:
-        terminalreporter.write_line(
-            f"browser tier: {len(_BROWSER_TIER)} tests, {sum(_BROWSER_TIER.values()):.1f} s "
-            "(setup, calls and teardown)")
+    line = browser_summary()
+    if line is not None:
+        terminalreporter.write_line(line)
