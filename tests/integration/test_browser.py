@@ -126,6 +126,34 @@ def browser() -> Iterator[Browser]:
         driver.close()
 
 
+# -- what skips the tier, and what fails it --------------------------------------------------
+
+def test_an_install_that_fails_is_a_failure_not_a_skip(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # GIVEN a lock file npm cannot read, and an empty package cache
+    broken = tmp_path / "packages"
+    broken.mkdir()
+    (broken / "package.json").write_text("{}")
+    (broken / "package-lock.json").write_text("{ not json")
+    monkeypatch.setattr(setup, "HERE", broken)
+    monkeypatch.setattr(setup, "LOCK", broken / "package-lock.json")
+    monkeypatch.setenv("STREAMGATE_BROWSER_CACHE", str(tmp_path / "cache"))
+    # WHEN the packages are installed, THEN `npm ci` fails, and that is a SetupError (the
+    # tests' failure), never the Unavailable that skips the tier
+    with pytest.raises(setup.SetupError, match="npm ci"):
+        setup.node_modules()
+    assert not issubclass(setup.SetupError, setup.Unavailable)
+
+
+def test_only_what_cannot_be_installed_here_makes_the_tier_unavailable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a process that is not root
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    # WHEN a missing package would have to be installed, THEN the tier is unavailable
+    with pytest.raises(setup.Unavailable, match="needs root"):
+        setup.apt_install(["nodejs", "npm"], "Node.js")
+
+
 # -- servers ----------------------------------------------------------------------------------
 
 @dataclass

@@ -196,6 +196,28 @@ def _error(response: requests.Response) -> dict[str, Any]:
     return error
 
 
+# --- what skips the tier, and what fails it ---------------------------------------------------
+
+def test_a_command_of_our_own_set_up_that_fails_is_a_failure_not_a_skip() -> None:
+    # GIVEN commands as the set-up runs them (apt-get, debootstrap, docker build, ...)
+    # WHEN one fails, or outlasts its time, THEN that is a SetupError (the tests' failure),
+    # never the Unavailable that skips the tier
+    with pytest.raises(samlocal.SetupError, match=r"listing nothing failed \(2\)"):
+        samlocal._run(["ls", "/nonexistent/streamgate"], timeout=30, what="listing nothing")
+    with pytest.raises(samlocal.SetupError, match="sleeping took over 0 s"):
+        samlocal._run(["sleep", "5"], timeout=0.2, what="sleeping")
+    assert not issubclass(samlocal.SetupError, samlocal.Unavailable)
+
+
+def test_only_a_missing_prerequisite_makes_the_tier_unavailable(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # GIVEN a process that is not root
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    # WHEN the engine is asked for, THEN the tier is unavailable, and says why
+    with pytest.raises(samlocal.Unavailable, match="needs root"):
+        samlocal.Engine(tmp_path).up()
+
+
 # --- sam local start-api ----------------------------------------------------------------------
 
 def test_the_readme_curl_gets_200_and_the_whole_event_stream_at_once(
