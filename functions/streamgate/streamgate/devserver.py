@@ -15,18 +15,22 @@ What it promises, whatever a client sends or fails to send:
   a request the server cannot read (400, 408, 414, 431, 505; code ``bad_http_request``), the
   server at its stream limit (429) or at its connection limit (503).
 - No client holds a thread without limit. The request line and headers must arrive within
-  ``header_timeout_s`` (also how long a kept-alive connection may sit idle between requests);
-  the body, and then the answer, within the request's time limit ``timeout_s`` (what the
-  function timeout is on Lambda; writing the answer gets a few seconds' grace so the deadline
-  event can still go out). These are wall-clock limits (:func:`streamgate.deadline.guard`): a
-  socket timeout bounds one ``recv``, not a client that trickles a byte a second. No single
-  read or write may stall longer than ``request_timeout_s``. Past ``max_connections`` open
-  connections, a new one is answered 503 by the accepting thread itself and closed.
+  ``header_timeout_s`` (also how long a kept-alive connection may sit idle between requests;
+  headers cut off after a whole request line are answered 408); the body, and then the answer,
+  within the request's time limit ``timeout_s`` (what the function timeout is on Lambda;
+  writing the answer gets a few seconds' grace so the deadline event can still go out). These
+  are wall-clock limits (:func:`streamgate.deadline.guard`, and for the head the reader's own
+  limit): a socket timeout bounds one ``recv``, not a client that trickles a byte a second. No
+  single read or write may stall longer than ``request_timeout_s``. Past ``max_connections``
+  open connections, a new one is answered 503 by the accepting thread itself and closed.
 - A body over the limit is refused 413 as soon as its size is announced (Content-Length, or
   the chunk size that would pass the limit), without reading it: memory holds one body of at
   most the limit.
 - A client that leaves while its request waits for the model frees its place at once: the
   request's :class:`~streamgate.deadline.Deadline` asks the socket whether the client is there.
+- A request's log record is written before its client sees the answer end, and closing the
+  server ends the requests still running and waits for their threads (``close_timeout_s``):
+  nothing of a closed server still generates, or writes, afterwards.
 """
 
 from __future__ import annotations
