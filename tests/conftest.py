@@ -11,13 +11,14 @@ import gc
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
 from streamgate.config import load_settings
-from streamgate.devserver import serve
+from streamgate.devserver import DevServer, serve
 from streamgate.handler import App
 from streamgate.providers import Provider
 
@@ -26,6 +27,8 @@ NO_SKIPS = "STREAMGATE_NO_SKIPS"
 # Dev-server threads still running when their server was closed (a provider that did not
 # stop): while any lives, no model may be freed under it.
 _UNFINISHED: list[threading.Thread] = []
+# Every dev server the tests started, for the end of each test to wait for.
+_SERVERS: weakref.WeakSet[DevServer] = weakref.WeakSet()
 
 
 @contextmanager
@@ -41,6 +44,7 @@ def running_dev_server(app: App, *, max_streams: int = 32, request_timeout_s: fl
                    request_timeout_s=request_timeout_s, header_timeout_s=header_timeout_s,
                    timeout_s=timeout_s, max_connections=max_connections,
                    close_timeout_s=close_timeout_s)
+    _SERVERS.add(server)
     try:
         yield f"http://127.0.0.1:{server.server_port}"
     finally:
@@ -52,6 +56,11 @@ def running_dev_server(app: App, *, max_streams: int = 32, request_timeout_s: fl
                 f"{len(server.unfinished)} request threads of the dev server still ran "
                 f"{close_timeout_s:g} s after it closed their connections: the provider did "
                 "not stop when its stream was closed")
+
+
+def dev_servers() -> list[DevServer]:
+    """The dev servers running_dev_server started that are still referenced."""
+    return list(_SERVERS)
 
 
 def close_model(provider: Provider) -> None:
@@ -95,10 +104,16 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 @pytest.fixture(autouse=True)
 def _collect_garbage() -> Iterator[None]:
-    """After each test (its other fixtures' teardown included), collect garbage: a socket,
-    file or generator left unclosed is finalised now, and its ResourceWarning (an error under
-    ``filterwarnings = error``) fails this test, not a later one or nobody at exit."""
+    """After each test (its other fixtures' teardown included): wait (10 s at most) for the
+    requests it left to the dev servers still running (the session's model server) to end,
+    so that their log records land in this test's capture rather than in pytest's output (an
+    SDK stops reading at ``data: [DONE]``, before the request is recorded); then collect
+    garbage: a socket, file or generator left unclosed is finalised now, and its
+    ResourceWarning (an error under ``filterwarnings = error``) fails this test, not a later
+    one or nobody at exit."""
     yield
+    for server in list(_SERVERS):
+        server.wait_idle(10)
     gc.collect()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -18,6 +19,7 @@ from streamgate.deadline import Deadline
 from streamgate.devserver import build_event, build_parser, serve
 from streamgate.providers import Delta, Finish, TextDelta, Usage
 from streamgate.validation import ChatRequest
+from tests.conftest import dev_servers as conftest_servers
 from tests.conftest import running_dev_server
 from tests.helpers import ScriptedProvider, make_app, sse_json
 
@@ -129,6 +131,45 @@ def test_closing_the_server_ends_the_streams_in_flight_and_waits_for_their_threa
         assert provider.closed.is_set() and not provider.finished.is_set()
         assert server.unfinished == []
         assert took < 5
+
+
+def test_the_server_is_idle_only_once_its_requests_are_over_and_recorded(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="streamgate")
+
+    # GIVEN a provider whose stream takes half a second to close, after its last delta
+    class Closing:
+        def __init__(self) -> None:
+            self._deltas = iter([TextDelta("hi"), Finish("stop")])
+
+        def __iter__(self) -> Iterator[Delta]:
+            return self
+
+        def __next__(self) -> Delta:
+            return next(self._deltas)
+
+        def close(self) -> None:
+            time.sleep(0.5)
+
+    class SlowToClose(ScriptedProvider):
+        def stream(self, request: ChatRequest, model: str,
+                   deadline: Deadline) -> Iterator[Delta]:
+            return Closing()
+
+    with running_dev_server(make_app(SlowToClose())) as url:
+        server = next(s for s in conftest_servers() if url.endswith(f":{s.server_port}"))
+        assert server.wait_idle(0)  # nothing served yet
+        # WHEN a client reads the stream up to [DONE], as the SDKs do, and stops there
+        with requests.post(url + CHAT, json={"prompt": "hi", "stream": True}, stream=True,
+                           timeout=10) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line == b"data: [DONE]")
+            # THEN the request is not over yet: the server is busy until it is recorded
+            assert not server.wait_idle(0.1)
+            assert not [r for r in caplog.records if r.getMessage() == "request"]
+            assert server.wait_idle(5)
+            assert [r.status for r in caplog.records  # type: ignore[attr-defined]
+                    if r.getMessage() == "request"] == [200]
 
 
 def test_a_thread_that_outlives_the_close_timeout_is_reported() -> None:

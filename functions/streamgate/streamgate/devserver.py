@@ -256,6 +256,26 @@ class DevServer(ThreadingHTTPServer):
         self._connections_lock = threading.Lock()
         self._handlers: dict[threading.Thread, socket.socket | tuple[bytes, socket.socket]] = {}
         self.unfinished: list[threading.Thread] = []
+        # Requests being served: from their request line to the end of their answer.
+        self._serving = 0
+        self._served = threading.Condition()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait, at most ``timeout`` seconds, until no request is being served (an idle
+        kept-alive connection is not one); whether that happened. A client that stops reading
+        at ``data: [DONE]`` may see its answer end before the request is over and recorded."""
+        with self._served:
+            return self._served.wait_for(lambda: self._serving == 0, timeout)
+
+    def _request_started(self) -> None:
+        with self._served:
+            self._serving += 1
+
+    def _request_done(self) -> None:
+        with self._served:
+            self._serving -= 1
+            if not self._serving:
+                self._served.notify_all()
 
     def cors_headers(self, origin: str | None, *, preflight: bool) -> dict[str, str]:
         """What the Function URL adds for an allowed ``Origin``; nothing for others."""
@@ -387,6 +407,14 @@ class _RequestHandler(BaseHTTPRequestHandler):
         here every method reaches the handler, which answers 405 (with ``Allow``) as the
         Function URL does.
         """
+        self._counted = False
+        try:
+            self._one_request()
+        finally:
+            if self._counted:
+                self.server._request_done()
+
+    def _one_request(self) -> None:
         self.cors = {}
         self.requestline = ""
         self.command = ""
@@ -413,6 +441,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self.raw_requestline = line
         if self._guard.fired or not line:  # closed (the client is done), or cut off
             return
+        self._counted = True  # a request: served from here to the end of its answer
+        self.server._request_started()
         try:
             if len(line) > _MAX_LINE:
                 self._reader.until = None
