@@ -28,9 +28,10 @@ What it promises, whatever a client sends or fails to send:
   most the limit.
 - A client that leaves while its request waits for the model frees its place at once: the
   request's :class:`~streamgate.deadline.Deadline` asks the socket whether the client is there.
-- A request's log record is written before its client sees the answer end, and closing the
-  server ends the requests still running and waits for their threads (``close_timeout_s``):
-  nothing of a closed server still generates, or writes, afterwards.
+- A request's log record is written before the end of its answer goes out (the last chunk,
+  or a whole body), and closing the server ends the requests still running and waits for
+  their threads (``close_timeout_s``): nothing of a closed server still generates, or writes,
+  afterwards. ``wait_idle`` waits until no request is being served.
 """
 
 from __future__ import annotations
