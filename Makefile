@@ -40,7 +40,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 test: lint $(SAM_VENV)/.installed ## Lint, types, then unit, functional and integration tests
-	$(PY) -m tests.integration.browser.setup  # Chromium (apt) and npm packages; never fails
+	$(PY) -m tests.integration.browser.setup  # Chromium, Node.js (apt), npm packages; reports
 	$(PY) -m tests.integration.clients.setup  # Codex CLI and Claude Code (npm, pinned); never fails
 	$(PY) -m pytest $(PYTEST_ARGS)
 

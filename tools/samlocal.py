@@ -19,8 +19,11 @@ What it promises (see ../shared/DESIGN.md, "sam local on a machine with no regis
   is cached under ~/.cache/streamgate/images, keyed by a hash of everything that goes into it;
   the image carries the key as a label, so a changed recipe rebuilds and an unchanged one is
   reused (SAM's `...:3.13-rapid-<arch>` image on top is dropped when the base changes).
-- Every wait is bounded; a machine that cannot do this (not root, no apt, no dockerd, dockerd
-  will not start) raises ``Unavailable`` with the reason, which tests turn into a skip.
+- Every wait is bounded. Only a machine that lacks a prerequisite we cannot install (not
+  root, no apt-get, no setsid) raises ``Unavailable`` with the reason, which tests turn into a
+  skip. Anything of our own that fails (an apt-get install, dockerd's start, debootstrap, the
+  image build, the engine's network) raises ``SetupError``: a failure, never a skip, so that a
+  regression here cannot pass as "sam local unavailable".
 
 Standard library only, so any python3 runs it.
 """
@@ -87,7 +90,13 @@ IMAGE_BUILD_S = 600
 
 
 class Unavailable(Exception):
-    """This machine cannot run `sam local` here; the message says why."""
+    """This machine lacks a prerequisite of `sam local` that we cannot install (not root, no
+    apt-get); the message says which. The only reason to skip the tier."""
+
+
+class SetupError(Exception):
+    """Setting up the engine or the image failed (a command, dockerd's start, a lock or a
+    wait): a failure to report, never a reason to skip."""
 
 
 def log(message: str) -> None:
@@ -110,9 +119,10 @@ def _run(cmd: Sequence[str], *, timeout: float, what: str, env: dict[str, str] |
         result = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
                                 env=env, cwd=cwd, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
-        raise Unavailable(f"{what} took over {timeout:.0f} s: {_tail(e.stderr or e.stdout)}") from e
+        raise SetupError(f"{what} took over {timeout:.0f} s: "
+                         f"{_tail(e.stderr or e.stdout)}") from e
     if result.returncode != 0:
-        raise Unavailable(f"{what} failed ({result.returncode}): "
+        raise SetupError(f"{what} failed ({result.returncode}): "
                           f"{_tail(result.stderr or result.stdout)}")
     return result
 
@@ -129,7 +139,7 @@ def _flock(path: Path, mode: int = fcntl.LOCK_EX, timeout: float = 3600) -> Iter
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise Unavailable(f"{path} stayed locked for {timeout:.0f} s") from None
+                    raise SetupError(f"{path} stayed locked for {timeout:.0f} s") from None
                 time.sleep(0.5)
         try:
             yield f
@@ -187,12 +197,12 @@ def ensure_binfmt(arch: str) -> None:
              what="mounting binfmt_misc")
     conf = Path(f"/usr/lib/binfmt.d/{entry}.conf")
     if not conf.exists():
-        raise Unavailable(f"{conf} missing: is qemu-user-static installed?")
+        raise SetupError(f"{conf} missing: is qemu-user-static installed?")
     line = next(x for x in conf.read_text().splitlines() if x.startswith(":"))
     try:
         (misc / "register").write_text(line)
     except OSError as e:
-        raise Unavailable(f"cannot register {entry} with binfmt_misc: {e}") from e
+        raise SetupError(f"cannot register {entry} with binfmt_misc: {e}") from e
 
 
 # --- engine ------------------------------------------------------------------------------------
@@ -284,11 +294,11 @@ class Engine:
                 started = f.read().decode(errors="replace")
             pid = _read_pid(self.pidfile)
             if "level=fatal" in started or (pid and not _alive(pid)):
-                raise Unavailable(f"dockerd cannot start: {_tail(started)}")
+                raise SetupError(f"dockerd cannot start: {_tail(started)}")
             if time.monotonic() > deadline:
                 if pid:
                     _stop_pid(pid, DOCKERD_STOP_S)
-                raise Unavailable(f"dockerd did not answer within {timeout:.0f} s: "
+                raise SetupError(f"dockerd did not answer within {timeout:.0f} s: "
                                   f"{_tail(started)}")
             time.sleep(0.2)
         # Leftovers of a run that was killed: nothing can be using them, the engine just started.
@@ -299,14 +309,14 @@ class Engine:
         if pid and not _alive(pid):
             self.pidfile.unlink(missing_ok=True)
         elif pid:
-            raise Unavailable(f"dockerd {pid} holds {self.pidfile} but does not answer on "
+            raise SetupError(f"dockerd {pid} holds {self.pidfile} but does not answer on "
                               f"{self.socket}; stop it first (python3 tools/samlocal.py down)")
 
     def _gateway(self) -> str:
         out = self.docker("network", "inspect", "bridge", "--format",
                           "{{range .IPAM.Config}}{{.Gateway}}{{end}}", timeout=30).stdout.strip()
         if not out:
-            raise Unavailable("the engine's bridge network has no gateway address")
+            raise SetupError("the engine's bridge network has no gateway address")
         return out
 
     def docker(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -357,7 +367,7 @@ def docker_cli() -> str:
     for candidate in ("/usr/bin/docker", shutil.which("docker")):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    raise Unavailable("no docker client (the docker.io package ships one)")
+    raise SetupError("no docker client (the docker.io package ships one)")
 
 
 def _read_pid(path: Path) -> int | None:
@@ -406,8 +416,8 @@ def _bridge_cidr() -> str:
         fields = line.split()
         if (len(fields) > 3 and fields[1] != BRIDGE
                 and ipaddress.ip_interface(fields[3]).network.overlaps(ours)):
-            raise Unavailable(f"{cidr} overlaps {fields[3]} on {fields[1]}; set "
-                                  "STREAMGATE_DOCKER_BRIDGE_CIDR to a free private /24")
+            raise SetupError(f"{cidr} overlaps {fields[3]} on {fields[1]}; set "
+                             "STREAMGATE_DOCKER_BRIDGE_CIDR to a free private /24")
     return cidr
 
 
@@ -532,7 +542,7 @@ def wait_http(url: str, timeout: float, process: subprocess.Popen[Any] | None = 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise Unavailable(f"{process.args!r} exited ({process.returncode})")
+            raise SetupError(f"{process.args!r} exited ({process.returncode})")
         try:
             # A server not up yet refuses at once; one that is up may take long to answer
             # (a cold start under qemu): wait for that answer rather than queue more requests.
@@ -542,7 +552,7 @@ def wait_http(url: str, timeout: float, process: subprocess.Popen[Any] | None = 
             return
         except OSError:
             time.sleep(0.2)
-    raise Unavailable(f"{url} did not answer within {timeout:.0f} s")
+    raise SetupError(f"{url} did not answer within {timeout:.0f} s")
 
 
 def sam_env(engine: Engine, arch: str) -> dict[str, str]:
@@ -589,6 +599,9 @@ def serve(port: int, arch: str) -> int:
     except Unavailable as e:
         log(f"cannot run sam local here: {e}")
         return 2
+    except SetupError as e:
+        log(f"setting up sam local failed: {e}")
+        return 1
     except KeyboardInterrupt:
         return 130
     processes: list[subprocess.Popen[Any]] = []
@@ -621,7 +634,7 @@ def serve(port: int, arch: str) -> int:
         return api.wait()
     except KeyboardInterrupt:
         return 0
-    except subprocess.SubprocessError as e:
+    except (subprocess.SubprocessError, SetupError) as e:
         log(str(e))
         return 1
     finally:
@@ -648,6 +661,9 @@ def main(argv: list[str] | None = None) -> int:
     except Unavailable as e:
         log(str(e))
         return 2
+    except SetupError as e:
+        log(f"failed: {e}")
+        return 1
     engine.keep()  # for the commands that follow; `down` stops it
     print(f"export DOCKER_HOST={engine.docker_host}  # image {image_tag(args.arch)}, "
           f"host at {engine.gateway}")

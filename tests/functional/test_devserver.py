@@ -4,7 +4,9 @@ concurrency, disconnects and request-body handling."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -14,9 +16,10 @@ import pytest
 import requests
 
 from streamgate.deadline import Deadline
-from streamgate.devserver import build_event, build_parser
+from streamgate.devserver import build_event, build_parser, serve
 from streamgate.providers import Delta, Finish, TextDelta, Usage
 from streamgate.validation import ChatRequest
+from tests.conftest import dev_servers as conftest_servers
 from tests.conftest import running_dev_server
 from tests.helpers import ScriptedProvider, make_app, sse_json
 
@@ -103,6 +106,104 @@ def test_a_client_that_disconnects_stops_generation_and_frees_its_slot() -> None
                 break
             time.sleep(0.05)
         assert r.status_code == 200
+
+
+def test_closing_the_server_ends_the_streams_in_flight_and_waits_for_their_threads() -> None:
+    # GIVEN a stream in flight from a provider that would talk for a minute, to a client that
+    # keeps its connection open
+    provider = ScriptedProvider([TextDelta("x"), *[s for _ in range(1200)
+                                                   for s in (0.05, TextDelta("y"))],
+                                 Finish("stop")])
+    server = serve("127.0.0.1", 0, make_app(provider), close_timeout_s=10)
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
+        body = json.dumps({"prompt": "hi", "stream": True}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        assert b"200 OK" in sock.recv(4096)
+        # WHEN the server is shut down and closed
+        server.shutdown()
+        started = time.monotonic()
+        server.server_close()
+        took = time.monotonic() - started
+        # THEN by the time close returns, the stream has been cut, the provider closed (the
+        # model freed) and the request's thread has ended
+        assert provider.closed.is_set() and not provider.finished.is_set()
+        assert server.unfinished == []
+        assert took < 5
+
+
+def test_the_server_is_idle_only_once_its_requests_are_over_and_recorded(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="streamgate")
+
+    # GIVEN a provider whose stream takes half a second to close, after its last delta
+    class Closing:
+        def __init__(self) -> None:
+            self._deltas = iter([TextDelta("hi"), Finish("stop")])
+
+        def __iter__(self) -> Iterator[Delta]:
+            return self
+
+        def __next__(self) -> Delta:
+            return next(self._deltas)
+
+        def close(self) -> None:
+            time.sleep(0.5)
+
+    class SlowToClose(ScriptedProvider):
+        def stream(self, request: ChatRequest, model: str,
+                   deadline: Deadline) -> Iterator[Delta]:
+            return Closing()
+
+    with running_dev_server(make_app(SlowToClose())) as url:
+        server = next(s for s in conftest_servers() if url.endswith(f":{s.server_port}"))
+        assert server.wait_idle(0)  # nothing served yet
+        # WHEN a client reads the stream up to [DONE], as the SDKs do, and stops there
+        with requests.post(url + CHAT, json={"prompt": "hi", "stream": True}, stream=True,
+                           timeout=10) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line == b"data: [DONE]")
+            # THEN the request is not over yet: the server is busy until it is recorded
+            assert not server.wait_idle(0.1)
+            assert not [r for r in caplog.records if r.getMessage() == "request"]
+            assert server.wait_idle(5)
+            assert [r.status for r in caplog.records  # type: ignore[attr-defined]
+                    if r.getMessage() == "request"] == [200]
+
+
+def test_a_thread_that_outlives_the_close_timeout_is_reported() -> None:
+    # GIVEN a provider that blocks for 3 s without yielding (it cannot be stopped sooner)
+    started = threading.Event()
+
+    class Stuck(ScriptedProvider):
+        def stream(self, request: ChatRequest, model: str,
+                   deadline: Deadline) -> Iterator[Delta]:
+            started.set()
+            time.sleep(3)
+            yield TextDelta("late")
+            yield Finish("stop")
+
+    server = serve("127.0.0.1", 0, make_app(Stuck()), close_timeout_s=0.5)
+
+    def ask() -> None:
+        with contextlib.suppress(requests.RequestException):  # the close cuts it off
+            requests.post(f"http://127.0.0.1:{server.server_port}{CHAT}",
+                          json={"prompt": "hi"}, timeout=10)
+
+    client = threading.Thread(target=ask)
+    client.start()
+    assert started.wait(10)
+    # WHEN the server is closed with a 0.5 s bound
+    server.shutdown()
+    began = time.monotonic()
+    server.server_close()
+    took = time.monotonic() - began
+    # THEN close waited the bound, no longer, and names the thread still running
+    assert 0.4 < took < 2.5
+    assert len(server.unfinished) == 1 and server.unfinished[0].is_alive()
+    server.unfinished[0].join(10)
+    client.join(10)
 
 
 def test_over_the_concurrency_limit_is_a_429_with_our_headers_and_a_request_log_record(

@@ -116,6 +116,56 @@ def test_a_cors_preflight_answer_has_no_content_length() -> None:
     assert after.status == 200
 
 
+def test_every_cors_preflight_answer_carries_its_own_request_id() -> None:
+    origin = b"http://localhost:3000"
+    preflight = (b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: %s\r\n"
+                 b"Access-Control-Request-Method: POST\r\n\r\n" % origin)
+    with running_dev_server(make_app(cors_origins=(origin.decode(),))) as url, \
+            connect(url) as sock:
+        sock.sendall(preflight)
+        first = read_response(sock)
+        sock.sendall(preflight)
+        second = read_response(sock)
+    assert first.status == second.status == 204
+    assert first.headers["x-request-id"] and second.headers["x-request-id"]
+    assert first.headers["x-request-id"] != second.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(("header_timeout_s", "request_timeout_s", "message"), [
+    (1, 30, "The request headers did not arrive within 1 s"),
+    (30, 1, "No request header data arrived for 1 s"),
+], ids=["header-timeout", "read-stalled"])
+def test_a_request_whose_headers_stop_coming_gets_a_408_and_the_connection_closed(
+        header_timeout_s: float, request_timeout_s: float, message: str) -> None:
+    # GIVEN the dev server with one of its two limits on a request head at 1 s
+    with running_dev_server(make_app(), header_timeout_s=header_timeout_s,
+                            request_timeout_s=request_timeout_s) as url, \
+            connect(url, timeout=15) as sock:
+        # WHEN a request line arrives, then half a header, then nothing
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Half: ")
+        started = time.monotonic()
+        response = read_response(sock)
+        waited = time.monotonic() - started
+        closed = closed_by_server(sock)
+    # THEN once that limit passes, the client gets our JSON 408 and the connection is closed
+    error = assert_our_error(response, 408, "bad_http_request")
+    assert error["message"] == message
+    assert response.headers["connection"] == "close" and closed
+    assert 0.5 < waited < 5
+
+
+def test_a_request_line_cut_off_by_the_header_timeout_gets_no_answer() -> None:
+    # GIVEN a 1 s header timeout
+    with running_dev_server(make_app(), header_timeout_s=1, request_timeout_s=30) as url, \
+            connect(url, timeout=15) as sock:
+        # WHEN only part of a request line arrives
+        sock.sendall(b"GET /hea")
+        started = time.monotonic()
+        # THEN the server closes the connection without a word: that is no request yet
+        assert sock.recv(1024) == b""
+        assert 0.5 < time.monotonic() - started < 5
+
+
 def test_an_empty_line_before_a_request_is_ignored() -> None:
     with running_dev_server(make_app()) as url, connect(url) as sock:
         sock.sendall(b"\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")

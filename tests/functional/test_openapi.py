@@ -28,13 +28,30 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from streamgate import devserver
 from streamgate.config import load_settings
 from streamgate.errors import RateLimitError, UpstreamError
 from streamgate.handler import dialects, routes
 from streamgate.keystore import load_template
 from streamgate.providers import Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
+from streamgate.validation import (
+    CAP_IMAGES,
+    CAP_JSON_OBJECT,
+    CAP_JSON_SCHEMA,
+    CAP_PENALTIES,
+    CAP_SEED,
+    CAP_SEQUENTIAL_TOOLS,
+    CAP_TOOLS,
+)
 from tests.conftest import running_dev_server
-from tests.helpers import ScriptedProvider, Step, default_script, make_app
+from tests.helpers import (
+    ScriptedProvider,
+    Step,
+    body_bytes,
+    chat_event,
+    default_script,
+    make_app,
+)
 
 DOCUMENT = Path(__file__).resolve().parents[2] / "openapi.yaml"
 SCHEMA = schemathesis.openapi.from_path(DOCUMENT)
@@ -338,35 +355,42 @@ def test_the_document_lists_exactly_the_handlers_routes() -> None:
     assert documented == {path: tuple(sorted(methods)) for path, methods in served.items()}
 
 
+# The capabilities that let every request field through to validation's own lines.
+_EVERYTHING = frozenset({CAP_PENALTIES, CAP_SEED, CAP_TOOLS, CAP_IMAGES, CAP_SEQUENTIAL_TOOLS,
+                         CAP_JSON_SCHEMA, CAP_JSON_OBJECT})
+_USER = [{"role": "user", "content": "hi"}]
+# One more item of an array property, for probing its documented length bounds.
+_ITEM = {"messages": lambda i: {"role": "user", "content": "hi"},
+         "tools": lambda i: {"type": "function", "function": {"name": f"tool_{i}"}},
+         "stop": lambda i: f"s{i}", "functions": lambda i: {"name": f"f{i}"}}
+
+
+def _handler_answer(body: object) -> tuple[int, object]:
+    """The handler's status for a chat body, and the param its 400 names."""
+    app = make_app(ScriptedProvider(capabilities=_EVERYTHING), metrics=False)
+    response = app.handle(chat_event(body, headers={"accept": "application/json"}))
+    raw = body_bytes(response)
+    response.close()
+    if response.status == 200:
+        return 200, None
+    return response.status, json.loads(raw)["error"]["param"]
+
+
+def _variants(prop: dict[str, Any]) -> list[dict[str, Any]]:
+    """A property's schema and each branch of its oneOf: where its bounds are."""
+    return [prop, *prop.get("oneOf", [])]
+
+
 def test_the_documented_request_bounds_are_the_enforced_ones() -> None:
-    """Every bound, enum and type the document states for a request field is exactly where the
-    service draws the line: the edge is accepted, one step past it is a 400 naming the field."""
-    import json
-
-    from streamgate.validation import (
-        CAP_IMAGES,
-        CAP_PENALTIES,
-        CAP_SEED,
-        CAP_SEQUENTIAL_TOOLS,
-        CAP_TOOLS,
-    )
-    from tests.helpers import body_bytes, chat_event
-
-    everything = frozenset({CAP_PENALTIES, CAP_SEED, CAP_TOOLS, CAP_IMAGES,
-                            CAP_SEQUENTIAL_TOOLS})
-    app = make_app(ScriptedProvider(capabilities=everything), metrics=False)
-    base: dict[str, object] = {"messages": [{"role": "user", "content": "hi"}]}
-
-    def status(body: dict[str, object]) -> tuple[int, object]:
-        response = app.handle(chat_event(body, headers={"accept": "application/json"}))
-        doc = json.loads(body_bytes(response))
-        response.close()
-        return response.status, doc.get("error", {}).get("param")
-
-    properties = load_template(DOCUMENT)["components"]["schemas"]["ChatRequest"]["properties"]
+    """Every bound, enum, type, length and pattern the document states for a request field is
+    exactly where the service draws the line: the edge is accepted, one step past it is a 400
+    naming the field."""
+    status = _handler_answer
+    base: dict[str, object] = {"messages": _USER}
+    properties = _COMPONENTS["schemas"]["ChatRequest"]["properties"]
     checked = set()
     for name, prop in properties.items():
-        if name == "messages":  # the base of every probe; prompt is probed below
+        if name in ("messages", "prompt"):  # the base of every probe; probed below
             continue
         types = prop.get("type", [])
         types = [types] if isinstance(types, str) else types
@@ -388,8 +412,143 @@ def test_the_documented_request_bounds_are_the_enforced_ones() -> None:
         if types and "string" not in types and "object" not in types:
             assert status({**base, name: "text"}) == (400, name), name  # wrong type
             checked.add(name)
+        for variant in _variants(prop):
+            if "maxItems" in variant:
+                items = [_ITEM[name](i) for i in range(variant["maxItems"] + 1)]
+                if items[:-1]:
+                    assert status({**base, name: items[:-1]})[0] == 200, name
+                assert status({**base, name: items}) == (400, name), name
+                checked.add(name)
+            if "minLength" in variant:
+                assert status({**base, name: ""}) == (400, name), name
+                checked.add(name)
+            if "pattern" in variant and "string" in types:
+                assert status({**base, name: " \t"}) == (400, name), name  # white space only
+            if "const" in variant:
+                assert status({**base, name: variant["const"]})[0] == 200, name
+                assert status({**base, name: [*variant["const"], "audio"]}) == (400, name)
+                checked.add(name)
+        if prop.get("maxProperties") == 0:
+            assert status({**base, name: {}})[0] == 200, name
+            assert status({**base, name: {"50256": -100}}) == (400, name), name
+            checked.add(name)
+    messages = properties["messages"]
+    assert status({"messages": _USER * messages["maxItems"]})[0] == 200
+    assert status({"messages": _USER * (messages["maxItems"] + 1)}) == (400, "messages")
+    assert status({"messages": []}) == (400, "messages")
     prompt = properties["prompt"]
     assert status({"prompt": "x" * prompt["maxLength"]})[0] == 200
     assert status({"prompt": "x" * (prompt["maxLength"] + 1)}) == (400, "prompt")
+    assert status({"prompt": " \t\n"}) == (400, "prompt")
     assert {"temperature", "top_p", "max_tokens", "max_completion_tokens", "n", "seed",
-            "frequency_penalty", "presence_penalty", "stream", "logprobs"} <= checked
+            "frequency_penalty", "presence_penalty", "stream", "logprobs", "tools", "stop",
+            "model", "top_logprobs", "audio", "functions", "logit_bias", "modalities",
+            "function_call"} <= checked, checked
+
+
+# Refusals that no JSON Schema in the document can state (they span fields or look inside a
+# value): the ChatRequest description lists each, and the document accepts these bodies.
+_BEYOND_THE_SCHEMA = ("appears twice", "which is not in 'tools'", "disagree; send one",
+                      "is not valid JSON", "must be a JSON object",
+                      "exceeds the maximum of 100000 characters", "nests objects and arrays")
+# Bodies validation refuses whose rules have no row in the unit tests' tables below.
+_ALSO_REFUSED: list[tuple[dict[str, Any], str]] = [
+    ({"messages": None, "prompt": None}, "messages"),
+    ({"messages": _USER, "tool_choice": "auto", "tools": []},
+     "tool_choice"),
+    ({"messages": _USER, "stream": False, "stream_options": {}}, "stream_options"),
+    ({"messages": [{"role": "assistant", "content": None}]}, "messages[0].content"),
+    ({"messages": [{"role": "assistant"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     "messages[0].content[0].text"),
+    ({"messages": [{"role": "user", "content": [1]}]}, "messages[0].content[0]"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": None, "function": {"name": "f", "arguments": ""}}]}]},
+     "messages[0].tool_calls[0]"),
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": ""}]},
+     "messages[0].tool_call_id"),
+    ({"messages": _USER, "tools": [{"type": "function", "function": {
+        "name": "f", "description": 5}}]}, "tools[0].function.description"),
+    ({"messages": _USER, "audio": {"format": "wav"}}, "audio"),
+    ({"messages": _USER, "prediction": {"type": "content"}}, "prediction"),
+    ({"messages": _USER, "web_search_options": {}}, "web_search_options"),
+    ({"messages": _USER, "modalities": ["text", "audio"]}, "modalities"),
+    ({"messages": _USER, "function_call": "auto"}, "function_call"),
+    ({"messages": _USER, "model": " "}, "model"),
+]
+# Edge cases both accept.
+_ACCEPTED: list[dict[str, Any]] = [
+    {"prompt": "hi", "messages": None},
+    {"messages": [{"role": "assistant", "content": None, "tool_calls": []}, *_USER]},
+    {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:IMAGE/PNG;base64,iVBORw0KGgo=",
+                                            "detail": "auto"}}]}]},
+    {"messages": _USER, "tool_choice": "none"},
+    {"messages": _USER, "tools": [{"type": "function", "function": {
+        "name": "f", "description": None, "parameters": None, "strict": None}}]},
+    {"messages": _USER, "logprobs": False, "functions": [], "function_call": "none",
+     "logit_bias": {}, "modalities": ["text"], "top_logprobs": None, "audio": None},
+    {"messages": _USER, "stream": True, "stream_options": {"include_usage": None}},
+    {"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "function": {"name": "f", "arguments": ""}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c"}]},
+]
+
+
+def _unit_table(test: Any) -> list[Any]:
+    """The rows of a unit test's parametrize table (tests/unit/test_validation.py)."""
+    [mark] = [m for m in test.pytestmark if m.name == "parametrize"]
+    return list(mark.args[1])
+
+
+def _refused_by_validation() -> list[tuple[Any, str, str]]:
+    """(body, message, param) for every body the unit tests show validation refusing."""
+    from tests.unit import test_validation as unit
+
+    rows = [(data, message, param) for data, message, param in
+            _unit_table(unit.test_invalid_requests_get_a_400_naming_the_param)]
+    rows += [({"messages": _USER, "response_format": fmt}, message, param) for fmt, message, param
+             in _unit_table(unit.test_invalid_response_formats_get_a_400_naming_the_field)]
+    return rows
+
+
+def test_the_document_refuses_every_request_validation_refuses() -> None:
+    """The document is no looser than validation: each body the unit tests show refused (and
+    each below) breaks the document's ChatRequest schema, unless its rule is one the document
+    says no schema states; those the schema accepts, and the handler still refuses."""
+    schema = _validator("ChatRequest")
+    rows = _refused_by_validation()
+    rows += [(body, "", param) for body, param in _ALSO_REFUSED]
+    beyond_seen = set()
+    for body, message, param in rows:
+        beyond = [b for b in _BEYOND_THE_SCHEMA if b in message]
+        if beyond:
+            beyond_seen.update(beyond)
+            assert schema.is_valid(body), (message, body)
+        else:
+            assert not schema.is_valid(body), (message or param, body)
+        if not message:  # a row of our own: the handler refuses it, naming the field
+            assert _handler_answer(body) == (400, param), body
+    assert beyond_seen == set(_BEYOND_THE_SCHEMA)  # each exception still has its row
+
+
+@pytest.mark.parametrize("body", _ACCEPTED)
+def test_the_document_and_the_service_accept_the_same_edge_cases(body: dict[str, Any]) -> None:
+    assert _validator("ChatRequest").is_valid(body)
+    assert _handler_answer(body)[0] == 200
+
+
+# What the dev server answers by itself, before the handler: the standard library's parser
+# refusals, a head or body too slow (408), a body announced over the limit (413), its stream
+# limit (429) and its connection limit (503).
+_DEV_SERVER_STATUSES = {*devserver._PROTOCOL_MESSAGES, 408, 413, 429, 503}
+
+
+def test_every_status_the_dev_server_answers_by_itself_is_documented_on_every_operation(
+) -> None:
+    for path, operations in load_template(DOCUMENT)["paths"].items():
+        for method, operation in operations.items():
+            documented = {int(status) for status in operation["responses"]}
+            missing = _DEV_SERVER_STATUSES - documented
+            assert not missing, f"{method.upper()} {path} does not document {sorted(missing)}"

@@ -86,7 +86,61 @@ def test_the_rest_api_event_has_its_own_origin_too() -> None:
         response.close()
 
 
+# What a page can make a browser POST without a preflight (the CORS-safelisted content types,
+# parameters and case as browsers send them): each carries the JSON prompt as its body.
+SIMPLE_CONTENT_TYPES = ["text/plain", "text/plain;charset=UTF-8",
+                        "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                        "Text/Plain"]
+
+
+@pytest.mark.parametrize("content_type", SIMPLE_CONTENT_TYPES)
+def test_a_simple_post_from_a_page_of_another_origin_is_refused_403_and_runs_nothing(
+        content_type: str) -> None:
+    # GIVEN the POST a page on some other site can send without asking: no preflight, a
+    # "simple" content type, the prompt as its body
+    headers = {"origin": "https://evil.example", "content-type": content_type}
+    # WHEN it reaches the handler as a Function URL event, and as a REST API event
+    status, _, raw, provider = _handle(headers)
+    event = load_event("rest-api-prompt.json")
+    event["headers"] = {**{k: v for k, v in event["headers"].items()
+                           if k.lower() != "content-type"}, **headers}
+    rest_provider = ScriptedProvider()
+    rest = make_app(rest_provider).handle(event)
+    # THEN both are refused 403 by the Origin rule, and the model never ran
+    assert status == 403 and json.loads(raw)["error"]["code"] == "origin_not_allowed"
+    assert rest.status == 403 and json.loads(body_bytes(rest))["error"]["code"] == \
+        "origin_not_allowed"
+    rest.close()
+    assert provider.requests == [] and rest_provider.requests == []
+
+
+@pytest.mark.parametrize("content_type", SIMPLE_CONTENT_TYPES)
+def test_the_same_simple_post_without_an_origin_is_served(content_type: str) -> None:
+    # curl and servers send these content types too: only the Origin decides
+    status, _, _, provider = _handle({"content-type": content_type})
+    assert status == 200 and len(provider.requests) == 1
+
+
 # -- the dev server ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content_type", SIMPLE_CONTENT_TYPES)
+def test_the_dev_server_refuses_a_simple_post_from_another_origin_and_runs_nothing(
+        content_type: str) -> None:
+    provider = ScriptedProvider()
+    with running_dev_server(make_app(provider)) as url:
+        # WHEN a page of another origin POSTs the prompt without a preflight
+        refused = requests.post(f"{url}/v1/chat/completions", data=json.dumps(PROMPT),
+                                timeout=10, headers={"origin": "https://evil.example",
+                                                     "content-type": content_type})
+        # AND the dev server's own page sends the very same request
+        own = requests.post(f"{url}/v1/chat/completions", data=json.dumps(PROMPT),
+                            timeout=10, headers={"origin": url, "content-type": content_type})
+    # THEN the other origin's is refused 403, and only the own page's ran the model
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "origin_not_allowed"
+    assert own.status_code == 200 and own.text.endswith("data: [DONE]\n\n")
+    assert len(provider.requests) == 1
+
 
 def test_curl_without_a_content_type_is_not_a_browser_and_is_served() -> None:
     # curl -d '{"prompt": ...}' sends application/x-www-form-urlencoded and no Origin
@@ -200,7 +254,7 @@ def test_every_other_route_keeps_default_src_none() -> None:
 def test_the_playground_is_off_unless_configured_and_only_answers_get() -> None:
     assert _handle({}, path="/", method="GET", body=None)[0] == 404
     status, headers, _, _ = _handle({}, path="/", method="POST", playground=True)
-    assert status == 405 and headers["allow"] == "GET"
+    assert status == 405 and headers["allow"] == "GET, HEAD"
 
 
 def test_the_dev_server_serves_the_playground_and_takes_its_origins_from_the_command_line(

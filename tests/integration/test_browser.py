@@ -41,7 +41,7 @@ from streamgate.errors import UpstreamError
 from streamgate.handler import App
 from streamgate.providers import Delta, Finish, Provider, TextDelta, Usage
 from streamgate.validation import ChatRequest
-from tests.conftest import running_dev_server
+from tests.conftest import close_model, running_dev_server
 from tests.fake_dynamodb import moto_server
 from tests.helpers import ScriptedProvider
 from tests.integration.browser import setup
@@ -124,6 +124,34 @@ def browser() -> Iterator[Browser]:
         yield driver
     finally:
         driver.close()
+
+
+# -- what skips the tier, and what fails it --------------------------------------------------
+
+def test_an_install_that_fails_is_a_failure_not_a_skip(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # GIVEN a lock file npm cannot read, and an empty package cache
+    broken = tmp_path / "packages"
+    broken.mkdir()
+    (broken / "package.json").write_text("{}")
+    (broken / "package-lock.json").write_text("{ not json")
+    monkeypatch.setattr(setup, "HERE", broken)
+    monkeypatch.setattr(setup, "LOCK", broken / "package-lock.json")
+    monkeypatch.setenv("STREAMGATE_BROWSER_CACHE", str(tmp_path / "cache"))
+    # WHEN the packages are installed, THEN `npm ci` fails, and that is a SetupError (the
+    # tests' failure), never the Unavailable that skips the tier
+    with pytest.raises(setup.SetupError, match="npm ci"):
+        setup.node_modules()
+    assert not issubclass(setup.SetupError, setup.Unavailable)
+
+
+def test_only_what_cannot_be_installed_here_makes_the_tier_unavailable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a process that is not root
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    # WHEN a missing package would have to be installed, THEN the tier is unavailable
+    with pytest.raises(setup.Unavailable, match="needs root"):
+        setup.apt_install(["nodejs", "npm"], "Node.js")
 
 
 # -- servers ----------------------------------------------------------------------------------
@@ -224,7 +252,49 @@ def model() -> Iterator[Provider]:
 
     provider = local.create(load_settings({}, provider="local"))
     yield provider
-    provider.close()
+    close_model(provider)  # never under a dev-server thread still generating with it
+
+
+@dataclass
+class Released:
+    """A provider around another that records how each of its streams ended: ``closed`` by
+    the server (its client left), or ``finished``; and when the stream let go of the model
+    (the inner stream's own close frees it)."""
+
+    inner: Provider
+    streams: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return self.inner.capabilities
+
+    def default_model(self) -> str:
+        return self.inner.default_model()
+
+    def models(self) -> list[str]:
+        return self.inner.models()
+
+    def stream(self, request: ChatRequest, model: str, deadline: Deadline) -> Iterator[Delta]:
+        record: dict[str, Any] = {"deltas": 0, "ended": None, "released_at": None}
+        self.streams.append(record)
+        inner = self.inner.stream(request, model, deadline)
+        try:
+            for delta in inner:
+                record["deltas"] += 1
+                yield delta
+            record["ended"] = "finished"
+        except GeneratorExit:
+            record["ended"] = "closed"
+            raise
+        finally:
+            close = getattr(inner, "close", None)
+            if close is not None:
+                close()
+            record["released_at"] = time.monotonic()
 
 
 # -- the playground ---------------------------------------------------------------------------
@@ -305,29 +375,48 @@ def test_the_playground_streams_the_embedded_model_token_by_token(
     assert int(stats["chunks"]) >= 20 and stats["finish"] == "length"
 
 
-def test_stop_ends_the_stream_and_frees_the_model(browser: Browser, model: Provider) -> None:
-    with dev_server(model) as url:
+def test_stop_ends_the_stream_and_frees_the_model(
+        browser: Browser, model: Provider, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="streamgate")
+    released = Released(model)
+    with dev_server(released) as url:
         _open_playground(browser, url)
-        # GIVEN a long answer streaming
+        # GIVEN a long answer streaming (1,000 tokens: a minute or more of generation)
         _ask(browser, "Explain streaming APIs", max_tokens="1000", min_tokens="1000")
         browser.wait_for("(document.querySelector('.msg.assistant .text') || {}).textContent"
                          "?.length > 40", timeout=60)
         # WHEN the user presses Stop
         browser.call("click", selector="#stop")
+        stopped = time.monotonic()
         browser.wait_for("document.body.dataset.state === 'stopped'", timeout=10)
         at_stop = browser.evaluate(ANSWER)
-        time.sleep(1.0)
-        # THEN nothing more arrives, and the page says it stopped
+        # THEN the server sees the client leave: it closes the stream, which lets go of the
+        # model, within a few tokens of the Stop, long before the answer would have ended
+        [stream] = released.streams
+        deadline = time.monotonic() + 15
+        while stream["released_at"] is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stream["ended"] == "closed", stream
+        assert stream["released_at"] - stopped < 15, stream
+        assert stream["deltas"] < 1000, stream
+        # AND nothing more arrives, and the page says it stopped
+        time.sleep(0.5)
         assert browser.evaluate(ANSWER) == at_stop
         assert browser.evaluate("document.querySelector('.msg.assistant .note').textContent") \
             == "Stopped."
         assert browser.evaluate("document.getElementById('send').disabled") is False
-        # AND the model is free at once for the next question
-        started = time.monotonic()
+        # AND the model answers the next question
         _ask(browser, "What is an API?", max_tokens="8", min_tokens="")
         browser.wait_for("document.body.dataset.state === 'done'", timeout=60)
-        assert time.monotonic() - started < 30
         _assert_clean(browser, url)
+    # AND the request log says the client left the first stream (no finish reason, no error)
+    records = [r for r in caplog.records if r.getMessage() == "request"
+               and getattr(r, "path", None) == "/v1/chat/completions"]
+    outcomes = [(r.status, r.disconnected, r.finish_reason)  # type: ignore[attr-defined]
+                for r in records]
+    assert outcomes[0] == (200, True, None), outcomes
+    assert len(outcomes) == 2 and outcomes[1][:2] == (200, False), outcomes
+    assert [s["ended"] for s in released.streams] == ["closed", "finished"]
 
 
 def test_a_400_is_rendered_as_an_error_and_the_turn_can_be_edited(

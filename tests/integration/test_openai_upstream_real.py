@@ -81,12 +81,14 @@ def _client(url: str) -> openai.OpenAI:
 
 
 def test_models_are_the_upstreams(relay: str) -> None:
-    assert [m.id for m in _client(relay).models.list()] == [MODEL]
+    with _client(relay) as client:
+        assert [m.id for m in client.models.list()] == [MODEL]
 
 
 def test_streaming_through_the_relay(relay: str) -> None:
-    chunks = list(_client(relay).chat.completions.create(
-        model=MODEL, messages=QUESTION, stream=True, max_tokens=40, temperature=0))
+    with _client(relay) as client:
+        chunks = list(client.chat.completions.create(
+            model=MODEL, messages=QUESTION, stream=True, max_tokens=40, temperature=0))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(text.split()) >= 5
     assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
@@ -95,8 +97,9 @@ def test_streaming_through_the_relay(relay: str) -> None:
 
 
 def test_non_streaming_relays_the_upstreams_usage(relay: str) -> None:
-    completion = _client(relay).chat.completions.create(
-        model=MODEL, messages=QUESTION, max_tokens=5, temperature=0)
+    with _client(relay) as client:
+        completion = client.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=5, temperature=0)
     assert completion.choices[0].finish_reason == "length"
     assert completion.usage is not None
     assert completion.usage.completion_tokens == 5 and completion.usage.prompt_tokens > 0
@@ -110,7 +113,8 @@ def test_include_usage_relays_exactly_what_the_upstream_reports(
             "temperature": 0, "stream_options": {"include_usage": True}}
     direct = sse_json(requests.post(f"{llama_server}/chat/completions", json=body,
                                     timeout=60).content)
-    chunks = list(_client(relay).chat.completions.create(**body))  # type: ignore[call-overload]
+    with _client(relay) as client:
+        chunks = list(client.chat.completions.create(**body))  # type: ignore[call-overload]
     upstream_usage = [c["usage"] for c in direct if c.get("usage")]
     ours = [c.usage for c in chunks if c.usage is not None]
     # Relayed when the upstream sends it, never invented when it does not.
@@ -120,14 +124,15 @@ def test_include_usage_relays_exactly_what_the_upstream_reports(
 
 
 def test_stop_sequences_and_max_tokens_reach_the_upstream(relay: str) -> None:
-    client = _client(relay)
-    stopped = list(client.chat.completions.create(
-        model=MODEL, messages=QUESTION, stream=True, max_tokens=60, temperature=0, stop=["e"]))
+    with _client(relay) as client:
+        stopped = list(client.chat.completions.create(
+            model=MODEL, messages=QUESTION, stream=True, max_tokens=60, temperature=0,
+            stop=["e"]))
+        capped = list(client.chat.completions.create(
+            model=MODEL, messages=QUESTION, stream=True, max_tokens=3, temperature=0))
     text = "".join(c.choices[0].delta.content or "" for c in stopped if c.choices)
     assert "e" not in text
     assert stopped[-1].choices[0].finish_reason == "stop"
-    capped = list(client.chat.completions.create(
-        model=MODEL, messages=QUESTION, stream=True, max_tokens=3, temperature=0))
     assert capped[-1].choices[0].finish_reason == "length"
 
 
@@ -139,9 +144,10 @@ class Person(BaseModel):
 def test_json_object_is_passed_on_and_honoured_by_the_real_upstream(relay: str) -> None:
     # GIVEN response_format json_object, which llama-cpp-python's server turns into its JSON
     # grammar
-    completion = _client(relay).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Describe Oslo as JSON."}],
-        response_format={"type": "json_object"}, max_tokens=200, temperature=0)
+    with _client(relay) as client:
+        completion = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Describe Oslo as JSON."}],
+            response_format={"type": "json_object"}, max_tokens=200, temperature=0)
     # THEN the relayed answer is a JSON object
     if completion.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(completion.choices[0].message.content or ""), dict)

@@ -10,6 +10,7 @@ STREAMGATE_SAM_LOCAL_ARCH=arm64 runs the tier on arm64 under qemu-user-static in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,28 @@ def _error(response: requests.Response) -> dict[str, Any]:
     return error
 
 
+# --- what skips the tier, and what fails it ---------------------------------------------------
+
+def test_a_command_of_our_own_set_up_that_fails_is_a_failure_not_a_skip() -> None:
+    # GIVEN commands as the set-up runs them (apt-get, debootstrap, docker build, ...)
+    # WHEN one fails, or outlasts its time, THEN that is a SetupError (the tests' failure),
+    # never the Unavailable that skips the tier
+    with pytest.raises(samlocal.SetupError, match=r"listing nothing failed \(2\)"):
+        samlocal._run(["ls", "/nonexistent/streamgate"], timeout=30, what="listing nothing")
+    with pytest.raises(samlocal.SetupError, match="sleeping took over 0 s"):
+        samlocal._run(["sleep", "5"], timeout=0.2, what="sleeping")
+    assert not issubclass(samlocal.SetupError, samlocal.Unavailable)
+
+
+def test_only_a_missing_prerequisite_makes_the_tier_unavailable(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # GIVEN a process that is not root
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    # WHEN the engine is asked for, THEN the tier is unavailable, and says why
+    with pytest.raises(samlocal.Unavailable, match="needs root"):
+        samlocal.Engine(tmp_path).up()
+
+
 # --- sam local start-api ----------------------------------------------------------------------
 
 def test_the_readme_curl_gets_200_and_the_whole_event_stream_at_once(
@@ -312,30 +336,71 @@ def test_request_errors_keep_their_status_through_sam(
     assert script.chat_requests() == []  # refused before any model call
 
 
+def _records(server: StartApi, request_ids: set[str],
+             timeout: float = 30) -> dict[str, dict[str, Any]]:
+    """Our request log records for these request ids, from the containers' output in SAM's
+    log (SAM writes it after the answers: waited for, bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found: dict[str, dict[str, Any]] = {}
+        for line in server.output().splitlines():
+            start = line.find('{"level"')
+            if start < 0 or '"message":"request"' not in line:
+                continue
+            with contextlib.suppress(ValueError):
+                record = json.loads(line[start:])
+                if record.get("request_id") in request_ids:
+                    found[record["request_id"]] = record
+        if len(found) == len(request_ids) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def _interval(record: dict[str, Any]) -> tuple[float, float]:
+    """When the function served a request: (start, end) in epoch seconds, from its record."""
+    end = datetime.strptime(record["timestamp"], "%Y-%m-%d %H:%M:%S,%f%z").timestamp()
+    return end - record["duration_ms"] / 1000, end
+
+
+def _running_containers(api: StartApi) -> set[str]:
+    """The containers of this sam local that are running, as the engine lists them."""
+    listed = api.tier.engine.docker("ps", "--quiet", "--no-trunc", timeout=60).stdout.split()
+    return {c for c in listed if c in set(api.containers())}
+
+
 def test_one_warm_container_serves_one_request_at_a_time(
     api: StartApi, script: FakeUpstream
 ) -> None:
-    # GIVEN an upstream that takes 1.5 s per answer
+    # GIVEN sam local with its warm container, and an upstream that takes 1.5 s per answer
     pause = 1.5
     script.replies.extend(Reply(body=[pause, text_stream("ok")]) for _ in range(2))
-    results: list[tuple[int, float]] = []
+    containers = set(api.containers())  # samconfig's EAGER: one, started up front
+    assert len(_running_containers(api)) == 1, containers
+    results: list[requests.Response] = []
 
     def call() -> None:
-        response = api.request("POST", "/v1/chat/completions",
-                               json={"prompt": "hi", "stream": True})
-        results.append((response.status_code, time.monotonic()))
+        results.append(api.request("POST", "/v1/chat/completions",
+                                   json={"prompt": "hi", "stream": True}))
 
     # WHEN two requests arrive together
-    started = time.monotonic()
     threads = [threading.Thread(target=call) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(2 * REQUEST_TIMEOUT_S + 10)
-    # THEN both succeed, the second only after the first (samconfig's EAGER: one container)
-    assert [status for status, _ in results] == [200, 200]
-    finished = sorted(t - started for _, t in results)
-    assert finished[1] >= 2 * pause, finished
+    # THEN both succeed ...
+    assert [r.status_code for r in results] == [200, 200], [r.text for r in results]
+    # ... served by that one container: SAM started no other for the second request (a
+    # second, cold, container would also have made it late) ...
+    assert set(api.containers()) == containers, api.containers()
+    assert len(_running_containers(api)) == 1, _running_containers(api)
+    # ... whose function ran them one after the other: by its own log records, the second
+    # began only once the first had ended
+    ids = {r.headers["x-request-id"] for r in results}
+    records = _records(api, ids)
+    assert set(records) == ids, records
+    first, second = sorted(_interval(r) for r in records.values())
+    assert second[0] >= first[1] - 0.05, (first, second)  # log timestamps are to the ms
 
 
 def test_managed_instances_one_warm_container_serves_overlapping_streams(

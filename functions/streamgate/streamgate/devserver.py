@@ -15,18 +15,23 @@ What it promises, whatever a client sends or fails to send:
   a request the server cannot read (400, 408, 414, 431, 505; code ``bad_http_request``), the
   server at its stream limit (429) or at its connection limit (503).
 - No client holds a thread without limit. The request line and headers must arrive within
-  ``header_timeout_s`` (also how long a kept-alive connection may sit idle between requests);
-  the body, and then the answer, within the request's time limit ``timeout_s`` (what the
-  function timeout is on Lambda; writing the answer gets a few seconds' grace so the deadline
-  event can still go out). These are wall-clock limits (:func:`streamgate.deadline.guard`): a
-  socket timeout bounds one ``recv``, not a client that trickles a byte a second. No single
-  read or write may stall longer than ``request_timeout_s``. Past ``max_connections`` open
-  connections, a new one is answered 503 by the accepting thread itself and closed.
+  ``header_timeout_s`` (also how long a kept-alive connection may sit idle between requests;
+  headers cut off after a whole request line are answered 408); the body, and then the answer,
+  within the request's time limit ``timeout_s`` (what the function timeout is on Lambda;
+  writing the answer gets a few seconds' grace so the deadline event can still go out). These
+  are wall-clock limits (:func:`streamgate.deadline.guard`, and for the head the reader's own
+  limit): a socket timeout bounds one ``recv``, not a client that trickles a byte a second. No
+  single read or write may stall longer than ``request_timeout_s``. Past ``max_connections``
+  open connections, a new one is answered 503 by the accepting thread itself and closed.
 - A body over the limit is refused 413 as soon as its size is announced (Content-Length, or
   the chunk size that would pass the limit), without reading it: memory holds one body of at
   most the limit.
 - A client that leaves while its request waits for the model frees its place at once: the
   request's :class:`~streamgate.deadline.Deadline` asks the socket whether the client is there.
+- A request's log record is written before the end of its answer goes out (the last chunk,
+  or a whole body), and closing the server ends the requests still running and waits for
+  their threads (``close_timeout_s``): nothing of a closed server still generates, or writes,
+  afterwards. ``wait_idle`` waits until no request is being served.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import argparse
 import base64
 import contextlib
 import email.utils
+import io
 import logging
 import re
 import select
@@ -50,7 +56,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from streamgate import cors
-from streamgate.config import Settings, load_settings
+from streamgate.config import Settings, load_settings, set_trace_id
 from streamgate.deadline import Deadline, guard
 from streamgate.errors import (
     HTTPProtocolError,
@@ -186,6 +192,38 @@ class _BodyError(Exception):
         self.send = send
 
 
+class _Reader(io.RawIOBase):
+    """The connection's bytes for ``rfile``. While ``until`` is set (a monotonic instant: the
+    request head's wall-clock limit), no read waits past it, nor longer than ``stall_s``: a
+    read that would raises :class:`TimeoutError` and leaves the connection whole, so that the
+    408 can still be written (the guard, which shuts the socket down, cannot allow that).
+    Otherwise each read waits as the socket's own timeout says."""
+
+    def __init__(self, sock: socket.socket, stall_s: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._stall_s = stall_s
+        self.until: float | None = None
+        self.received = 0  # bytes, all told
+        self.expired = False  # the last TimeoutError was ``until`` (not a stall)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.until is not None:
+            left = self.until - time.monotonic()
+            wait = min(left, self._stall_s)
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            if wait <= 0 or not poller.poll(wait * 1000):
+                self.expired = left <= self._stall_s
+                raise TimeoutError("no request data in time")
+        n: int = self._sock.recv_into(buffer)
+        self.received += n
+        return n
+
+
 class DevServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -195,10 +233,11 @@ class DevServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], app: App, *, max_streams: int = 32,
                  request_timeout_s: float = 60,
                  header_timeout_s: float = 10, timeout_s: float = 300,
-                 max_connections: int = 256) -> None:
+                 max_connections: int = 256, close_timeout_s: float = 10) -> None:
         for name, value in (("max_streams", max_streams), ("request_timeout_s",
                             request_timeout_s), ("header_timeout_s", header_timeout_s),
-                            ("timeout_s", timeout_s), ("max_connections", max_connections)):
+                            ("timeout_s", timeout_s), ("max_connections", max_connections),
+                            ("close_timeout_s", close_timeout_s)):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
         super().__init__(address, _RequestHandler)
@@ -211,9 +250,33 @@ class DevServer(ThreadingHTTPServer):
         # A request's time limit, as the function timeout is on Lambda: its Deadline.
         self.timeout_s = timeout_s
         self.max_connections = max_connections
+        # How long server_close waits for the threads of the connections it ends.
+        self.close_timeout_s = close_timeout_s
         self.slots = threading.BoundedSemaphore(max_streams)
         self._connections = 0
         self._connections_lock = threading.Lock()
+        self._handlers: dict[threading.Thread, socket.socket | tuple[bytes, socket.socket]] = {}
+        self.unfinished: list[threading.Thread] = []
+        # Requests being served: from their request line to the end of their answer.
+        self._serving = 0
+        self._served = threading.Condition()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait, at most ``timeout`` seconds, until no request is being served (an idle
+        kept-alive connection is not one); whether that happened. A client that stops reading
+        at ``data: [DONE]`` may see its answer end before the request is over and recorded."""
+        with self._served:
+            return self._served.wait_for(lambda: self._serving == 0, timeout)
+
+    def _request_started(self) -> None:
+        with self._served:
+            self._serving += 1
+
+    def _request_done(self) -> None:
+        with self._served:
+            self._serving -= 1
+            if not self._serving:
+                self._served.notify_all()
 
     def cors_headers(self, origin: str | None, *, preflight: bool) -> dict[str, str]:
         """What the Function URL adds for an allowed ``Origin``; nothing for others."""
@@ -234,10 +297,16 @@ class DevServer(ThreadingHTTPServer):
                 self._refuse_connection(request, client_address)
             self.shutdown_request(request)
             return
+        # ThreadingMixIn keeps no daemon thread: ours are kept, with their connections, so
+        # that server_close can end and wait for them.
+        thread = threading.Thread(target=self.process_request_thread,
+                                  args=(request, client_address), daemon=True)
         try:
-            super().process_request(request, client_address)
+            with self._connections_lock:
+                self._handlers[thread] = request
+            thread.start()
         except BaseException:
-            self._connection_closed()
+            self._connection_closed(thread)
             raise
 
     def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket],
@@ -245,11 +314,33 @@ class DevServer(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._connection_closed()
+            self._connection_closed(threading.current_thread())
 
-    def _connection_closed(self) -> None:
+    def _connection_closed(self, thread: threading.Thread) -> None:
         with self._connections_lock:
             self._connections -= 1
+            self._handlers.pop(thread, None)
+
+    def server_close(self) -> None:
+        """Stop listening, then end the connections still open and wait for their threads, at
+        most ``close_timeout_s``: a stream in flight is cut, and its thread closes the response,
+        which stops generation and frees the model. Whoever closes the model after this does
+        not free it under a running generation. Threads still running after that (a provider
+        that does not stop) are logged and left in ``unfinished``."""
+        super().server_close()
+        with self._connections_lock:
+            handlers = list(self._handlers.items())
+        for _, request in handlers:
+            sock = request if isinstance(request, socket.socket) else request[1]
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read or write at once
+        until = time.monotonic() + self.close_timeout_s
+        for thread, _ in handlers:
+            thread.join(max(0.0, until - time.monotonic()))
+        self.unfinished = [thread for thread, _ in handlers if thread.is_alive()]
+        if self.unfinished:
+            logger.warning("%d request threads still running %g s after the server closed",
+                           len(self.unfinished), self.close_timeout_s)
 
     def _refuse_connection(self, sock: socket.socket, client_address: Any) -> None:
         """503 with ``Retry-After``, without reading the request: one non-blocking send (a new
@@ -262,6 +353,10 @@ class DevServer(ThreadingHTTPServer):
             body = b"".join(response.body)
             headers = {**response.headers, "content-length": str(len(body)),
                        "connection": "close"}
+            response.close()  # recorded before the client has the answer (see _write)
+            logger.info("%s refused: %d connections open (--max-connections)",
+                        client_address[0] if isinstance(client_address, tuple)
+                        else client_address, self.max_connections)
             sock.setblocking(False)
             sock.send(_head(response.status, headers) + body)
             for _ in range(16):  # up to 1 MB already in the receive buffer
@@ -271,9 +366,6 @@ class DevServer(ThreadingHTTPServer):
             pass
         finally:
             response.close()
-        logger.info("%s refused: %d connections open (--max-connections)",
-                    client_address[0] if isinstance(client_address, tuple) else client_address,
-                    self.max_connections)
 
 
 class _RequestHandler(BaseHTTPRequestHandler):
@@ -286,6 +378,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.settimeout(self.server.request_timeout_s)
+        self.rfile.close()  # the standard library's: ours bounds a request head's reads
+        self._reader = _Reader(self.connection, self.server.request_timeout_s)
+        self.rfile = io.BufferedReader(self._reader)
         # Events are small writes that must leave at once: without this, Nagle's algorithm
         # holds the first event until the client ACKs the headers (~40 ms of delayed ACK).
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -313,33 +408,70 @@ class _RequestHandler(BaseHTTPRequestHandler):
         here every method reaches the handler, which answers 405 (with ``Allow``) as the
         Function URL does.
         """
+        self._counted = False
+        # No X-Ray header names a dev server request: never the process's _X_AMZN_TRACE_ID,
+        # which a Lambda runtime in the same process (a test's) may have left behind.
+        set_trace_id(None, process_wide=False)
+        try:
+            self._one_request()
+        finally:
+            if self._counted:
+                self.server._request_done()
+
+    def _one_request(self) -> None:
         self.cors = {}
         self.requestline = ""
         self.command = ""
         self.http11 = True
         self.close_connection = True
-        self._guard.move(time.monotonic() + self.server.header_timeout_s)
+        # The head's reads end by the header timeout (the reader), the connection itself by
+        # then plus the grace to write a 408 (the guard).
+        limit = time.monotonic() + self.server.header_timeout_s
+        self._reader.until = limit
+        self._guard.move(limit + _DEADLINE_GRACE_S)
+        received = self._reader.received
         try:
             line = self.rfile.readline(_MAX_LINE + 1)
             if line in (b"\r\n", b"\n"):  # RFC 9112 §2.2: ignore an empty line before one
                 line = self.rfile.readline(_MAX_LINE + 1)
-            self.raw_requestline = line
-            if self._guard.fired or not line:
-                # Closed (idle keep-alive, or the client is done), or cut off mid-line.
-                if line:
-                    self._log_cut("request line")
-                return
+        except TimeoutError:
+            # Idle keep-alive, or cut off mid-line: nothing to answer (no request line, no
+            # telling whether it is HTTP at all).
+            if self._reader.received > received:
+                self._log_cut("request line")
+            return
+        except OSError:  # the client reset
+            return
+        self.raw_requestline = line
+        if self._guard.fired or not line:  # closed (the client is done), or cut off
+            return
+        self._counted = True  # a request: served from here to the end of its answer
+        self.server._request_started()
+        try:
             if len(line) > _MAX_LINE:
+                self._reader.until = None
                 self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
                 return
-            if not self.parse_request():
-                return
-            if self._guard.fired:  # the headers were cut off: what was read is not a request
-                self.close_connection = True
-                self._log_cut("headers")
-                return
-        except OSError:  # a read stalled past request_timeout_s, or the client reset
+            parsed = self.parse_request()
+        except TimeoutError:
+            # The request line arrived, its headers did not: that much is a request, and
+            # it gets its answer.
+            self._reader.until = None
+            self._refuse(HTTPProtocolError(
+                f"The request headers did not arrive within {self.server.header_timeout_s:g} s"
+                if self._reader.expired else
+                f"No request header data arrived for {self.server.request_timeout_s:g} s",
+                status=408))
+            return
+        except OSError:  # the client reset
             self.close_connection = True
+            return
+        self._reader.until = None
+        if not parsed:
+            return
+        if self._guard.fired:  # cut off: what was read is not a request, and none can answer
+            self.close_connection = True
+            self._log_cut("headers")
             return
         self._serve()
 
@@ -387,6 +519,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         if self.command == "OPTIONS" and self.headers.get("access-control-request-method"):
             cors = server.cors_headers(origin, preflight=True)
             if cors:  # a preflight the Function URL would answer itself
+                cors["x-request-id"] = uuid.uuid4().hex  # as on every answer
                 if self._announces_body():
                     self.close_connection = True  # we do not read it
                     cors["connection"] = "close"
@@ -563,7 +696,12 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def _write(self, response: Response) -> None:
         """Status and headers, then the body: a stream's events each as its own chunk for
-        HTTP/1.1, or raw until the connection closes for HTTP/1.0, sent as they come."""
+        HTTP/1.1, or raw until the connection closes for HTTP/1.0, sent as they come.
+
+        The response is closed (the request recorded: its log record and metrics) before the
+        client can see the end of the answer, so whoever reads an answer to its end finds its
+        record already written: a test's own capture holds it, rather than whatever the
+        terminal shows after the test."""
         streaming = response.headers.get("content-type") == "text/event-stream"
         chunked = streaming and self.http11
         if streaming and not chunked:
@@ -574,17 +712,22 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 headers["transfer-encoding"] = "chunked"
             elif not streaming:
                 body = b"".join(response.body)
-                headers["content-length"] = str(len(body))
+                # The handler answers HEAD without GET's body, whose length it does not
+                # give: none, rather than a wrong one (RFC 9110 §8.6).
+                if self.command != "HEAD":
+                    headers["content-length"] = str(len(body))
             if self.close_connection:
                 headers["connection"] = "close"
             self._send_head(response.status, headers)
             if not streaming:
+                response.close()
                 if self.command != "HEAD":
                     self.wfile.write(body)
                 return
             for item in response.body:
                 if item:  # an empty chunk would end the body
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(item), item) if chunked else item)
+            response.close()  # HTTP/1.0: the end is the connection closing, after this
             if chunked:
                 self.wfile.write(b"0\r\n\r\n")
         except OSError:
@@ -625,11 +768,13 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
 def serve(host: str, port: int, app: App, *, max_streams: int = 32,
           request_timeout_s: float = 60, header_timeout_s: float = 10, timeout_s: float = 300,
-          max_connections: int = 256) -> DevServer:
-    """A started server in a background thread; ``shutdown()`` stops it."""
+          max_connections: int = 256, close_timeout_s: float = 10) -> DevServer:
+    """A started server in a background thread; ``shutdown()`` stops it, then
+    ``server_close()`` ends its connections and waits for their threads."""
     server = DevServer((host, port), app, max_streams=max_streams,
                        request_timeout_s=request_timeout_s, header_timeout_s=header_timeout_s,
-                       timeout_s=timeout_s, max_connections=max_connections)
+                       timeout_s=timeout_s, max_connections=max_connections,
+                       close_timeout_s=close_timeout_s)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="devserver",
                      daemon=True).start()
     return server

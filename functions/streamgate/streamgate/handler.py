@@ -219,6 +219,9 @@ class App:
                 InternalError("The server had an error while processing your request."),
                 self.dialects[0], outcome)
             admission = None
+        if outcome.method == "HEAD":  # no answer to HEAD has a body, not even an error
+            _close_body(response.body)
+            response.body = iter(())
         return self._finalise(response, outcome, admission)
 
     def refuse(self, err: StreamgateError, path: str = "") -> Response:
@@ -288,11 +291,15 @@ class App:
                     f"Requests from the origin {origin!r} are not allowed: browsers may call "
                     "this server only from its own pages and the allowed CORS origins")
             if request.path == PLAYGROUND_PATH and self.settings.playground:
-                if request.method != "GET":
+                if request.method not in ("GET", "HEAD"):
                     raise MethodNotAllowedError(
-                        f"Method {request.method} is not allowed on /; use GET", allow="GET")
+                        f"Method {request.method} is not allowed on /; use GET",
+                        allow="GET, HEAD")
                 return _playground(outcome), None
             methods, resource = self._route(request.path, dialect)
+            # HEAD wherever GET works (RFC 9110 §9.3.2): GET's answer, its body dropped below.
+            if "GET" in methods:
+                methods = (*methods, "HEAD")
             if request.method not in methods:
                 allow = ", ".join(methods)
                 raise MethodNotAllowedError(
@@ -625,6 +632,12 @@ def _answer_id(encoder: Encoder) -> str:
     trace; "" if the encoder has none."""
     builder = getattr(encoder, "builder", None)
     return str(getattr(encoder, "response_id", "") or getattr(builder, "completion_id", ""))
+
+
+def _close_body(body: Iterator[bytes]) -> None:
+    close = getattr(body, "close", None)
+    if close is not None:
+        close()
 
 
 def _close(deltas: Iterator[Delta]) -> None:
