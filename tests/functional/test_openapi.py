@@ -549,6 +549,8 @@ def test_every_status_the_dev_server_answers_by_itself_is_documented_on_every_op
 ) -> None:
     for path, operations in load_template(DOCUMENT)["paths"].items():
         for method, operation in operations.items():
+            if method == "parameters":  # the path's own, not an operation
+                continue
             documented = {int(status) for status in operation["responses"]}
             missing = _DEV_SERVER_STATUSES - documented
             assert not missing, f"{method.upper()} {path} does not document {sorted(missing)}"

@@ -184,9 +184,9 @@ def test_claude_code_gets_an_answer_from_the_embedded_model_as_make_dev_serves_i
     # context large enough for Claude Code's system prompt and tools
     readme = (ROOT / "README.md").read_text()
     assert f"STREAMGATE_ROUTES='{EMBEDDED_ROUTES}'" in readme
-    assert "STREAMGATE_LOCAL_CONTEXT_TOKENS=8192 make dev" in readme
+    assert "STREAMGATE_LOCAL_CONTEXT_TOKENS=32768 make dev" in readme
     settings = load_settings({}, provider="local", routes=EMBEDDED_ROUTES, metrics=False,
-                             local_context_tokens=8192)
+                             local_context_tokens=32768)
     app = Recording(settings)
     app.seen = []
     try:
