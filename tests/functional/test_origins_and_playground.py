@@ -191,6 +191,24 @@ def test_a_preflight_asking_for_the_openai_sdks_headers_is_allowed() -> None:
     assert refused.status_code == 403 and "access-control-allow-origin" not in refused.headers
 
 
+def test_a_preflight_for_the_messages_api_from_anthropics_sdk_in_a_browser_is_allowed() -> None:
+    # GIVEN the dev server allowing a page's origin
+    origin = "http://localhost:3000"
+    # WHEN Anthropic's SDK in that page (dangerouslyAllowBrowser), traced, preflights a call
+    asked = ("anthropic-dangerous-direct-browser-access, anthropic-version, anthropic-beta, "
+             "content-type, x-api-key, x-stainless-lang, x-stainless-retry-count, "
+             "traceparent, tracestate")
+    with running_dev_server(make_app(cors_origins=(origin,))) as url:
+        preflight = requests.options(f"{url}/v1/messages", timeout=10, headers={
+            "origin": origin, "access-control-request-method": "POST",
+            "access-control-request-headers": asked})
+    # THEN every header it asked for is allowed, and it may read Anthropic's request-id
+    allowed = {h.strip() for h in preflight.headers["access-control-allow-headers"].split(",")}
+    assert preflight.status_code == 204
+    assert {h.strip() for h in asked.split(",")} <= allowed
+    assert "request-id" in cors.EXPOSE_HEADERS
+
+
 def test_cors_exposes_the_headers_a_browser_client_reads() -> None:
     exposed = set(cors.EXPOSE_HEADERS)
     assert {"x-request-id", "retry-after", "retry-after-ms"} <= exposed

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 ALLOW_METHODS = ("POST", "GET", "DELETE")  # DELETE: /v1/responses/{id}
 # What browser clients send: ours (the playground, fetch), and the official OpenAI JavaScript
 # SDK's own headers (its preflight, captured by tests/integration/test_browser.py, must ask
-# for nothing outside this list), plus the headers OpenAI documents for clients to set.
+# for nothing outside this list), plus the headers OpenAI and Anthropic document for clients.
 ALLOW_HEADERS = (
     "content-type", "authorization", "accept",
     "x-stainless-arch", "x-stainless-lang", "x-stainless-os", "x-stainless-package-version",
@@ -34,12 +34,15 @@ ALLOW_HEADERS = (
     "x-stainless-custom-poll-interval",
     "openai-organization", "openai-project", "openai-beta",
     "idempotency-key", "x-request-id", "x-client-request-id",
+    # Anthropic's SDK (the Messages dialect) and W3C trace context (streamgate/tracing.py)
+    "x-api-key", "anthropic-version", "anthropic-beta",
+    "anthropic-dangerous-direct-browser-access", "traceparent", "tracestate",
 )
 EXPOSE_HEADERS = ("retry-after", "retry-after-ms", "x-request-id",
                   "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
                   "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens",
                   "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens",
-                  "x-streamgate-backend")
+                  "x-streamgate-backend", "request-id")
 MAX_AGE = 600
 
 
