@@ -166,6 +166,25 @@ def test_errors_before_the_first_byte_are_real_statuses(
         assert response.headers["retry-after"] == "2"
 
 
+def test_a_refusal_naming_the_functions_role_and_account_tells_the_client_neither(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # GIVEN Bedrock refusing the function's role, as AWS words it
+    refusal = ("User: arn:aws:sts::123456789012:assumed-role/streamgate-FnRole-AB12/streamgate "
+               "is not authorized to perform: bedrock:InvokeModelWithResponseStream on "
+               "resource: arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.x")
+    with FakeBedrock([Reply(403, "AccessDeniedException", refusal)]) as fake:
+        response = _app(fake, bedrock_max_attempts=1).handle(
+            chat_event({"prompt": "hi", "stream": True}, headers=JSON))
+        body = json.loads(body_bytes(response))
+    # THEN the client gets a 403 saying what was refused, without our role or account
+    assert response.status == 403 and body["error"]["code"] == "permission_denied"
+    message = body["error"]["message"]
+    assert "not authorized to perform: bedrock:InvokeModelWithResponseStream" in message
+    assert "123456789012" not in message and "FnRole" not in message
+    # AND the operator's log has the whole refusal
+    assert any("123456789012:assumed-role" in r.getMessage() for r in caplog.records)
+
+
 def test_throttling_inside_the_first_events_is_still_a_real_429() -> None:
     frames = [text_events()[0], stream_exception("throttlingException", "slow down")]
     with FakeBedrock([Reply(frames=frames)]) as fake:

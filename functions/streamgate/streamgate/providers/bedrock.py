@@ -107,6 +107,7 @@ STOP_REASONS: dict[str, FinishReason] = {
 # Bedrock error code (HTTP errors and in-stream exceptions alike) → our error class.
 _ERRORS: dict[str, type[StreamgateError]] = {
     "AccessDeniedException": PermissionDeniedError,
+    "AccessDenied": PermissionDeniedError,  # STS, assuming BedrockRoleArn
     "UnrecognizedClientException": PermissionDeniedError,
     "ResourceNotFoundException": NotFoundError,
     "ValidationException": RequestError,
@@ -865,8 +866,18 @@ def map_error(exc: Exception) -> StreamgateError:
     return UpstreamError("Amazon Bedrock failed unexpectedly")
 
 
+# Who we are, as AWS names it in a refusal ("User: arn:aws:sts::123456789012:assumed-role/
+# streamgate-role/fn is not authorized to perform ..."): the function's role, session and
+# account are ours to log, not a client's to read.
+_IDENTITY = re.compile(r"arn:aws[\w-]*:(?:sts|iam)::\d{12}:[^\s,;]+")
+_ACCOUNT = re.compile(r"(?<![\w-])\d{12}(?![\w-])")
+
+
 def _error(code: str, message: str) -> StreamgateError:
     cls = _ERRORS.get(code, UpstreamError)
+    if _IDENTITY.search(message) or _ACCOUNT.search(message):
+        logger.warning("Amazon Bedrock refused the call (%s): %s", code[:64], message[:1000])
+        message = _ACCOUNT.sub("[account]", _IDENTITY.sub("[the function's role]", message))
     message, code = relayed(message), relayed(code)[:64]
     text = f"Amazon Bedrock: {message}" if message else f"Amazon Bedrock: {code or 'an error'}"
     transient = code in _TRANSIENT
