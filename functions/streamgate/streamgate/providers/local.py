@@ -48,6 +48,7 @@ from streamgate.errors import (
 )
 from streamgate.providers import Delta, Finish, TextDelta, Usage
 from streamgate.validation import (
+    CAP_COUNT_TOKENS,
     CAP_JSON_OBJECT,
     CAP_JSON_SCHEMA,
     CAP_MIN_TOKENS,
@@ -55,6 +56,7 @@ from streamgate.validation import (
     CAP_SEED,
     CAP_SEQUENTIAL_TOOLS,
     CAP_TOOLS,
+    CAP_TOP_K,
 )
 
 if TYPE_CHECKING:
@@ -147,7 +149,8 @@ def _sha256(path: Path) -> str:
 class LocalProvider:
     name = "local"
     capabilities = frozenset({CAP_PENALTIES, CAP_SEED, CAP_MIN_TOKENS, CAP_JSON_SCHEMA,
-                              CAP_JSON_OBJECT, CAP_TOOLS, CAP_SEQUENTIAL_TOOLS})
+                              CAP_JSON_OBJECT, CAP_TOOLS, CAP_SEQUENTIAL_TOOLS, CAP_TOP_K,
+                              CAP_COUNT_TOKENS})
 
     def __init__(self, llm: Any, settings: Settings) -> None:
         self._llm = llm
@@ -166,6 +169,15 @@ class LocalProvider:
 
     def models(self) -> list[str]:
         return [MODEL_ID]
+
+    def count_tokens(self, request: ChatRequest, model: str, deadline: Deadline) -> int:
+        """The tokens of the prompt :meth:`stream` would give the model (its input usage):
+        the same document, tokenised by the model's own vocabulary. Tokenising reads only
+        the vocabulary, so it needs no turn at the model."""
+        from streamgate.providers.localtools import render_tools
+
+        document = render_prompt(request.messages, render_tools(request))
+        return len(self._llm.tokenize(document.encode("utf-8"), add_bos=True))
 
     def stream(self, request: ChatRequest, model: str, deadline: Deadline) -> Iterator[Delta]:
         from streamgate.providers import localtools
@@ -262,11 +274,12 @@ class LocalProvider:
         produced = 0
         reason: Any = "length"
         stopped_at_sequence = False
+        stop_sequence: str | None = None
         for token in llm.generate(
             prompt,
             temp=_TEMPERATURE if request.temperature is None else request.temperature,
             top_p=_TOP_P if request.top_p is None else request.top_p,
-            top_k=_TOP_K,
+            top_k=_TOP_K if request.top_k is None else request.top_k,
             repeat_penalty=_REPEAT_PENALTY,
             frequency_penalty=request.frequency_penalty or 0.0,
             presence_penalty=request.presence_penalty or 0.0,
@@ -285,11 +298,15 @@ class LocalProvider:
             if not started:
                 pending = pending.lstrip()
                 started = bool(pending)
-            cut = _find_stop(pending, stops if produced >= floor else request.stop)
-            if cut is not None:
+            found = _find_stop(pending, stops if produced >= floor else request.stop)
+            if found is not None:
+                cut, matched = found
                 pending = pending[:cut]
                 reason = "stop"
                 stopped_at_sequence = True
+                # The client's own sequence is named (Anthropic's stop_sequence); the end of
+                # the prompt's frame is the model ending by itself.
+                stop_sequence = matched if matched in request.stop else None
                 break
             if produced >= max_tokens:
                 break
@@ -300,7 +317,7 @@ class LocalProvider:
             pending += decoder.decode(b"", final=True)
         if pending:
             yield TextDelta(pending)
-        yield Finish(reason)
+        yield Finish(reason, stop_sequence)
         yield Usage(prompt_tokens=len(prompt), completion_tokens=produced)
 
     def _no_end_before(self, prompt_tokens: int, floor: int) -> Any:
@@ -325,9 +342,10 @@ class LocalProvider:
         return processor
 
 
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
+def _find_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
+    """Where the earliest of ``stops`` begins in ``text``, and which one it is."""
+    found = [(i, s) for i, s in ((text.find(s), s) for s in stops) if i >= 0]
+    return min(found, key=lambda f: f[0]) if found else None
 
 
 def create(settings: Settings) -> LocalProvider:
