@@ -23,8 +23,9 @@ Hierarchy::
     │   └── UpstreamTimeoutError     504
     ├── DeadlineExceededError        504 generation stopped before the Lambda deadline
     ├── ClientClosedError            499 the client left before the answer began (dev server)
-    ├── ServiceUnavailableError      503 a dependency of ours (the keys table) is down
-    │   └── KeyStoreError            (keystore.py) the keys table failed; names the cause for logs
+    ├── ServiceUnavailableError      503 a dependency of ours (a DynamoDB table) is down
+    │   ├── KeyStoreError            (keystore.py) the keys table failed; names the cause for logs
+    │   └── ResponseStoreError       (responsestore_dynamodb.py) the Responses store failed
     └── InternalError                500 a bug; its message never leaks internals
 """
 
