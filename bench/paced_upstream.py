@@ -2,7 +2,8 @@
 POST .../chat/completions is answered 200 with the first chunk after --first-token-ms, then
 --chunks content chunks --interval-ms apart, a finish chunk, usage and [DONE], over HTTP/1.1
 keep-alive. A request for the model ``paced-<chunks>-<interval µs>`` sets both for itself
-(bench_pipeline.py's Lambda-loop figures use several lengths and paces from one server).
+(bench_pipeline.py's Lambda-loop figures use several lengths and paces from one server); an
+interval of 0 sends the whole answer in one write, so a reader is never waiting for it.
 Prints its port, then serves until terminated."""
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def main() -> int:
                                             "total_tokens": chunks + 13}}))
             events.append(_event("[DONE]"))
             time.sleep(args.first_token_ms / 1000)
+            if not interval_s:  # back to back: the whole answer at once, as fast as TCP goes
+                events = [b"".join(events)]
             try:
                 for n, event in enumerate(events):
                     if 1 <= n <= chunks and interval_s:
