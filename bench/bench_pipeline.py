@@ -24,7 +24,10 @@
    its own process, back to back and paced 1 ms and 25 ms apart; beside it, on the same
    sockets, a bare loop that only reads the upstream and writes each read as one chunk (the
    floor). CPU per relayed chunk of the loop's thread (and of the deadline watchdog's), as
-   the marginal cost: (long stream - short stream) / (chunks between them), medians.
+   the marginal cost: (long stream - short stream) / (chunks between them), medians. The same
+   for Bedrock (ConverseStream from the fake Bedrock of the tests, botocore's real parser):
+   there both peers run in a helper process and the figure is this whole process's CPU (the
+   stream's reader thread included); it has no bare loop.
 5. The upstream SSE decoder: one event of 2, 4, 8 and 16 MB fed in 64 KB reads (the cost must
    grow linearly: the ratio to the 2 MB figure should stay near 1, 2, 4, 8), and small events.
 
@@ -460,6 +463,79 @@ def bench_lambda_loop() -> dict[str, tuple[float, float]]:
     return results
 
 
+# A helper process serving the fake Runtime API and the fake Bedrock of the tests for
+# bench_lambda_loop_bedrock: Bedrock's answers per the JSON on its argv (each reply's chunk
+# count and pause), the events one per reply; prints both addresses.
+_BEDROCK_PEERS = """
+import json, sys, threading
+from tests.fake_bedrock import FakeBedrock, Reply, text_events
+from tests.fake_runtime_api import FakeRuntimeAPI
+from tests.helpers import chat_event
+plan = json.loads(sys.argv[1])
+replies = []
+for n, pause in plan:
+    frames = text_events(*[" tok"] * n, usage=(12, n))
+    if pause:
+        frames = [x for f in frames for x in (f, pause)]
+    else:
+        frames = [b"".join(frames)]
+    replies.append(Reply(frames=frames))
+event = chat_event({"model": "m", "stream": True, "stream_options": {"include_usage": True},
+                    "messages": [{"role": "user", "content": "Explain streaming APIs"}]})
+with FakeBedrock(replies) as bedrock, FakeRuntimeAPI([event] * len(plan),
+                                                     deadline_in_ms=600_000) as api:
+    print(api.address, bedrock.url, flush=True)
+    sys.stdin.read()
+"""
+
+
+def bench_lambda_loop_bedrock() -> dict[str, float]:
+    """Per pace: the Lambda loop's CPU per relayed chunk (µs) with the Bedrock provider."""
+    import subprocess
+    import sys
+
+    import boto3
+    from botocore.config import Config
+
+    from streamgate import runtime, telemetry
+    from streamgate.providers.bedrock import BedrockProvider
+
+    telemetry.logger()
+    logging.getLogger("streamgate").setLevel(logging.WARNING)
+    results: dict[str, float] = {}
+    print("Lambda loop, Bedrock provider relaying the fake Bedrock (helper process); CPU of "
+          "this process per relayed chunk, marginal, medians")
+    for label, us, short, long, rounds in LOOP_PACES:
+        plan = [(n, us / 1e6) for _ in range(rounds) for n in (short, long)]
+        peers = subprocess.Popen([sys.executable, "-c", _BEDROCK_PEERS, json.dumps(plan)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert peers.stdout is not None and peers.stdin is not None
+        address, url = peers.stdout.readline().split()
+        settings = load_settings({}, provider="bedrock", auth="none", metrics=False,
+                                 default_model="m")
+        client = boto3.client("bedrock-runtime", endpoint_url=url, region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing",
+                              config=Config(retries={"mode": "standard",
+                                                     "total_max_attempts": 1}))
+        app = App(settings, BedrockProvider(settings, client))
+        cpu: dict[int, list[float]] = {short: [], long: []}
+        try:
+            for n, _ in plan:
+                c0 = time.process_time()
+                assert runtime.run(app, environ={"AWS_LAMBDA_RUNTIME_API": address},
+                                   max_invocations=1) == 0
+                cpu[n].append(time.process_time() - c0)
+        finally:
+            peers.stdin.close()
+            peers.wait(30)
+            client.close()
+        per_chunk = ((statistics.median(cpu[long]) - statistics.median(cpu[short]))
+                     / (long - short) * 1e6)
+        results[label] = per_chunk
+        print(f"  {label:13s} Lambda loop {per_chunk:6.1f} us per chunk")
+    return results
+
+
 def bench_decoder() -> None:
     from streamgate.sse import Decoder
 
@@ -500,12 +576,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.only_loop:
         bench_lambda_loop()
+        bench_lambda_loop_bedrock()
         return
     if not args.only_model:
         bench_pipeline(rounds=2000, chunks_n=20_000)
         bench_relay(streams=30, chunks_n=500)
         bench_embeddings_relay(requests_n=200)
         bench_lambda_loop()
+        bench_lambda_loop_bedrock()
         bench_decoder()
     if not args.skip_model:
         bench_embeddings_model(args.requests)
