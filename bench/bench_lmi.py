@@ -165,6 +165,8 @@ def main() -> int:
     parser.add_argument("--first-token-ms", type=float, default=150)
     parser.add_argument("--chunks", type=int, default=40)
     parser.add_argument("--interval-ms", type=float, default=25)
+    parser.add_argument("--models", default="threads,processes",
+                        help="comma-separated: threads, processes (default both)")
     args = parser.parse_args()
     ns = [int(n) for n in args.concurrency.split(",")]
 
@@ -187,7 +189,7 @@ def main() -> int:
         print(header)
         print("-" * len(header))
         for n in ns:
-            for model in ("threads", "processes"):
+            for model in args.models.split(","):
                 r = serve(model, n, args.rounds, upstream)
                 results.append(r)
                 print(f"{r.model:<10}{r.n:>4}{r.streams:>9}{r.rss_mib:>8.1f} MiB"

@@ -103,3 +103,32 @@ def test_an_lf_only_event_past_the_limit_is_refused() -> None:
     # WHEN an event's data lines add up to more, THEN it is refused
     with pytest.raises(sse.EventTooLargeError):
         decoder.feed(b"data: 12345\ndata: 67890\n")
+
+
+EVENTS = ['{"a": 1}', ' {"a": 1}', '{"a": 1} ', '{"a": 1}{"b": 2}', '{"a": 1} x', "\ufeff{}",
+          "[1, 2]", '"text"', "NaN", "1e400", "", " ", "{", '{"a": "\ud800"}', "[" * 100_000,
+          "null", "true false"]
+
+
+@pytest.mark.parametrize("data", EVENTS, ids=[str(i) for i in range(len(EVENTS))])
+def test_an_event_parses_as_json_loads_parses_it(data: str) -> None:
+    import json
+    import math
+
+    from streamgate.errors import UpstreamError
+    from streamgate.providers.openai import _json
+
+    # WHEN an event's data is parsed on the short path and by json.loads
+    try:
+        expected: Any = json.loads(data)
+    except (ValueError, RecursionError):
+        expected = UpstreamError
+    try:
+        got: Any = _json(data)
+    except UpstreamError:
+        got = UpstreamError
+    # THEN both accept the same documents, equal, and refuse the same ones
+    if isinstance(expected, float) and math.isnan(expected):
+        assert isinstance(got, float) and math.isnan(got)
+    else:
+        assert got == expected

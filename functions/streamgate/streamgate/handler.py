@@ -513,6 +513,15 @@ def _observe(
         deadline.check()  # stop before the Lambda deadline rather than be killed mid-write
         group: list[Output] = []
         for piece in delta.deltas if isinstance(delta, Batch) else (delta,):
+            if type(piece) is TextDelta:  # nearly every one: the same steps as below, inline
+                if outcome.first_token_at is None:
+                    outcome.first_token_at = time.monotonic()
+                outcome.deltas += 1
+                outcome.produced_chars += len(piece.text)
+                if log_content:
+                    outcome.completion_text.append(piece.text)
+                group.append(piece)
+                continue
             if isinstance(piece, Usage):
                 outcome.usage = piece
                 continue

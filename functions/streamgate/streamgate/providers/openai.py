@@ -21,9 +21,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from streamgate import sse, telemetry
 from streamgate.credentials import ApiKey, api_key
@@ -275,11 +275,13 @@ class OpenAIProvider:
                         if event.data == "[DONE]":
                             done = True
                             break
-                        for delta in chunks.deltas(_json(event.data)):
-                            timer.saw(delta)
-                            got.append(delta)
+                        got += chunks.deltas(_json(event.data))
                 except StreamgateError as e:
                     failure = e
+                for delta in reversed(got):  # they came at one moment: the last output says it
+                    if not isinstance(delta, (Finish, Usage)):
+                        timer.saw(delta)
+                        break
                 if got:
                     yield got[0] if len(got) == 1 else Batch(tuple(got))
                 if failure is not None:
@@ -444,7 +446,20 @@ def _stream_error(error: Any, secrets: tuple[str, ...]) -> StreamgateError:
                          else None)
 
 
+# json's own scanner (C), as JSONDecoder.raw_decode calls it; typeshed does not declare it.
+_scan: Callable[[str, int], tuple[Any, int]] = cast(Any, json.JSONDecoder()).scan_once
+
+
 def _json(data: str | bytes) -> Any:
+    # An event's text: json.loads without its two whitespace matches. What scans whole from
+    # the first character is what json.loads gives; the rest gets json.loads's own verdict.
+    if type(data) is str:
+        try:
+            doc, end = _scan(data, 0)
+            if end == len(data):
+                return doc
+        except (StopIteration, ValueError, RecursionError):
+            pass
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as e:
