@@ -17,7 +17,7 @@ SAM_VENV := .venv-sam
 SAM := $(SAM_VENV)/bin/sam
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: dev test lint bench bench-lambda bench-load bench-lmi template-lmi build validate sam-local clean
+.PHONY: dev test lint bench bench-relay bench-lambda bench-load bench-lmi template-lmi build validate sam-local clean
 
 # --no-compile: pip would byte-compile every module of ~200 packages (botocore, sympy, moto...)
 # up front, minutes on two shared cores; Python compiles what a run imports, when it imports it.
@@ -67,6 +67,9 @@ sam-local: $(VENV)/.installed $(SAM_VENV)/.installed ## sam local start-api --po
 
 bench: $(VENV)/.installed ## Pipeline and embedded-model figures (see README)
 	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) bench/bench_pipeline.py
+
+bench-relay: $(VENV)/.installed ## The Lambda loop relaying an upstream: CPU per chunk vs a bare loop
+	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) bench/bench_pipeline.py --only-loop
 
 bench-lambda: $(VENV)/.installed ## Cold start vs FastAPI+uvicorn, peak RSS, zip size
 	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) bench/bench_coldstart.py

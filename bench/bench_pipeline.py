@@ -19,7 +19,16 @@
    one input and for batches of 32, and what the pipeline adds over calling the embedder
    directly); and the relay (the openai embedder against a scripted upstream on loopback):
    added latency and CPU per request over calling the embedder directly.
-4. The upstream SSE decoder: one event of 2, 4, 8 and 16 MB fed in 64 KB reads (the cost must
+4. The Lambda loop relaying the openai provider (issue 25): ``runtime.run`` in this process
+   against the fake Runtime API of the tests, the paced upstream (bench/paced_upstream.py) in
+   its own process, back to back and paced 1 ms and 25 ms apart; beside it, on the same
+   sockets, a bare loop that only reads the upstream and writes each read as one chunk (the
+   floor). CPU per relayed chunk of the loop's thread (and of the deadline watchdog's), as
+   the marginal cost: (long stream - short stream) / (chunks between them), medians. The same
+   for Bedrock (ConverseStream from the fake Bedrock of the tests, botocore's real parser):
+   there both peers run in a helper process and the figure is this whole process's CPU (the
+   stream's reader thread included); it has no bare loop.
+5. The upstream SSE decoder: one event of 2, 4, 8 and 16 MB fed in 64 KB reads (the cost must
    grow linearly: the ratio to the 2 MB figure should stay near 1, 2, 4, 8), and small events.
 
 Prints medians measured in this one run; machines here are shared, so compare ratios, not runs.
@@ -353,6 +362,180 @@ def bench_embeddings_relay(requests_n: int) -> None:
           f"{added:5.2f} ms; CPU per request {statistics.median(cpu) * 1000:5.2f} ms")
 
 
+def _thread_cpu_s(name: str) -> float:
+    """CPU seconds of the running thread called ``name`` (0 if there is none)."""
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.name == name and thread.ident is not None:
+            return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    return 0.0
+
+
+# (label, interval in µs, chunks of a short and of a long stream, rounds)
+LOOP_PACES = [("back to back", 0, 100, 2000, 7), ("paced 1 ms", 1000, 50, 500, 5),
+              ("paced 25 ms", 25000, 8, 48, 3)]
+
+
+def bench_lambda_loop() -> dict[str, tuple[float, float]]:
+    """Per pace: the Lambda loop's and a bare loop's CPU per relayed chunk (µs), medians."""
+    import http.client
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from streamgate import deadline, runtime, telemetry
+    from tests.fake_runtime_api import FakeRuntimeAPI
+    from tests.helpers import chat_event
+
+    telemetry.logger()  # Powertools sets the level as it builds the logger: build it first,
+    logging.getLogger("streamgate").setLevel(logging.WARNING)  # then no record per stream
+    root = Path(__file__).resolve().parent
+    upstream_process = subprocess.Popen(
+        [sys.executable, str(root / "paced_upstream.py"), "--first-token-ms", "0"],
+        stdout=subprocess.PIPE, text=True)
+    assert upstream_process.stdout is not None
+    port = int(upstream_process.stdout.readline().split()[-1])
+    models = tuple(f"paced-{n}-{us}" for _, us, short, long, _ in LOOP_PACES
+                   for n in (short, long))
+    settings = load_settings({}, provider="openai", auth="none", metrics=False,
+                             upstream_base_url=f"http://127.0.0.1:{port}/v1",
+                             upstream_models=models)
+    app = App(settings)
+    # The watchdog thread exists from the first guard on; start it now to count its CPU.
+    deadline.guard(__import__("socket").socket(), time.monotonic() + 3600).cancel()
+
+    def loop_cpu(api: FakeRuntimeAPI) -> float:
+        c0 = time.thread_time() + _thread_cpu_s("streamgate-watchdog")
+        assert runtime.run(app, environ={"AWS_LAMBDA_RUNTIME_API": api.address},
+                           max_invocations=1) == 0
+        return time.thread_time() + _thread_cpu_s("streamgate-watchdog") - c0
+
+    def bare_cpu(api: FakeRuntimeAPI, model: str) -> float:
+        body = json.dumps({"model": model, "stream": True, "messages": []})
+        c0 = time.thread_time()
+        upstream = http.client.HTTPConnection("127.0.0.1", port)
+        sink = http.client.HTTPConnection(*api.address.split(":"))
+        upstream.request("POST", "/v1/chat/completions", body,
+                         {"content-type": "application/json"})
+        answer = upstream.getresponse()
+        sink.putrequest("POST", "/2018-06-01/runtime/invocation/bare/response")
+        sink.putheader("Transfer-Encoding", "chunked")
+        sink.endheaders()
+        assert sink.sock is not None
+        while data := answer.read1(65536):
+            sink.sock.sendall(b"%x\r\n%s\r\n" % (len(data), data))
+        sink.sock.sendall(b"0\r\n\r\n")
+        sink.getresponse().read()
+        cpu = time.thread_time() - c0
+        upstream.close()
+        sink.close()
+        return cpu
+
+    results: dict[str, tuple[float, float]] = {}
+    print("Lambda loop, openai provider relaying the paced upstream (its own process); CPU per "
+          "relayed chunk, marginal (long - short stream), medians")
+    try:
+        for label, us, short, long, rounds in LOOP_PACES:
+            cpu: dict[tuple[str, int], list[float]] = {}
+            events = [chat_event({"model": f"paced-{n}-{us}", "stream": True,
+                                  "stream_options": {"include_usage": True},
+                                  "messages": [{"role": "user", "content": PROMPT}]})
+                      for _ in range(rounds) for n in (short, long)]
+            with FakeRuntimeAPI(events, deadline_in_ms=600_000) as api:
+                for _ in range(rounds):  # interleaved, so drift falls on all alike
+                    for n in (short, long):
+                        cpu.setdefault(("loop", n), []).append(loop_cpu(api))
+                        cpu.setdefault(("bare", n), []).append(bare_cpu(api, f"paced-{n}-{us}"))
+                posted = [p for p in api.posted if "/bare/" not in p.path]
+                assert all(p.chunks[-1][1].endswith(b"data: [DONE]\n\n") and not p.trailers
+                           for p in posted), "a relayed stream did not end well"
+            loop, bare = (
+                (statistics.median(cpu[(kind, long)]) - statistics.median(cpu[(kind, short)]))
+                / (long - short) * 1e6 for kind in ("loop", "bare"))
+            results[label] = (loop, bare)
+            print(f"  {label:13s} Lambda loop {loop:6.1f} us per chunk   bare loop {bare:6.1f} us"
+                  f"   ratio {loop / bare:4.2f}x")
+    finally:
+        upstream_process.terminate()
+        upstream_process.wait(10)
+        app.router.close()
+    return results
+
+
+# A helper process serving the fake Runtime API and the fake Bedrock of the tests for
+# bench_lambda_loop_bedrock: Bedrock's answers per the JSON on its argv (each reply's chunk
+# count and pause), the events one per reply; prints both addresses.
+_BEDROCK_PEERS = """
+import json, sys, threading
+from tests.fake_bedrock import FakeBedrock, Reply, text_events
+from tests.fake_runtime_api import FakeRuntimeAPI
+from tests.helpers import chat_event
+plan = json.loads(sys.argv[1])
+replies = []
+for n, pause in plan:
+    frames = text_events(*[" tok"] * n, usage=(12, n))
+    if pause:
+        frames = [x for f in frames for x in (f, pause)]
+    else:
+        frames = [b"".join(frames)]
+    replies.append(Reply(frames=frames))
+event = chat_event({"model": "m", "stream": True, "stream_options": {"include_usage": True},
+                    "messages": [{"role": "user", "content": "Explain streaming APIs"}]})
+with FakeBedrock(replies) as bedrock, FakeRuntimeAPI([event] * len(plan),
+                                                     deadline_in_ms=600_000) as api:
+    print(api.address, bedrock.url, flush=True)
+    sys.stdin.read()
+"""
+
+
+def bench_lambda_loop_bedrock() -> dict[str, float]:
+    """Per pace: the Lambda loop's CPU per relayed chunk (µs) with the Bedrock provider."""
+    import subprocess
+    import sys
+
+    import boto3
+    from botocore.config import Config
+
+    from streamgate import runtime, telemetry
+    from streamgate.providers.bedrock import BedrockProvider
+
+    telemetry.logger()
+    logging.getLogger("streamgate").setLevel(logging.WARNING)
+    results: dict[str, float] = {}
+    print("Lambda loop, Bedrock provider relaying the fake Bedrock (helper process); CPU of "
+          "this process per relayed chunk, marginal, medians")
+    for label, us, short, long, rounds in LOOP_PACES:
+        plan = [(n, us / 1e6) for _ in range(rounds) for n in (short, long)]
+        peers = subprocess.Popen([sys.executable, "-c", _BEDROCK_PEERS, json.dumps(plan)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert peers.stdout is not None and peers.stdin is not None
+        address, url = peers.stdout.readline().split()
+        settings = load_settings({}, provider="bedrock", auth="none", metrics=False,
+                                 default_model="m")
+        client = boto3.client("bedrock-runtime", endpoint_url=url, region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing",
+                              config=Config(retries={"mode": "standard",
+                                                     "total_max_attempts": 1}))
+        app = App(settings, BedrockProvider(settings, client))
+        cpu: dict[int, list[float]] = {short: [], long: []}
+        try:
+            for n, _ in plan:
+                c0 = time.process_time()
+                assert runtime.run(app, environ={"AWS_LAMBDA_RUNTIME_API": address},
+                                   max_invocations=1) == 0
+                cpu[n].append(time.process_time() - c0)
+        finally:
+            peers.stdin.close()
+            peers.wait(30)
+            client.close()
+        per_chunk = ((statistics.median(cpu[long]) - statistics.median(cpu[short]))
+                     / (long - short) * 1e6)
+        results[label] = per_chunk
+        print(f"  {label:13s} Lambda loop {per_chunk:6.1f} us per chunk")
+    return results
+
+
 def bench_decoder() -> None:
     from streamgate.sse import Decoder
 
@@ -389,11 +572,18 @@ def main() -> None:
                         help="the embedded model's default min_tokens (default: the setting's)")
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--only-model", action="store_true")
+    parser.add_argument("--only-loop", action="store_true", help="only the Lambda-loop relay")
     args = parser.parse_args()
+    if args.only_loop:
+        bench_lambda_loop()
+        bench_lambda_loop_bedrock()
+        return
     if not args.only_model:
         bench_pipeline(rounds=2000, chunks_n=20_000)
         bench_relay(streams=30, chunks_n=500)
         bench_embeddings_relay(requests_n=200)
+        bench_lambda_loop()
+        bench_lambda_loop_bedrock()
         bench_decoder()
     if not args.skip_model:
         bench_embeddings_model(args.requests)

@@ -1,7 +1,10 @@
 """An OpenAI-compatible upstream that streams at a model's pace, for bench/bench_lmi.py: every
 POST .../chat/completions is answered 200 with the first chunk after --first-token-ms, then
 --chunks content chunks --interval-ms apart, a finish chunk, usage and [DONE], over HTTP/1.1
-keep-alive. Prints its port, then serves until terminated."""
+keep-alive. A request for the model ``paced-<chunks>-<interval µs>`` sets both for itself
+(bench_pipeline.py's Lambda-loop figures use several lengths and paces from one server); an
+interval of 0 sends the whole answer in one write, so a reader is never waiting for it.
+Prints its port, then serves until terminated."""
 
 from __future__ import annotations
 
@@ -41,25 +44,31 @@ def main() -> int:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def do_POST(self) -> None:  # noqa: N802 - stdlib naming
-            self.rfile.read(int(self.headers.get("content-length", 0)))
+            request = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+            chunks, interval_s = args.chunks, args.interval_ms / 1000
+            model = str(request.get("model", "")).split("-")
+            if len(model) == 3 and model[0] == "paced":
+                chunks, interval_s = int(model[1]), int(model[2]) / 1e6
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
             self.send_header("transfer-encoding", "chunked")
             self.end_headers()
             events = [chunk({"role": "assistant", "content": "Streaming"})]
-            events += [chunk({"content": f" word{i}"}) for i in range(args.chunks)]
+            events += [chunk({"content": f" word{i}"}) for i in range(chunks)]
             events.append(chunk({}, "stop"))
             events.append(_event({"id": "chatcmpl-up", "object": "chat.completion.chunk",
                                   "created": 1, "model": "m", "choices": [],
                                   "usage": {"prompt_tokens": 12,
-                                            "completion_tokens": args.chunks + 1,
-                                            "total_tokens": args.chunks + 13}}))
+                                            "completion_tokens": chunks + 1,
+                                            "total_tokens": chunks + 13}}))
             events.append(_event("[DONE]"))
             time.sleep(args.first_token_ms / 1000)
+            if not interval_s:  # back to back: the whole answer at once, as fast as TCP goes
+                events = [b"".join(events)]
             try:
                 for n, event in enumerate(events):
-                    if 1 <= n <= args.chunks:
-                        time.sleep(args.interval_ms / 1000)
+                    if 1 <= n <= chunks and interval_s:
+                        time.sleep(interval_s)
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
                     self.wfile.flush()
                 self.wfile.write(b"0\r\n\r\n")

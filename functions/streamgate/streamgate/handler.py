@@ -58,6 +58,7 @@ from streamgate.errors import (
 from streamgate.events import HttpRequest, parse_event
 from streamgate.outcome import Outcome
 from streamgate.providers import (
+    Batch,
     Delta,
     Finish,
     NativeDelta,
@@ -496,29 +497,47 @@ class App:
         return path in self.routes or bool(self._dialect_of(path).resource_methods(path))
 
 
+Output = TextDelta | ReasoningDelta | ToolCallDelta | NativeDelta | Finish
+
+
 def _observe(
     first: Delta | None, deltas: Iterator[Delta], outcome: Outcome, deadline: Deadline
-) -> Iterator[TextDelta | ReasoningDelta | ToolCallDelta | NativeDelta | Finish]:
-    """The provider's deltas with the checks every answer shares: the deadline before each
-    one, finish reason and usage recorded in ``outcome``, and a finish reason required."""
+) -> Iterator[list[Output]]:
+    """The provider's deltas, in groups that arrived together (one delta, or a
+    :class:`~streamgate.providers.Batch`), with the checks every answer shares: the deadline
+    before each group, each delta's finish reason, usage and output recorded in ``outcome``
+    as if it had come alone, and a finish reason required."""
     log_content = outcome.prompt_text is not None  # set only when content is logged
     delta = first
     while delta is not None:
         deadline.check()  # stop before the Lambda deadline rather than be killed mid-write
-        if isinstance(delta, Usage):
-            outcome.usage = delta
-        else:
-            if isinstance(delta, Finish):
-                outcome.finish_reason = delta.reason
-            elif not isinstance(delta, NativeDelta) or delta.output:
+        group: list[Output] = []
+        for piece in delta.deltas if isinstance(delta, Batch) else (delta,):
+            if type(piece) is TextDelta:  # nearly every one: the same steps as below, inline
                 if outcome.first_token_at is None:
                     outcome.first_token_at = time.monotonic()
-                text = delta.arguments if isinstance(delta, ToolCallDelta) else delta.text
+                outcome.deltas += 1
+                outcome.produced_chars += len(piece.text)
+                if log_content:
+                    outcome.completion_text.append(piece.text)
+                group.append(piece)
+                continue
+            if isinstance(piece, Usage):
+                outcome.usage = piece
+                continue
+            if isinstance(piece, Finish):
+                outcome.finish_reason = piece.reason
+            elif not isinstance(piece, NativeDelta) or piece.output:
+                if outcome.first_token_at is None:
+                    outcome.first_token_at = time.monotonic()
+                text = piece.arguments if isinstance(piece, ToolCallDelta) else piece.text
                 outcome.deltas += 1
                 outcome.produced_chars += len(text)
                 if log_content:
                     outcome.completion_text.append(text)
-            yield delta
+            group.append(piece)
+        if group:
+            yield group
         delta = next(deltas, None)
     if outcome.finish_reason is None:
         raise UpstreamError("The model stream ended without a finish reason")
@@ -531,16 +550,23 @@ def _stream(
     outcome: Outcome,
     deadline: Deadline,
 ) -> Iterator[bytes]:
-    """The events of one answer; a failure ends them with one in-band error event."""
+    """The events of one answer; a failure ends them with one in-band error event. The events
+    of deltas that arrived together are one item (one write), each event intact in it."""
     try:
         head = encoder.start()
         if head:
             yield head
-        for delta in _observe(first, deltas, outcome, deadline):
-            event = encoder.delta(delta)
-            if event:
-                outcome.chunks += 1
-                yield event
+        for group in _observe(first, deltas, outcome, deadline):
+            if len(group) == 1:
+                event = encoder.delta(group[0])
+                if event:
+                    outcome.chunks += 1
+                    yield event
+                continue
+            events = [event for event in map(encoder.delta, group) if event]
+            if events:
+                outcome.chunks += len(events)
+                yield b"".join(events)
         yield from encoder.end(outcome)
     except Exception as e:
         err = from_exception(e)
@@ -564,7 +590,7 @@ def _complete(
     reasoning: list[str] = []
     calls: dict[int, AnswerCall] = {}
     answer = Answer()
-    for delta in _observe(first, deltas, outcome, deadline):
+    for delta in (d for group in _observe(first, deltas, outcome, deadline) for d in group):
         if isinstance(delta, TextDelta):
             text.append(delta.text)
         elif isinstance(delta, ReasoningDelta):

@@ -5,10 +5,13 @@ the container, and costs nothing at cold start; urllib3 (present in the Lambda r
 botocore) would add ~20 ms of imports for nothing we use.
 
 Waits: each call names the monotonic instant by which it must have made progress (the caller
-combines its own timeout with the request's deadline). That instant is both the socket timeout
-of every ``recv`` and a :func:`streamgate.deadline.guard` on the socket, so a peer that trickles
-bytes (a status line, a chunk-size line, a TLS handshake) cannot stretch a wait past it. A
-wait that ends that way raises :class:`WaitExpired`; the caller says what it was waiting for.
+combines its own timeout with the request's deadline). Until the response's headers are in,
+that instant is both the socket timeout of every ``recv`` and a
+:func:`streamgate.deadline.guard` on the socket, so a peer that trickles bytes (a status line, a
+chunk-size line, a TLS handshake) cannot stretch a wait past it. The body is then read on a
+blocking socket with the guard alone as its bound: moving it is an attribute write, where a
+socket timeout costs a ``poll`` and two ``ioctl`` calls around every ``recv`` of a stream. A
+wait that ends either way raises :class:`WaitExpired`; the caller says what it was waiting for.
 Resolving the host's name (``getaddrinfo``, which takes no timeout and cannot be interrupted)
 runs on a helper thread that the connect waits for until the same instant; one resolution per
 upstream runs at a time, so a resolver that hangs holds one thread, not one per request.
@@ -208,6 +211,7 @@ class Upstream:
             conn.sock.settimeout(max(until - time.monotonic(), 0.001))
             conn.request(method, self._prefix + path, body=body, headers=dict(headers))
             response = conn.getresponse()
+            conn.sock.settimeout(None)  # the body's reads: bounded by the guard alone
         except (OSError, http.client.HTTPException) as e:
             g.cancel()
             conn.close()
@@ -336,6 +340,3 @@ class Exchange:
 
     def _bound(self, until: float) -> None:
         self._guard.move(until)
-        sock = self._conn.sock
-        if sock is not None:
-            sock.settimeout(max(until - time.monotonic(), 0.001))

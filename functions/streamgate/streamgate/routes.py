@@ -86,7 +86,7 @@ from streamgate.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from streamgate.providers import Delta, Provider, Usage, create_provider
+from streamgate.providers import Batch, Delta, Provider, Usage, create_provider
 from streamgate.providers.embedding import (
     MAX_DIMENSIONS,
     Embedder,
@@ -789,6 +789,9 @@ def _until_answered(deltas: Iterator[Delta]) -> list[Delta]:
     for delta in deltas:
         if isinstance(delta, Usage):
             usage = delta
+            continue
+        if isinstance(delta, Batch) and all(isinstance(d, Usage) for d in delta.deltas):
+            usage = cast("Usage", delta.deltas[-1])
             continue
         return [delta] if usage is None else [usage, delta]
     raise UpstreamError("The model's backend ended its answer without any output")

@@ -7,7 +7,10 @@ The only module that talks to the Runtime API.
 What the Runtime API sends is read defensively: an event is read up to ``MAX_EVENT_BYTES``
 (Lambda's own payload limit is 6 MB), a missing or unreadable deadline is ``None`` (the loop
 then starts no model call), a request id is carried percent-encoded in the paths, and every
-call but the long poll has a timeout. Failures are :class:`RuntimeAPIError` or ``OSError``;
+call but the long poll has a timeout. A streamed response is bounded as a whole by a
+:func:`streamgate.deadline.guard` instead of a timeout per write: its socket stays blocking, so
+a chunk costs one ``send`` and no ``poll`` or ``ioctl`` around it, and a Runtime API that stops
+reading is still cut when the time is up. Failures are :class:`RuntimeAPIError` or ``OSError``;
 :class:`InvocationError` says the invocation itself could not be read, and names it so it can
 still be answered.
 """
@@ -23,10 +26,13 @@ import math
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
+
+from streamgate.deadline import Guard, guard
 
 logger = logging.getLogger(__name__)
 
@@ -265,18 +271,25 @@ class RuntimeAPIClient:
         *,
         timeout: float | None = None,
     ) -> None:
-        """One chunked POST: prelude JSON + 8 NULs, then each event as its own chunk, then the
-        terminator, with real trailers if ``failure()`` - asked once ``events`` is exhausted -
-        names an error type and message. ``timeout`` bounds each write and the wait for the
-        answer (a Runtime API that stops reading cannot hold the loop forever). Should
+        """One chunked POST: prelude JSON + 8 NULs, then each item of ``events`` as one chunk
+        (one ``send``, written as soon as it is given), then the terminator, with real
+        trailers if ``failure()`` - asked once ``events`` is exhausted - names an error type
+        and message. ``timeout`` bounds the whole of it, the writes and the wait for the
+        answer, with a guard on the socket rather than a timeout per call (a Runtime API that
+        stops reading cannot hold the loop forever; it fails with ``TimeoutError``). Should
         ``events`` itself raise, the body still ends properly, with trailers naming it (what
         is not an ``Exception``, SystemExit say, is raised again once the body has ended).
         """
         escaped: BaseException | None = None
         conn = self._connection()
+        cut: Guard | None = None
         try:
-            assert conn.sock is not None
-            conn.sock.settimeout(timeout)
+            sock = conn.sock
+            assert sock is not None
+            sock.settimeout(None)  # blocking: the guard below is the only bound
+            if timeout is not None:
+                cut = guard(sock, time.monotonic() + timeout)
+            send = sock.sendall
             conn.putrequest("POST", RESPONSE_PATH.format(request_id=_path_id(request_id)),
                             skip_accept_encoding=True)
             conn.putheader(HEADER_RESPONSE_MODE, STREAMING)
@@ -284,11 +297,12 @@ class RuntimeAPIClient:
             conn.putheader("Content-Type", HTTP_INTEGRATION_CONTENT_TYPE)
             conn.putheader("Trailer", f"{HEADER_ERROR_TYPE}, {HEADER_ERROR_BODY}")
             conn.endheaders()
-            _chunk(conn, json.dumps(prelude, separators=(",", ":")).encode() + PRELUDE_SEPARATOR)
+            send(_chunk(json.dumps(prelude, separators=(",", ":")).encode()
+                        + PRELUDE_SEPARATOR))
             try:
                 for event in events:
                     if event:
-                        _chunk(conn, event)
+                        send(b"%x\r\n%s\r\n" % (len(event), event))
                 trailers = failure()
             except OSError:
                 raise
@@ -296,14 +310,21 @@ class RuntimeAPIClient:
                 logger.exception("the response body failed mid-stream")
                 trailers = ("Runtime.ResponseFailed", "The response failed mid-stream")
                 escaped = None if isinstance(e, Exception) else e
-            conn.send(b"0\r\n" + _trailers(trailers) + b"\r\n")
+            send(b"0\r\n" + _trailers(trailers) + b"\r\n")
             response = conn.getresponse()
             response.read(MAX_REPLY_BYTES)
         except (OSError, http.client.HTTPException) as e:
+            if cut is not None:
+                cut.cancel()  # before the socket is closed: its descriptor may be reused
             self.close()
             if escaped is not None:
                 raise escaped from e
+            if cut is not None and cut.fired:
+                raise TimeoutError("the Runtime API did not take the response in time") from e
             raise
+        finally:
+            if cut is not None:
+                cut.cancel()
         if escaped is not None:
             raise escaped
         if response.status != 202:
@@ -335,8 +356,8 @@ def _path_id(request_id: str) -> str:
     return quote(request_id, safe="-_.~")
 
 
-def _chunk(conn: http.client.HTTPConnection, data: bytes) -> None:
-    conn.send(b"%x\r\n%s\r\n" % (len(data), data))
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 def _trailers(failure: tuple[str, str] | None) -> bytes:

@@ -101,6 +101,8 @@ class Decoder:
             self._skip_lf = False
             if text.startswith("\n"):
                 text = text[1:]
+        if "\r" not in text:
+            return self._lf_lines(text)
         events: list[Event] = []
         start = 0
         for match in _EOL.finditer(text):
@@ -116,6 +118,38 @@ class Decoder:
             self._skip_lf = True
         if start < len(text):
             rest = text[start:]
+            self._line.append(rest)
+            self._line_size += len(rest)
+            self._check()
+        return events
+
+    def _lf_lines(self, text: str) -> list[Event]:
+        """:meth:`_lines` for text whose lines all end with LF (what upstreams send): split
+        at once, and the ``data:`` lines, nearly all of them, handled inline."""
+        events: list[Event] = []
+        lines = text.split("\n")
+        rest = lines.pop()  # after the last LF: the start of a line not yet ended
+        if lines and self._line:
+            self._line.append(lines[0])
+            lines[0] = "".join(self._line)
+            self._line = []
+            self._line_size = 0
+        data = self._data
+        for line in lines:
+            if not line:
+                event = self._dispatch()
+                data = self._data
+                if event is not None:
+                    events.append(event)
+            elif line.startswith("data: "):
+                value = line[6:]
+                data.append(value)
+                self._data_size += len(value) + 1
+                if self._data_size > self._max:
+                    raise EventTooLargeError(f"an event is larger than {self._max} characters")
+            else:
+                self._field(line)
+        if rest:
             self._line.append(rest)
             self._line_size += len(rest)
             self._check()

@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 from streamgate import sse
 from streamgate.errors import RequestError, StreamgateError
-from streamgate.providers import Finish, FinishReason, ReasoningDelta, ToolCallDelta, Usage
+from streamgate.providers import (
+    Finish,
+    FinishReason,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
 from streamgate.validation import (
     MAX_TOOLS,
     RESPONSE_FORMATS,
@@ -126,6 +133,8 @@ class ChatEncoder:
 
     def delta(self, delta: Output) -> bytes:
         builder = self.builder
+        if type(delta) is TextDelta:  # nearly every event: its fixed bytes are encoded once
+            return builder.text_event(delta.text) if delta.text else b""
         if isinstance(delta, Finish):
             return sse.data_event(builder.finish(delta.reason))
         if isinstance(delta, ToolCallDelta):
@@ -487,7 +496,8 @@ def tool_call_object(index: int, call_id: str, name: str, arguments: str) -> dic
 class ChunkBuilder:
     """Builds the chunks of one completion; keeps ``id``/``created``/``model`` constant."""
 
-    __slots__ = ("completion_id", "created", "model", "include_usage", "_role_sent")
+    __slots__ = ("completion_id", "created", "model", "include_usage", "_role_sent",
+                 "_text_frame")
 
     def __init__(
         self,
@@ -502,6 +512,7 @@ class ChunkBuilder:
         self.model = model
         self.include_usage = include_usage
         self._role_sent = False
+        self._text_frame: tuple[bytes, bytes] | None = None
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -525,6 +536,23 @@ class ChunkBuilder:
 
     def text(self, text: str) -> dict[str, Any]:
         return self._delta({"content": text}, None)
+
+    def text_event(self, text: str) -> bytes:
+        """``sse.data_event(self.text(text))``, the same bytes: after the first chunk, the
+        event around the text is encoded once (from the dict itself, so it cannot drift) and
+        only the text is encoded each time."""
+        frame = self._text_frame
+        if frame is None:
+            if not self._role_sent:
+                return sse.data_event(self.text(text))
+            marker = "\ue000streamgate\ue001"
+            whole = sse.data_event(self._chunk([{"index": 0, "delta": {"content": marker},
+                                                 "logprobs": None, "finish_reason": None}]))
+            head, *tail = whole.split(sse.json_bytes(marker))
+            if len(tail) != 1:  # the marker in an id or model name: no shortcut
+                return sse.data_event(self.text(text))
+            frame = self._text_frame = (head, tail[0])
+        return frame[0] + sse.json_bytes(text) + frame[1]
 
     def reasoning(self, text: str) -> dict[str, Any]:
         return self._delta({"reasoning_content": text}, None)

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from streamgate.deadline import DEADLINE_MESSAGE
 from streamgate.errors import (
@@ -98,7 +98,21 @@ class NativeDelta:
     output: bool = False
 
 
-Delta = TextDelta | ReasoningDelta | ToolCallDelta | NativeDelta | Finish | Usage
+# What a Batch holds: the deltas of a provider that reads a stream of events.
+Piece = TextDelta | ReasoningDelta | ToolCallDelta | Finish | Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Deltas that arrived together (what one read of an upstream delivered), handed on as one
+    item: the pipeline checks and counts each of them as if it had come alone, encodes each as
+    its own event, and a driver writes those events with one write. A provider yields one only
+    for deltas it already has: it never waits for more to fill one."""
+
+    deltas: tuple[Piece, ...]
+
+
+Delta = TextDelta | ReasoningDelta | ToolCallDelta | NativeDelta | Finish | Usage | Batch
 
 
 class Provider(Protocol):
@@ -178,7 +192,10 @@ class OutputTimer:
         return UpstreamTimeoutError(f"{self._who} sent no output for {self._idle_s:g} s")
 
 
-def malformed_is_upstream_error(deltas: Iterator[Delta], who: str) -> list[Delta]:
+_D = TypeVar("_D", bound=Delta)
+
+
+def malformed_is_upstream_error(deltas: Iterator[_D], who: str) -> list[_D]:
     """The deltas a provider maps from one upstream event, taken at once: whatever the event's
     shape makes the mapping trip over (a list where a dict was due, a number too large) is
     the upstream's fault, an ``upstream_error``, never a 500 of ours."""

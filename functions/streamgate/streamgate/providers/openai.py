@@ -21,9 +21,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from streamgate import sse, telemetry
 from streamgate.credentials import ApiKey, api_key
@@ -43,10 +43,12 @@ from streamgate.errors import (
 )
 from streamgate.httpclient import Exchange, Upstream, WaitExpired
 from streamgate.providers import (
+    Batch,
     Delta,
     Finish,
     FinishReason,
     OutputTimer,
+    Piece,
     ReasoningDelta,
     TextDelta,
     ToolCallDelta,
@@ -263,13 +265,27 @@ class OpenAIProvider:
                 except sse.EventTooLargeError:
                     raise UpstreamError("The upstream sent an event larger than "
                                         f"{s.upstream_max_event_chars} characters") from None
-                for event in events:
-                    if event.data == "[DONE]":
-                        done = True
-                        break
-                    for delta in chunks.deltas(_json(event.data)):
+                # Everything this read delivered goes on as one item (one write to the client):
+                # nothing waits for a later read. An event that fails its checks ends the
+                # stream after the good ones before it, as if each had come alone.
+                got: list[Piece] = []
+                failure: StreamgateError | None = None
+                try:
+                    for event in events:
+                        if event.data == "[DONE]":
+                            done = True
+                            break
+                        got += chunks.deltas(_json(event.data))
+                except StreamgateError as e:
+                    failure = e
+                for delta in reversed(got):  # they came at one moment: the last output says it
+                    if not isinstance(delta, (Finish, Usage)):
                         timer.saw(delta)
-                        yield delta
+                        break
+                if got:
+                    yield got[0] if len(got) == 1 else Batch(tuple(got))
+                if failure is not None:
+                    raise failure
                 if not data and not done:
                     raise UpstreamError("The upstream stream ended before [DONE]")
             exchange.finish()
@@ -320,10 +336,26 @@ class _Chunks:
         self._calls: set[int] = set()
         self._secrets = secrets
 
-    def deltas(self, chunk: Any) -> list[Delta]:
+    def deltas(self, chunk: Any) -> list[Piece]:
+        # Most chunks carry one choice with a piece of text and nothing else: mapped here
+        # without the general walk below (which gives the same answer for them), checked the
+        # same way. Anything else, or anything odd, takes the general walk.
+        if type(chunk) is dict and chunk.get("error") is None and chunk.get("usage") is None:
+            choices = chunk.get("choices")
+            if type(choices) is list and len(choices) == 1:
+                choice = choices[0]
+                delta = choice.get("delta") if type(choice) is dict else None
+                if (type(delta) is dict and not choice.get("finish_reason")
+                        and not delta.get("tool_calls") and not delta.get("reasoning_content")
+                        and not delta.get("reasoning")):
+                    content = delta.get("content")
+                    if type(content) is str:
+                        return [TextDelta(content)] if content else []
+                    if content is None:
+                        return []
         return malformed_is_upstream_error(self._deltas(chunk), WHO)
 
-    def _deltas(self, chunk: Any) -> Iterator[Delta]:
+    def _deltas(self, chunk: Any) -> Iterator[Piece]:
         if not isinstance(chunk, dict):
             raise UpstreamError("The upstream sent an event that is not a JSON object")
         if chunk.get("error") is not None:
@@ -337,7 +369,7 @@ class _Chunks:
         if usage is not None:
             yield _usage(usage)
 
-    def _choice(self, choice: Any) -> Iterator[Delta]:
+    def _choice(self, choice: Any) -> Iterator[Piece]:
         delta = choice.get("delta") if isinstance(choice, dict) else None
         if not isinstance(delta, dict):
             raise UpstreamError("The upstream sent a chunk choice without a 'delta' object")
@@ -358,7 +390,7 @@ class _Chunks:
                                     f"({relayed(repr(reason)[:40])})")
             yield Finish(FINISH_REASONS[reason])
 
-    def _tool_call(self, position: int, call: Any) -> Iterator[Delta]:
+    def _tool_call(self, position: int, call: Any) -> Iterator[Piece]:
         function = call.get("function") if isinstance(call, dict) else None
         index = call.get("index", position) if isinstance(call, dict) else None
         if (not isinstance(function, dict) or not isinstance(index, int)
@@ -414,7 +446,20 @@ def _stream_error(error: Any, secrets: tuple[str, ...]) -> StreamgateError:
                          else None)
 
 
+# json's own scanner (C), as JSONDecoder.raw_decode calls it; typeshed does not declare it.
+_scan: Callable[[str, int], tuple[Any, int]] = cast(Any, json.JSONDecoder()).scan_once
+
+
 def _json(data: str | bytes) -> Any:
+    # An event's text: json.loads without its two whitespace matches. What scans whole from
+    # the first character is what json.loads gives; the rest gets json.loads's own verdict.
+    if type(data) is str:
+        try:
+            doc, end = _scan(data, 0)
+            if end == len(data):
+                return doc
+        except (StopIteration, ValueError, RecursionError):
+            pass
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as e:
