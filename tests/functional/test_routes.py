@@ -698,6 +698,7 @@ def test_sts_refusing_a_targets_role_fails_over_and_cools_that_target(
 
     scenario()
     first, second = request_logs(capsys)[-2:]
-    assert first["fallbacks"] == [{"target": "partner", "outcome": "upstream_error"}]
+    # (STS's AccessDenied is a refusal of our identity, as Bedrock's AccessDeniedException)
+    assert first["fallbacks"] == [{"target": "partner", "outcome": "permission_denied"}]
     # AND the refused role cooled its target at once: STS would refuse every request
     assert second["fallbacks"] == [{"target": "partner", "outcome": "cooling"}]
