@@ -141,6 +141,7 @@ def test_each_request_is_one_readable_line_with_its_timings_tokens_and_id(
     # AND nothing is JSON, and no access line repeats the requests
     assert not any(line.startswith("{") for line in [chat, health, missing, *rest.splitlines()])
     assert "HTTP/1.1\" 200" not in errors and '"GET /health' not in errors, errors
+    assert chat_id not in errors and health_id not in errors, errors  # each line once
 
 
 def test_json_on_request_writes_the_records_lambda_writes(tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -921,15 +921,28 @@ def log_format(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
     return chosen
 
 
-def _console_logging() -> None:
-    """Every log line readable: the request records, and everything else as one line each."""
+@contextlib.contextmanager
+def _console_logging() -> Iterator[None]:
+    """Every log line readable while it lasts: the request records, and everything else as one
+    line each. Undone at the end, for callers of :func:`main` that go on (tests)."""
     console = ConsoleFormatter()
     handler = logging.StreamHandler()
     handler.setFormatter(console)
+    root = logging.getLogger()
+    level = root.level
     # Before the Powertools logger exists: building it filters our records out of the root
     # logger's handlers, so that each line is written once.
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-    telemetry.logger().registered_handler.setFormatter(console)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    powertools = telemetry.logger().registered_handler
+    previous = powertools.formatter
+    powertools.setFormatter(console)
+    try:
+        yield
+    finally:
+        powertools.setFormatter(previous)
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -941,8 +954,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if fmt == "json":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    else:
-        _console_logging()
+        return _serve(args, fmt)
+    with _console_logging():
+        return _serve(args, fmt)
+
+
+def _serve(args: argparse.Namespace, fmt: str) -> int:
     try:
         app = App(dev_settings(args))
     except StreamgateError as e:
