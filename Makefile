@@ -17,7 +17,7 @@ SAM_VENV := .venv-sam
 SAM := $(SAM_VENV)/bin/sam
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: dev test lint bench bench-relay bench-lambda bench-load bench-lmi template-lmi build validate sam-local clean
+.PHONY: dev docs test lint bench bench-relay bench-lambda bench-load bench-lmi template-lmi build validate sam-local clean
 
 # --no-compile: pip would byte-compile every module of ~200 packages (botocore, sympy, moto...)
 # up front, minutes on two shared cores; Python compiles what a run imports, when it imports it.
@@ -36,6 +36,12 @@ $(SAM_VENV)/.installed: requirements-sam.txt
 dev: $(VENV)/.installed ## Dev server on $(HOST):$(PORT), embedded model unless STREAMGATE_PROVIDER says otherwise
 	$(PY) -m streamgate.devserver --host $(HOST) --port $(PORT) \
 	  $(if $(CORS_ORIGINS),--cors-origins '$(CORS_ORIGINS)')
+
+# The documentation site (mkdocs.yml, docs/), rebuilt as pages change; make test builds it
+# strictly (tests/functional/test_docs_site.py).
+DOCS_PORT ?= 8000
+docs: $(VENV)/.installed ## Serve the docs on 127.0.0.1:$(DOCS_PORT)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve -a 127.0.0.1:$(DOCS_PORT)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -65,7 +71,7 @@ ARCH ?= $(if $(filter aarch64 arm64,$(shell uname -m)),arm64,x86_64)
 sam-local: $(VENV)/.installed $(SAM_VENV)/.installed ## sam local start-api --port $(PORT), embedded model relayed
 	$(PYTHON) tools/samlocal.py serve --port $(PORT) --arch $(ARCH)
 
-bench: $(VENV)/.installed ## Pipeline and embedded-model figures (see README)
+bench: $(VENV)/.installed ## Pipeline and embedded-model figures (see docs/benchmarks.md)
 	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) bench/bench_pipeline.py
 
 bench-relay: $(VENV)/.installed ## The Lambda loop relaying an upstream: CPU per chunk vs a bare loop
@@ -74,7 +80,7 @@ bench-relay: $(VENV)/.installed ## The Lambda loop relaying an upstream: CPU per
 bench-lambda: $(VENV)/.installed ## Cold start vs FastAPI+uvicorn, peak RSS, zip size
 	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) bench/bench_coldstart.py
 
-bench-load: $(VENV)/.installed ## 50 concurrent streams for 60 s against the dev server (see README)
+bench-load: $(VENV)/.installed ## 50 concurrent streams for 60 s against the dev server (see docs/benchmarks.md)
 	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) bench/bench_load.py $(LOAD_ARGS)
 
 bench-lmi: $(VENV)/.installed ## Managed Instances: N streams as threads in one process vs N processes

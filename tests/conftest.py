@@ -22,7 +22,7 @@ from streamgate.devserver import DevServer, serve
 from streamgate.handler import App
 from streamgate.providers import Provider
 
-# The switch under which any skipped test fails the run (README, Tests).
+# The switch under which any skipped test fails the run (docs/contributing.md, Tests).
 NO_SKIPS = "STREAMGATE_NO_SKIPS"
 # Dev-server threads still running when their server was closed (a provider that did not
 # stop): while any lives, no model may be freed under it.

@@ -5,7 +5,7 @@ stand-in for `public.ecr.aws/lambda/python:3.13`, shared by the test tier
     python3 tools/samlocal.py up [--arch x86_64|arm64]   engine and image; prints DOCKER_HOST
     python3 tools/samlocal.py down                        stop the engine, unless still in use
     python3 tools/samlocal.py serve [--port 8080] [--arch ...]
-                                                          `make sam-local` (see the README)
+                                                          `make sam-local` (see the docs)
 
 What it promises (see ../shared/DESIGN.md, "sam local on a machine with no registry"):
 

@@ -489,15 +489,16 @@ def test_nothing_of_opentelemetry_is_imported_when_tracing_is_off(
     assert json.loads(done.stdout.strip().splitlines()[-1]) == loaded
 
 
-def test_the_readmes_any_otlp_backend_example_exports_with_its_headers(
+def test_the_docs_any_otlp_backend_example_exports_with_its_headers(
         receiver: OtlpReceiver) -> None:
     import re
 
+    from tests.docs_text import page
     from tests.fake_openai import FakeUpstream
 
-    # GIVEN the README's example for any OTLP backend: its variables, the endpoint ours
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(),
-                                       re.S) if "OTEL_EXPORTER_OTLP_HEADERS=" in b)
+    # GIVEN docs/operating.md's example for any OTLP backend: its variables, the endpoint ours
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", page("operating.md"), re.S)
+                 if "OTEL_EXPORTER_OTLP_HEADERS=" in b)
     variables = dict(re.findall(r"^(\w+)=(\S+)", block, re.M))
     assert variables["OTEL_EXPORTER_OTLP_ENDPOINT"] == "https://api.honeycomb.io"
     variables["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.url.removesuffix("/v1/traces")

@@ -25,6 +25,7 @@ from streamgate.providers import Delta, Finish, TextDelta, ToolCallDelta, Usage
 from streamgate.providers.bedrock import BedrockProvider
 from streamgate.validation import CAP_TOOLS, ChatRequest
 from tests.conftest import running_dev_server
+from tests.docs_text import page
 from tests.fake_bedrock import FakeBedrock, Reply, chunk, claude_end, claude_start, claude_tool
 from tests.fake_bedrock import claude_events as bedrock_text
 from tests.helpers import ScriptedProvider
@@ -39,7 +40,7 @@ RUN_TIMEOUT_S = 240
 # The embedded model reads Claude Code's ~4,500-token prompt, then writes a few hundred tokens,
 # for each of Claude Code's requests: minutes on two shared cores.
 EMBEDDED_TIMEOUT_S = 900
-# The README's route giving the embedded model a name Claude Code accepts.
+# docs/clients.md's route giving the embedded model a name Claude Code accepts.
 EMBEDDED_ROUTES = '{"routes": {"claude-embedded": {"targets": [{"kind": "local"}]}}}'
 
 
@@ -180,11 +181,11 @@ def test_claude_code_runs_a_tool_round_trip_with_claude_on_bedrock_natively(
 @pytest.mark.timeout(EMBEDDED_TIMEOUT_S + 60)
 def test_claude_code_gets_an_answer_from_the_embedded_model_as_make_dev_serves_it(
         claude_code: Path, tmp_path: Path) -> None:
-    # GIVEN `make dev` with the README's route giving the embedded model a Claude name, and a
-    # context large enough for Claude Code's system prompt and tools
-    readme = (ROOT / "README.md").read_text()
-    assert f"STREAMGATE_ROUTES='{EMBEDDED_ROUTES}'" in readme
-    assert "STREAMGATE_LOCAL_CONTEXT_TOKENS=32768 make dev" in readme
+    # GIVEN `make dev` with docs/clients.md's route giving the embedded model a Claude name, and
+    # a context large enough for Claude Code's system prompt and tools
+    clients = page("clients.md")
+    assert f"STREAMGATE_ROUTES='{EMBEDDED_ROUTES}'" in clients
+    assert "STREAMGATE_LOCAL_CONTEXT_TOKENS=32768 make dev" in clients
     settings = load_settings({}, provider="local", routes=EMBEDDED_ROUTES, metrics=False,
                              local_context_tokens=32768)
     app = Recording(settings)

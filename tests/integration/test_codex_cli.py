@@ -27,6 +27,7 @@ from streamgate.providers import Delta, Finish, ReasoningDelta, TextDelta, ToolC
 from streamgate.validation import CAP_TOOLS, ChatRequest, ToolCall
 from tests import responses_check as check
 from tests.conftest import running_dev_server
+from tests.docs_text import page
 from tests.helpers import ScriptedProvider, make_app, replay
 from tests.integration.clients import setup
 from tests.recording import recording
@@ -90,12 +91,12 @@ class CodexTask(ScriptedProvider):
 def _run_codex(codex: Path, url: str, home: Path, work: Path,
                prompt: str) -> subprocess.CompletedProcess[str]:
     (home / "catalog.json").write_text(json.dumps(CATALOG))
-    # The README's config.toml, pointed at this server, plus what a test needs on top: no
+    # docs/clients.md's config.toml, pointed at this server, plus what a test needs on top: no
     # approvals, no update check or analytics, and a model catalog that makes apply_patch
     # Codex's freeform (custom) tool.
-    readme = re.search(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert readme is not None, "the README shows no Codex config.toml"
-    config = readme.group(1).replace("http://127.0.0.1:8080", url)
+    shown = re.search(r"```toml\n(.*?)```", page("clients.md"), re.S)
+    assert shown is not None, "docs/clients.md shows no Codex config.toml"
+    config = shown.group(1).replace("http://127.0.0.1:8080", url)
     assert 'model = "gemma-3-270m"\n' in config
     config = config.replace('model = "gemma-3-270m"\n', f'model = "{MODEL}"\n', 1)
     (home / "config.toml").write_text(f"""approval_policy = "never"

@@ -12,7 +12,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
@@ -26,6 +25,7 @@ from streamgate.providers.embedding import LOCAL_MODEL, EmbeddingRequest
 from streamgate.providers.local_embed import LocalEmbedder
 from streamgate.routes import Router
 from tests.conftest import running_dev_server
+from tests.docs_text import code_blocks
 from tests.embedding_checks import cosine, decode_base64, strict_response
 
 pytestmark = pytest.mark.model
@@ -190,18 +190,18 @@ def test_the_model_is_loaded_once_and_reused(server: str, embedder: LocalEmbedde
     assert model is not None and embedder._llm is model
 
 
-def _readme_blocks() -> list[tuple[str, str]]:
-    """The README's embeddings examples: (language, text)."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    return [(lang, body) for lang, body in re.findall(r"```(\w*)\n(.*?)```", readme, re.S)
+def _doc_blocks() -> list[tuple[str, str]]:
+    """The embeddings examples of README.md and docs/ (each once): (language, text)."""
+    return [(lang, body) for _, lang, body in code_blocks()
             if "127.0.0.1:8080" in body and any(
                 k in body for k in ("/v1/embeddings", "embeddings.create(", "OpenAIEmbeddings("))]
 
 
-def test_the_readme_examples_work(server: str) -> None:
-    # GIVEN the README's embeddings examples, pointed at this dev server
-    blocks = _readme_blocks()
-    assert [lang for lang, _ in blocks] == ["bash", "python", "python"]
+def test_the_docs_examples_work(server: str) -> None:
+    # GIVEN the docs' embeddings examples (curl, the OpenAI SDK, LangChain and LlamaIndex),
+    # pointed at this dev server
+    blocks = _doc_blocks()
+    assert sorted(lang for lang, _ in blocks) == ["bash", "python", "python"]
     for lang, body in blocks:
         text = body.replace("http://127.0.0.1:8080", server)
         if lang == "bash":
@@ -219,7 +219,7 @@ def test_the_readme_examples_work(server: str) -> None:
             names: dict[str, object] = {}
             try:
                 with contextlib.redirect_stdout(printed):
-                    exec(compile(text, "README.md", "exec"), names)
+                    exec(compile(text, "docs", "exec"), names)
             finally:
                 _close_clients(names)
             # (the server's request log lines share this stdout: the example's line is last)

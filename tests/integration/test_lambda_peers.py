@@ -24,6 +24,7 @@ import pytest
 import requests
 
 from streamgate.runtime import proxy_response
+from tests.docs_text import page
 from tests.fake_runtime_api import FakeRuntimeAPI
 from tests.helpers import chat_event, load_event, make_app, sse_json
 
@@ -475,8 +476,8 @@ def test_tracing_grants_only_what_xrays_otlp_endpoint_authorises(tracing: str) -
                               ).sigv4_region == "eu-west-1"
 
 
-# What the `sam build` artefact holds besides each wheel's dist-info, written as README.md's
-# "## Tests" section names it: the bootstrap, our package, and the wheels of
+# What the `sam build` artefact holds besides each wheel's dist-info, written as the "## Tests"
+# section of docs/contributing.md names it: the bootstrap, our package, and the wheels of
 # functions/streamgate/requirements.txt installed with --no-deps (boto3 and botocore come from
 # the Lambda runtime).
 PACKED = (
@@ -486,8 +487,8 @@ PACKED = (
 )
 
 
-def test_the_readme_names_everything_sam_build_packs() -> None:
-    tests = (ROOT / "README.md").read_text().split("\n## Tests\n", 1)[1].split("\n## ", 1)[0]
+def test_the_docs_name_everything_sam_build_packs() -> None:
+    tests = page("contributing.md").split("\n## Tests\n", 1)[1].split("\n## ", 1)[0]
     sentence = " ".join(tests.split())
     sentence = sentence[sentence.index("`sam build` ("):]
     sentence = sentence[: sentence.index(")")]
@@ -514,8 +515,8 @@ def test_sam_build_packs_the_bootstrap_our_package_and_the_pinned_wheels_only(
     assert result.returncode == 0, result.stdout + result.stderr
     artefact = tmp_path / "build" / "StreamgateFunction"
 
-    # THEN its top level is exactly what README.md says, and nothing else (no boto3, botocore,
-    # llama_cpp, model weights or test dependencies)
+    # THEN its top level is exactly what docs/contributing.md says, and nothing else (no boto3,
+    # botocore, llama_cpp, model weights or test dependencies)
     top = {p.name for p in artefact.iterdir()}
     dist_infos = {f"{name}-{version}.dist-info" for name, version in _pins().items()}
     assert top == {entry.split("/")[0] for entry in PACKED} | dist_infos

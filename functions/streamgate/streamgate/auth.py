@@ -8,14 +8,14 @@ used once the response is closed (normally, in error, at the deadline, or on dis
 An admitted request is in its day's usage record from the start, as unsettled with what it
 reserved; settling closes it there. So a request whose process dies (on Lambda: the function's
 timeout, out of memory) is still recorded, and keeps what it reserved: its minute's tokens until
-the minute ends, its budget tokens for good (see the README).
+the minute ends, its budget tokens for good (see docs/operating.md).
 
 The keys table failing (:class:`~streamgate.keystore.KeyStoreError`) fails the request closed
 (503), after giving back what it had reserved; each failure is logged once, naming its cause. A
 settle that fails is logged as one ERROR record, ``"usage not recorded"``, with everything
 needed to reconcile the usage record by hand.
 
-Limits, per key (see the README for the user-facing account):
+Limits, per key (see docs/operating.md for the user-facing account):
 
 - requests per minute: counted before the call; the request that would pass the limit is
   refused.

@@ -3,6 +3,12 @@ handler Lambda runs, and the response is written as it is produced, one chunk pe
 
 Run with ``python -m streamgate.devserver`` (``make dev``). Not shipped in the Lambda zip.
 
+Its console is for people: one line per request (:class:`ConsoleFormatter`: time, method,
+path, status, model, time to first token, tokens, duration, request id) on stdout, and every
+other log line as time, level, logger and message. ``--log-format json`` (or
+``STREAMGATE_LOG_FORMAT=json``) writes instead what the function writes on Lambda: a JSON
+record per request and per log line, and an access line per response on stderr.
+
 What it promises, whatever a client sends or fails to send:
 
 - Every answer is valid HTTP for the client's version. HTTP/1.1 clients get streams in chunked
@@ -41,7 +47,9 @@ import base64
 import contextlib
 import email.utils
 import io
+import json
 import logging
+import os
 import re
 import select
 import socket
@@ -49,13 +57,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from streamgate import cors
+from streamgate import cors, telemetry
 from streamgate.config import Settings, load_settings, set_trace_id
 from streamgate.deadline import Deadline, guard
 from streamgate.errors import (
@@ -115,6 +123,72 @@ _HTTP09 = ("HTTP/0.9 requests (a request line without a version) are not support
 # client input, and raw ESC sequences would reach whatever terminal shows the log.
 _LOG_ESCAPES = str.maketrans({c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
                              | {ord("\\"): "\\\\"})
+LOG_FORMATS = ("text", "json")
+
+
+# The attributes every LogRecord has: the rest are a record's own fields (``extra=``).
+_RECORD_FIELDS = {*logging.LogRecord("", 0, "", 0, "", None, None).__dict__, "message",
+                  "asctime", "taskName"}
+
+
+def _ms(value: float) -> str:
+    return f"{value:.0f}ms" if value < 1000 else f"{value / 1000:.2f}s"
+
+
+class ConsoleFormatter(logging.Formatter):
+    """``make dev``'s console. A request's record (telemetry's ``"message": "request"``) becomes
+    one line: time, method, path, status, then what is known of ``model=``, ``ttft=`` (time to
+    first token), ``tokens=`` (prompt+completion), ``duration=`` and ``id=`` (the request id,
+    as in ``x-request-id``), and what went wrong or differently (``error=``, ``finish=`` other
+    than ``stop``, ``backend=`` a route target, ``fallbacks=``, ``disconnected``)::
+
+        14:02:11 POST /v1/chat/completions 200 model=gemma-3-270m ttft=79ms tokens=29+384 \
+duration=6.41s id=fc4db520-c8d3-490e-9bf8-d5af237bccbc
+
+    Any other record is time, level, logger and message, then the fields it carries beside
+    them as ``key=value`` (JSON values). Client-supplied text (the path, the model) has its
+    control characters escaped, as in the access log."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = time.strftime("%H:%M:%S", time.localtime(record.created))
+        fields = record.__dict__
+        if record.msg == "request" and "status" in fields and "path" in fields:
+            return f"{when} {self.request_line(fields)}"
+        line = f"{when} {record.levelname} {record.name}: {record.getMessage()}"
+        extra = {k: v for k, v in fields.items() if k not in _RECORD_FIELDS}
+        if extra:  # what the JSON record would carry beside its message ("usage not recorded")
+            line += " " + " ".join(
+                f"{k}={json.dumps(v, ensure_ascii=False, default=str)}" for k, v in extra.items())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+    @staticmethod
+    def request_line(f: Mapping[str, Any]) -> str:
+        def text(value: Any) -> str:
+            return str(value).translate(_LOG_ESCAPES)
+
+        parts = [text(f.get("method") or "-"), text(f["path"]), str(f["status"])]
+        if f.get("model"):
+            parts.append(f"model={text(f['model'])}")
+        if f.get("ttft_ms") is not None:
+            parts.append(f"ttft={_ms(f['ttft_ms'])}")
+        if f.get("prompt_tokens") is not None or f.get("completion_tokens") is not None:
+            parts.append(f"tokens={f.get('prompt_tokens') or 0}+{f.get('completion_tokens') or 0}")
+        parts.append(f"duration={_ms(f['duration_ms'])}")
+        parts.append(f"id={text(f.get('request_id') or '-')}")
+        if f.get("error_code") or f.get("error_type"):
+            parts.append(f"error={text(f.get('error_code') or f.get('error_type'))}")
+        if f.get("finish_reason") not in (None, "stop"):
+            parts.append(f"finish={text(f['finish_reason'])}")
+        if f.get("backend") and f.get("backend") != f.get("provider"):
+            parts.append(f"backend={text(f['backend'])}")
+        if f.get("fallbacks"):
+            parts.append(f"fallbacks={len(f['fallbacks'])}")
+        if f.get("disconnected"):
+            parts.append("disconnected")
+        return " ".join(parts)
+
 
 
 def build_event(
@@ -240,7 +314,8 @@ class DevServer(ThreadingHTTPServer):
                             ("close_timeout_s", close_timeout_s)):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
-        super().__init__(address, _RequestHandler)
+        self._connections_lock = threading.Lock()
+        self._handlers: dict[threading.Thread, socket.socket | tuple[bytes, socket.socket]] = {}
         self.app = app
         # How long one read or write may stall (a silent client, or one that does not read
         # our answer), after which the request is answered 408 or the stream closed.
@@ -252,14 +327,17 @@ class DevServer(ThreadingHTTPServer):
         self.max_connections = max_connections
         # How long server_close waits for the threads of the connections it ends.
         self.close_timeout_s = close_timeout_s
+        # An access line per response (the standard library's); the console turns it off,
+        # since each request has its own line there.
+        self.access_log = True
         self.slots = threading.BoundedSemaphore(max_streams)
         self._connections = 0
-        self._connections_lock = threading.Lock()
-        self._handlers: dict[threading.Thread, socket.socket | tuple[bytes, socket.socket]] = {}
         self.unfinished: list[threading.Thread] = []
         # Requests being served: from their request line to the end of their answer.
         self._serving = 0
         self._served = threading.Condition()
+        # Last: a bind that fails calls server_close, which reads the attributes above.
+        super().__init__(address, _RequestHandler)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait, at most ``timeout`` seconds, until no request is being served (an idle
@@ -738,7 +816,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
             response.close()
 
     def _send_head(self, status: int, headers: Mapping[str, str]) -> None:
-        self.log_request(status)
+        if self.server.access_log:  # the console has the request's own line instead
+            self.log_request(status)
         self.wfile.write(_head(status, headers))
 
     def _linger(self) -> None:
@@ -806,6 +885,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=_positive(float), default=300,
                         help="a request's time limit in seconds, like the function timeout "
                              "on Lambda (default 300)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=None,
+                        help="text: one readable line per request (the default); json: the "
+                             "JSON records the function writes on Lambda (default: "
+                             "STREAMGATE_LOG_FORMAT, else text)")
     parser.add_argument("--cors-origins", default=None,
                         help="comma-separated origins browsers may call from, or *; pages "
                              "from any other origin are refused 403 (default: "
@@ -829,30 +912,76 @@ def dev_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = N
     return load_settings(environ, defaults=DEV_DEFAULTS, **overrides)
 
 
+def log_format(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> str:
+    """``--log-format`` over ``STREAMGATE_LOG_FORMAT`` over ``text``."""
+    chosen = args.log_format or (os.environ if environ is None else environ).get(
+        "STREAMGATE_LOG_FORMAT", "").strip().lower() or "text"
+    if chosen not in LOG_FORMATS:
+        raise ValueError(f"STREAMGATE_LOG_FORMAT must be text or json, got {chosen!r}")
+    return chosen
+
+
+@contextlib.contextmanager
+def _console_logging() -> Iterator[None]:
+    """Every log line readable while it lasts: the request records, and everything else as one
+    line each. Undone at the end, for callers of :func:`main` that go on (tests)."""
+    console = ConsoleFormatter()
+    handler = logging.StreamHandler()
+    handler.setFormatter(console)
+    root = logging.getLogger()
+    level = root.level
+    # Before the Powertools logger exists: building it filters our records out of the root
+    # logger's handlers, so that each line is written once.
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    powertools = telemetry.logger().registered_handler
+    previous = powertools.formatter
+    powertools.setFormatter(console)
+    try:
+        yield
+    finally:
+        powertools.setFormatter(previous)
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        fmt = log_format(args)
+    except ValueError as e:
+        print(f"streamgate: {e}", file=sys.stderr)
+        return 2
+    if fmt == "json":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        return _serve(args, fmt)
+    with _console_logging():
+        return _serve(args, fmt)
+
+
+def _serve(args: argparse.Namespace, fmt: str) -> int:
     try:
         app = App(dev_settings(args))
-        served = app.router.kinds()  # load the model (or read the routes) now, not later
     except StreamgateError as e:
         print(f"streamgate: {e.message}", file=sys.stderr)
         return 2
-    server = DevServer((args.host, args.port), app, max_streams=args.max_streams,
-                       header_timeout_s=args.header_timeout,
-                       timeout_s=args.timeout, max_connections=args.max_connections)
-    model = app.default_model()
-    base = f"http://{args.host}:{server.server_port}"
-    print(
-        f"Streamgate dev server on {base}/v1/chat/completions "
-        f"({'routes' if app.settings.routed else 'provider'} {', '.join(sorted(served))}, "
-        f"model {model})",
-        flush=True,
-    )
-    if app.settings.playground:
-        print(f"Playground: {base}/", flush=True)
-    if app.settings.cors_origins:
-        print(f"Browsers may also call from: {', '.join(app.settings.cors_origins)}", flush=True)
+    try:  # before loading the model: a port in use is said at once
+        server = DevServer((args.host, args.port), app, max_streams=args.max_streams,
+                           header_timeout_s=args.header_timeout,
+                           timeout_s=args.timeout, max_connections=args.max_connections)
+    except OSError as e:  # the port taken, an address not ours
+        print(f"streamgate: cannot listen on {args.host}:{args.port}: {e.strerror or e}",
+              file=sys.stderr)
+        return 2
+    server.access_log = fmt == "json"
+    try:
+        served = app.router.kinds()  # load the model (or read the routes) now, not later
+    except StreamgateError as e:
+        server.server_close()
+        print(f"streamgate: {e.message}", file=sys.stderr)
+        return 2
+    for line in banner(app, served, f"http://{args.host}:{server.server_port}", fmt):
+        print(line, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -860,6 +989,31 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def banner(app: App, served: set[str], base: str, fmt: str) -> list[str]:
+    """What the dev server says when it starts: where it serves, from which provider and
+    model, where the playground is, and what its console will show. The first line names the
+    URL (tools read the port from it)."""
+    settings = app.settings
+    lines = [f"Streamgate dev server on {base}/v1/chat/completions "
+             f"({'routes' if settings.routed else 'provider'} {', '.join(sorted(served))}, "
+             f"model {app.default_model()})"]
+    try:
+        models = app.router.models()
+    except StreamgateError:  # an upstream's /models that does not answer yet: asked later
+        models = []
+    if models:
+        lines.append(f"Models: {', '.join(models)} (GET {base}/v1/models)")
+    lines.append(f"Playground: {base}/" if settings.playground
+                 else "Playground: off (STREAMGATE_PLAYGROUND=true serves it at /)")
+    if settings.cors_origins:
+        lines.append(f"Browsers may also call from: {', '.join(settings.cors_origins)}")
+    lines.append("Log: one line per request: time, method, path, status, model, ttft, "
+                 "tokens (prompt+completion), duration, request id; --log-format json for "
+                 "Lambda's JSON records" if fmt == "text"
+                 else "Log: JSON records, as the function writes them on Lambda")
+    return lines
 
 
 if __name__ == "__main__":

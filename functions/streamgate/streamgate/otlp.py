@@ -7,8 +7,8 @@ Imported only with ``STREAMGATE_TRACING`` (by streamgate/tracing.py). Three part
   ``opentelemetry/proto/collector/trace/v1/trace_service.proto`` and ``trace/v1/trace.proto``)
   from the SDK's finished spans with the protobuf wire format written by hand: varints and
   length-delimited fields are all it takes, and it spares the zip the ``protobuf`` runtime,
-  ``requests`` and the generated classes (README, "Logs, metrics, traces"). The tests decode
-  what it writes with the real ``opentelemetry-proto`` classes.
+  ``requests`` and the generated classes (docs/operating.md, "Logs, metrics, traces"). The
+  tests decode what it writes with the real ``opentelemetry-proto`` classes.
 - :class:`Exporter` sends one body per batch over ``http.client`` (keep-alive, gzip when asked,
   the configured headers), signed with SigV4 for X-Ray (service ``xray``) by botocore's own
   signer when the settings say so, with the function's credentials. It never raises: a
