@@ -108,9 +108,10 @@ def test_every_dev_server_example_is_run_here_or_covered_elsewhere() -> None:
         runnable = lang == "python" or any(
             c.startswith(("curl ", "make dev CORS_ORIGINS=")) for c in _commands(body))
         assert covered or runnable, f"example not tested:\n{body}"
-    # the OpenAI SDK on Chat Completions and on Responses, the Anthropic SDK, requests and the
-    # Agents SDK; curl on chat (the README), min_tokens, Responses, Messages, the Origin rule
-    assert len(_python_examples()) == 5
+    # the OpenAI SDK on Chat Completions and on Responses, the Anthropic SDK, requests, the
+    # Agents SDK and LangChain; curl on chat (the README), min_tokens, Responses, Messages, the
+    # Origin rule
+    assert len(_python_examples()) == 6
     assert len(_curl_commands()) == 5
 
 
