@@ -23,7 +23,7 @@ MISSING = (f"streamgate.keys: keys table {TABLE} does not exist in us-east-1; ch
 
 @pytest.fixture
 def endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """moto's server, and the environment the README exports for a local table."""
+    """moto's server, and the environment docs/operating.md exports for a local table."""
     with moto_server() as url:
         for name, value in {"AWS_ENDPOINT_URL_DYNAMODB": url, "STREAMGATE_KEYS_TABLE": TABLE,
                             "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",

@@ -1,5 +1,6 @@
-"""The README's local api_key set-up, for real: moto in server mode as the table's endpoint, the
-key tool as a separate process, the dev server, and the official OpenAI SDK as the client."""
+"""The local api_key set-up of docs/operating.md, for real: moto in server mode as the
+table's endpoint, the key tool as a separate process, the dev server, and the official
+OpenAI SDK as the client."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def local_table(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    """``moto_server`` on a loopback port, and the variables the README exports for it."""
+    """``moto_server`` on a loopback port, and the variables docs/operating.md exports for it."""
     with moto_server() as url:
         env = {"AWS_ENDPOINT_URL_DYNAMODB": url,
                "STREAMGATE_KEYS_TABLE": "streamgate-keys", "AWS_ACCESS_KEY_ID": "local",
@@ -93,7 +94,7 @@ def test_openai_sdk_with_keys_and_limits_through_the_dev_server(
 
 def test_the_key_tool_process_names_what_is_wrong_with_a_status_per_cause(
         local_table: dict[str, str], tmp_path: Path) -> None:
-    # GIVEN the README's local set-up, with nothing else of AWS in the environment
+    # GIVEN docs/operating.md's local set-up, with nothing else of AWS in the environment
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(local_table, AWS_EC2_METADATA_DISABLED="true",
                AWS_CONFIG_FILE=str(tmp_path / "absent"),

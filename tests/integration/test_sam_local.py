@@ -227,7 +227,7 @@ def test_the_readme_curl_gets_200_and_the_whole_event_stream_at_once(
 ) -> None:
     # GIVEN an upstream that streams two pieces and usage
     script.replies.append(Reply(body=[text_stream("Hello", " world")]))
-    # WHEN the README's request goes through SAM's local API
+    # WHEN the README's curl goes through SAM's local API
     response = api.request("POST", "/v1/chat/completions",
                            json={"prompt": "Explain streaming APIs", "stream": True,
                                  "stream_options": {"include_usage": True}})

@@ -60,5 +60,5 @@ def test_the_table_expires_items_by_the_stores_attribute_after_the_settings_ttl(
     assert float(ttl["Default"]) == load_settings({}).responses_ttl_s == 30 * 86_400
     env = template["Resources"]["StreamgateFunction"]["Properties"]["Environment"]["Variables"]
     assert env["STREAMGATE_RESPONSES_TTL_S"] == {"Ref": "ResponsesTtlSeconds"}
-    # Stored text is not kept past the stack, nor past turning storage off (README says so).
+    # Stored text is not kept past the stack, nor past turning storage off (docs/deploying.md).
     assert (table["DeletionPolicy"], table["UpdateReplacePolicy"]) == ("Delete", "Delete")

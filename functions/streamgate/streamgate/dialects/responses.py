@@ -17,8 +17,8 @@ round-trip exactly. A custom tool's grammar (``format``) is given to the model i
 description: no backend here can enforce a Lark or regex grammar. ``reasoning`` items sent back
 are accepted and not sent to the backend (the chat backends take no earlier reasoning).
 ``reasoning.effort`` and ``.summary`` are accepted and echoed; they do not change what the
-backends do (README). Codex's ``client_metadata`` (ids describing the client) is accepted and
-not kept. Hosted tools, ``background``, ``conversation``, ``prompt``,
+backends do (docs/api/responses.md). Codex's ``client_metadata`` (ids describing the client)
+is accepted and not kept. Hosted tools, ``background``, ``conversation``, ``prompt``,
 ``truncation: "auto"`` and everything else we cannot honour are a 400 naming the field.
 
 **Answer → events.** ``response.created``, ``response.in_progress``; per output item

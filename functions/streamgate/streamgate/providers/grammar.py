@@ -19,17 +19,17 @@ likeliest tokens first and the whole vocabulary only when none of them fits, as 
 common sampler does with its single sampled token: 13-23 tokens/s against 7-11 for the same
 answers with llama.cpp's sampler, one thread on this 2-core machine.
 
-Bounds (README, "Bounds"): the converter spells a count out (``maxLength: n`` becomes ``n``
-nested optional groups, ``minItems: n`` ``n`` copies of the item), and llama.cpp's grammar
-parser recurses once per nesting level (~430 bytes of stack each: 30,000 levels overflow a
-thread's 8 MiB and kill the process). So before anything reaches llama.cpp, every count in the
-schema (``minLength``, ``maxLength``, ``minItems``, ``maxItems``, each ``{n}``, ``{n,}``,
-``{n,m}`` of a ``pattern``) must be a whole number from 0 to :data:`MAX_REPEAT`, with the
-minimum not above the maximum; the converter may write at most :data:`MAX_GRAMMAR_CHARS`
-characters of rules (counted as it writes them, so the work is bounded too, and stopped at the
-request's deadline); and no rule of the result may nest parentheses deeper than
-:data:`MAX_NESTING`. Anything beyond is a 400 naming ``response_format`` and the bound.
-"""
+Bounds (docs/api/index.md, "Bounds"): the converter spells a count out (``maxLength: n``
+becomes ``n`` nested optional groups, ``minItems: n`` ``n`` copies of the item), and
+llama.cpp's grammar parser recurses once per nesting level (~430 bytes of stack each: 30,000
+levels overflow a thread's 8 MiB and kill the process). So before anything reaches llama.cpp,
+every count in the schema (``minLength``, ``maxLength``, ``minItems``, ``maxItems``, each
+``{n}``, ``{n,}``, ``{n,m}`` of a ``pattern``) must be a whole number from 0 to
+:data:`MAX_REPEAT`, with the minimum not above the maximum; the converter may write at most
+:data:`MAX_GRAMMAR_CHARS` characters of rules (counted as it writes them, so the work is
+bounded too, and stopped at the request's deadline); and no rule of the result may nest
+parentheses deeper than :data:`MAX_NESTING`. Anything beyond is a 400 naming
+``response_format`` and the bound. """
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 SCHEMA_PARAM = "response_format.json_schema.schema"
 
-# What a grammar may contain (see the module docstring and README, "Bounds").
+# What a grammar may contain (see the module docstring and docs/api/index.md, "Bounds").
 MAX_REPEAT = 500  # every count: minLength, maxLength, minItems, maxItems, {n,m} in a pattern
 MAX_GRAMMAR_CHARS = 500_000  # rules the converter may write, all told
 MAX_NESTING = 600  # parentheses inside one rule: llama.cpp's parser recurses on each level

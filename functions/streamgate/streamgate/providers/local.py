@@ -22,7 +22,7 @@ sequences and ``max_tokens`` still do and may cut the JSON short, as they do on 
 cannot be sampled and the document's own turn marker (``\nQuestion:``) does not end the
 answer; the client's ``stop`` sequences and ``max_tokens`` always do. A request that sets
 none gets ``local_default_min_tokens``: left alone, the base model now and then ends an
-answer after a few hundred characters or fewer (README, Benchmarks). A grammar decides where
+answer after a few hundred characters or fewer (docs/benchmarks.md). A grammar decides where
 JSON ends, so a constrained answer has no minimum (asking for one is a 400).
 """
 
