@@ -29,7 +29,7 @@ every count in the schema (``minLength``, ``maxLength``, ``minItems``, ``maxItem
 :data:`MAX_GRAMMAR_CHARS` characters of rules (counted as it writes them, so the work is
 bounded too, and stopped at the request's deadline); and no rule of the result may nest
 parentheses deeper than :data:`MAX_NESTING`. Anything beyond is a 400 naming
-``response_format`` and the bound. """
+``response_format`` and the bound."""
 
 from __future__ import annotations
 
