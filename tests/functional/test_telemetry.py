@@ -4,6 +4,7 @@ them, for success and for every failure path."""
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -206,6 +207,11 @@ def _lines_of_one_invocation(capsys: pytest.CaptureFixture[str], app: App) -> li
         with FakeRuntimeAPI([Invoke(chat_event({"prompt": "hi", "stream": True}),
                                     headers={"Lambda-Runtime-Trace-Id": trace})]) as api:
             assert run(app, environ={"AWS_LAMBDA_RUNTIME_API": api.address}) == 0
+        # A Bedrock reader thread logs its end once its request has stopped reading it, which
+        # may be just after the invocation was answered.
+        for thread in threading.enumerate():
+            if thread.name == "bedrock-stream":
+                thread.join(10)
     finally:
         streamgate_logger.setLevel(level)
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()
@@ -274,3 +280,36 @@ def test_the_bedrock_readers_line_about_a_request_carries_its_id_and_trace(
     _about_req_1(ended)
     (record,) = [line for line in lines if line.get("message") == "request"]
     assert record["error_code"] == "upstream_timeout"
+
+
+def test_a_thread_started_for_a_request_keeps_its_id_after_the_request_ends(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import contextvars
+    import logging
+
+    from streamgate import telemetry
+
+    # GIVEN a thread started (with the request's context, as the Bedrock reader is) while a
+    # request is bound, that logs only once told to
+    go = threading.Event()
+
+    def later() -> None:
+        go.wait(10)
+        logging.getLogger("streamgate.providers.bedrock").warning("the reader has ended")
+
+    capsys.readouterr()
+    telemetry.bind_request("req-9")
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(later,))
+    thread.start()
+    # WHEN the request ends first (its driver unbinds it), and only then the thread logs
+    telemetry.bind_request(None)
+    go.set()
+    thread.join(10)
+    # THEN the thread's line still names the request, and the driver's own lines no longer do
+    logging.getLogger("streamgate").warning("between requests")
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+             if line.startswith("{")]
+    (ended,) = [line for line in lines if line["message"] == "the reader has ended"]
+    (between,) = [line for line in lines if line["message"] == "between requests"]
+    assert ended["function_request_id"] == "req-9"
+    assert "function_request_id" not in between

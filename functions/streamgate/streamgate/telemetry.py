@@ -106,7 +106,15 @@ def bind_request(request_id: str | None) -> None:
     it. For drivers serving several invocations at once, whose lines interleave."""
     log = logger()
     if request_id is None:
-        log.thread_safe_remove_keys(["function_request_id"])
+        # Not thread_safe_remove_keys: Powertools (3.37) pops the key from the context's dict in
+        # place, and that dict is also the one a thread started with this context (a Bedrock
+        # reader, copy_context) still logs with: its last lines would lose the id. Clearing sets
+        # a new dict, leaving theirs alone.
+        rest = {k: v for k, v in log.thread_safe_get_current_keys().items()
+                if k != "function_request_id"}
+        log.thread_safe_clear_keys()
+        if rest:
+            log.thread_safe_append_keys(**rest)
     else:
         log.thread_safe_append_keys(function_request_id=request_id)
 
