@@ -388,9 +388,11 @@ def test_a_collector_that_hangs_or_refuses_neither_fails_nor_holds_the_lambda_lo
 
 def test_a_hanging_collector_does_not_slow_the_dev_server(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    # GIVEN a collector that never answers and batches that leave at once
+    # GIVEN a collector that never answers, an export that waits 60 s for it, and batches that
+    # leave at once
     with OtlpReceiver("hang") as sink:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", sink.url)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "60000")
         monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "1")
         app = make_app(tracing=True, metrics=False)
         try:
@@ -403,8 +405,9 @@ def test_a_hanging_collector_does_not_slow_the_dev_server(
                     conn.request("POST", CHAT, body=json.dumps(_stream()).encode())
                     assert sse_data(conn.getresponse().read())[-1] == "[DONE]"
                     conn.close()
-                # THEN they take no longer than without tracing
-                assert time.monotonic() - started < 2.0
+                # THEN none of them waited for an export: together they take a fraction of
+                # one export's wait (a bound loose enough for a machine under load)
+                assert time.monotonic() - started < 20.0
                 assert sink.requests  # the exporter did try
         finally:
             app.telemetry.shutdown()
