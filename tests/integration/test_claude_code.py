@@ -185,9 +185,10 @@ def test_claude_code_gets_an_answer_from_the_embedded_model_as_make_dev_serves_i
     # a context large enough for Claude Code's system prompt and tools
     clients = page("clients.md")
     assert f"STREAMGATE_ROUTES='{EMBEDDED_ROUTES}'" in clients
-    assert "STREAMGATE_LOCAL_CONTEXT_TOKENS=32768 make dev" in clients
+    assert ("STREAMGATE_LOCAL_CONTEXT_TOKENS=32768 STREAMGATE_MAX_TOKENS_CAP=300 make dev"
+            in clients)
     settings = load_settings({}, provider="local", routes=EMBEDDED_ROUTES, metrics=False,
-                             local_context_tokens=32768)
+                             local_context_tokens=32768, max_tokens_cap=300)
     app = Recording(settings)
     app.seen = []
     try:

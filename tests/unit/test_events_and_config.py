@@ -79,6 +79,16 @@ def test_settings_precedence_argument_env_default() -> None:
     assert load_settings(env, provider="local").provider == "local"
 
 
+def test_a_cap_under_the_default_max_tokens_lowers_the_default_with_it() -> None:
+    # a cap alone is enough (Claude Code's embedded set-up sets 300); an explicit default over
+    # the cap is still refused below
+    capped = load_settings({"STREAMGATE_MAX_TOKENS_CAP": "300"})
+    assert (capped.default_max_tokens, capped.max_tokens_cap) == (300, 300)
+    assert load_settings({"STREAMGATE_MAX_TOKENS_CAP": "8000"}).default_max_tokens == 1024
+    with pytest.raises(ConfigError, match="must not exceed"):
+        load_settings({"STREAMGATE_MAX_TOKENS_CAP": "300", "STREAMGATE_DEFAULT_MAX_TOKENS": "500"})
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [

@@ -253,6 +253,13 @@ def load_settings(
         values[key] = value
     if "bedrock_region" not in values:
         values["bedrock_region"] = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or ""
+    cap = values.get("max_tokens_cap")
+    if "default_max_tokens" not in values and isinstance(cap, int):
+        # A cap under the default's default lowers the default with it: setting the cap alone
+        # is enough. Only a default given explicitly above the cap is an error.
+        default = Settings.__dataclass_fields__["default_max_tokens"].default
+        assert isinstance(default, int)
+        values["default_max_tokens"] = min(default, cap)
     unknown = set(overrides) - set(_ENV)
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
