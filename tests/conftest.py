@@ -14,6 +14,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import pytest
 
@@ -102,6 +103,18 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     gc.freeze()
 
 
+_SDK_CLIENTS: list[Any] = []
+_Client = TypeVar("_Client")
+
+
+def sdk_client(client: _Client) -> _Client:
+    """An SDK client (openai's, anthropic's) closed when the test that made it ends: its pooled
+    sockets would otherwise be finalised by whatever collection comes next, failing that test
+    with a ResourceWarning that is not its own."""
+    _SDK_CLIENTS.append(client)
+    return client
+
+
 @pytest.fixture(autouse=True)
 def _collect_garbage() -> Iterator[None]:
     """After each test (its other fixtures' teardown included): wait (10 s at most) for the
@@ -114,6 +127,8 @@ def _collect_garbage() -> Iterator[None]:
     yield
     for server in list(_SERVERS):
         server.wait_idle(10)
+    while _SDK_CLIENTS:
+        _SDK_CLIENTS.pop().close()
     gc.collect()
 
 

@@ -18,7 +18,7 @@ from streamgate.config import load_settings
 from streamgate.handler import App
 from streamgate.providers.bedrock import NATIVE_BETAS, BedrockProvider
 from tests import anthropic_strict as strict
-from tests.conftest import running_dev_server
+from tests.conftest import running_dev_server, sdk_client
 from tests.fake_bedrock import (
     FakeBedrock,
     Reply,
@@ -60,7 +60,7 @@ def fake() -> Iterator[FakeBedrock]:
 
 
 def _client(url: str) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
+    return sdk_client(anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0))
 
 
 def _sent(fake: FakeBedrock, i: int = 0) -> dict[str, Any]:

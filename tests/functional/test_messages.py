@@ -28,7 +28,7 @@ from streamgate.providers import Finish, ReasoningDelta, TextDelta, ToolCallDelt
 from streamgate.runtime import run
 from streamgate.validation import CAP_COUNT_TOKENS, CAP_TOOLS, ChatRequest
 from tests import anthropic_strict as strict
-from tests.conftest import running_dev_server
+from tests.conftest import running_dev_server, sdk_client
 from tests.fake_runtime_api import FakeRuntimeAPI
 from tests.helpers import ScriptedProvider, Step, body_bytes, chat_event
 
@@ -69,7 +69,7 @@ def served() -> Iterator[tuple[str, ScriptedProvider, App]]:
 
 
 def _client(url: str, **kwargs: Any) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, **kwargs)
+    return sdk_client(anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, **kwargs))
 
 
 def test_a_streamed_message_is_anthropics_event_sequence_every_event_strict(

@@ -12,7 +12,7 @@ import pytest
 
 from streamgate.handler import App
 from streamgate.providers.bedrock import BedrockProvider
-from tests.conftest import running_dev_server
+from tests.conftest import running_dev_server, sdk_client
 from tests.fake_bedrock import (
     FakeBedrock,
     Reply,
@@ -50,7 +50,7 @@ def bedrock_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FakeBedroc
 
 
 def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    return sdk_client(openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0))
 
 
 def test_sdk_streams_bedrock_text_with_usage(bedrock_server: tuple[FakeBedrock, str]) -> None:

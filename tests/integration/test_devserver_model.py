@@ -9,13 +9,16 @@ import openai
 import pytest
 import requests
 
+from tests.conftest import sdk_client
+
 pytestmark = pytest.mark.model
 
 MODEL = "gemma-3-270m"
 
 
 def _client(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused-locally", max_retries=0)
+    return sdk_client(
+        openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused-locally", max_retries=0))
 
 
 def test_requests_reads_a_real_stream_line_by_line(model_server: str) -> None:

@@ -9,6 +9,8 @@ import json
 import openai
 import pytest
 
+from tests.conftest import sdk_client
+
 pytestmark = pytest.mark.model
 
 MODEL = "gemma-3-270m"
@@ -22,7 +24,8 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 def _client(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused-locally", max_retries=0)
+    return sdk_client(
+        openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused-locally", max_retries=0))
 
 
 def test_required_makes_one_call_to_a_listed_tool_with_arguments_of_its_schema(

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from streamgate.config import load_settings
 from streamgate.handler import App
 from streamgate.providers import openai as openai_provider
-from tests.conftest import running_dev_server
+from tests.conftest import running_dev_server, sdk_client
 from tests.helpers import sse_json
 
 pytestmark = pytest.mark.model
@@ -77,7 +77,7 @@ def relay(llama_server: str) -> Iterator[str]:
 
 
 def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    return sdk_client(openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0))
 
 
 def test_models_are_the_upstreams(relay: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from streamgate.config import load_settings
 from streamgate.handler import App
-from tests.conftest import running_dev_server
+from tests.conftest import running_dev_server, sdk_client
 from tests.fake_bedrock import FakeBedrock, Reply, text_events
 from tests.fake_openai import FakeUpstream, completion_reply, error_reply, text_stream
 from tests.fake_openai import Reply as UpstreamReply
@@ -37,7 +37,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, FakeBedrock, 
 
 
 def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    return sdk_client(openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0))
 
 
 def test_two_public_models_from_two_backends_in_one_process(

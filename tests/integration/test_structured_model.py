@@ -22,7 +22,7 @@ from streamgate.providers import Finish, Provider, TextDelta
 from streamgate.providers import local as local_module
 from streamgate.providers import openai as openai_provider
 from streamgate.providers.grammar import JSON_OBJECT_GRAMMAR, GrammarFilter, text_tokens
-from tests.conftest import running_dev_server
+from tests.conftest import running_dev_server, sdk_client
 from tests.helpers import chat_event
 
 pytestmark = pytest.mark.model
@@ -43,7 +43,8 @@ class Recipe(BaseModel):
 
 
 def _client(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused-locally", max_retries=0)
+    return sdk_client(
+        openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused-locally", max_retries=0))
 
 
 def _ask(content: str) -> list[Any]:
