@@ -217,19 +217,8 @@ class LocalProvider:
             self._lock.release()
 
     def _acquire(self, deadline: Deadline) -> None:
-        """Wait for the model: until the queue timeout, the deadline, or the client leaving."""
-        give_up = time.monotonic() + self._settings.local_queue_timeout_s
-        while True:
-            if self._lock.acquire(timeout=deadline.cap(_QUEUE_POLL_S)):
-                return
-            deadline.check()
-            if deadline.client_gone():
-                raise ClientClosedError("The client closed the connection while waiting for "
-                                        "the embedded model")
-            if time.monotonic() >= give_up:
-                raise UpstreamUnavailableError(
-                    "The embedded model is busy with other requests; retry shortly",
-                    retry_after=5)
+        wait_for_model(self._lock, deadline, self._settings.local_queue_timeout_s,
+                       "the embedded model")
 
     def _generate(self, request: ChatRequest,
                   constraint: GrammarFilter | None) -> Iterator[Delta]:
@@ -340,6 +329,23 @@ class LocalProvider:
             return scores
 
         return processor
+
+
+def wait_for_model(lock: threading.Lock, deadline: Deadline, queue_timeout_s: float,
+                   what: str) -> None:
+    """Take ``lock``, the one turn at an in-process model (``what`` names it in errors): wait
+    until the queue timeout (503 with Retry-After), the deadline, or the client leaving."""
+    give_up = time.monotonic() + queue_timeout_s
+    while True:
+        if lock.acquire(timeout=deadline.cap(_QUEUE_POLL_S)):
+            return
+        deadline.check()
+        if deadline.client_gone():
+            raise ClientClosedError(f"The client closed the connection while waiting for {what}")
+        if time.monotonic() >= give_up:
+            raise UpstreamUnavailableError(
+                f"{what[0].upper()}{what[1:]} is busy with other requests; retry shortly",
+                retry_after=5)
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:

@@ -33,10 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from streamgate.errors import (
-    ClientClosedError,
     ConfigError,
     RequestError,
-    UpstreamUnavailableError,
 )
 from streamgate.providers.embedding import (
     LOCAL_MODEL,
@@ -57,7 +55,6 @@ GGUF_SHA256 = "3ccdf7a70b2399998dc5c765405124bb8eb6de20292cf56490cc80343d1c29c6"
 GGUF_NAME = "all-minilm-l6-v2-f32.gguf"
 CONTEXT_TOKENS = 512  # the model's max_position_embeddings
 _BATCH_INPUTS = 16  # inputs per llama.cpp call: the deadline is checked between calls
-_QUEUE_POLL_S = 0.1
 # BERT's special tokens (kept as they are; the rest take llama.cpp's WordPiece spelling).
 _SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # Hugging Face BERT tensor name → llama.cpp's (per layer: "blk.{i}." + the value).
@@ -248,19 +245,10 @@ class LocalEmbedder:
         return self._llm
 
     def _acquire(self, deadline: Deadline) -> None:
-        """Wait for the model: until the queue timeout, the deadline, or the client leaving."""
-        give_up = time.monotonic() + self._settings.local_queue_timeout_s
-        while True:
-            if self._lock.acquire(timeout=deadline.cap(_QUEUE_POLL_S)):
-                return
-            deadline.check()
-            if deadline.client_gone():
-                raise ClientClosedError("The client closed the connection while waiting for "
-                                        "the embedded embedding model")
-            if time.monotonic() >= give_up:
-                raise UpstreamUnavailableError(
-                    "The embedded embedding model is busy with other requests; retry shortly",
-                    retry_after=5)
+        from streamgate.providers.local import wait_for_model
+
+        wait_for_model(self._lock, deadline, self._settings.local_queue_timeout_s,
+                       "the embedded embedding model")
 
 
 def create_embedder(settings: Settings) -> LocalEmbedder:
