@@ -95,9 +95,10 @@ class ToolThenAnswer(ScriptedProvider):
         yield Usage(100, 10)
 
 
-def _check_what_it_sent(app: Recording, key: str) -> list[dict[str, Any]]:
-    """Every request was POST /v1/messages?beta=true with Anthropic's headers and our key;
-    the answered ones are returned."""
+def _check_what_it_sent(app: Recording, key: str, *, answers: int = 2) -> list[dict[str, Any]]:
+    """Every request was POST /v1/messages?beta=true with Anthropic's headers and our key, and
+    at least ``answers`` of them were the conversation itself (not a side request); those are
+    returned."""
     assert app.seen
     for request in app.seen:
         assert (request["method"], request["path"], request["query"]) == (
@@ -112,7 +113,7 @@ def _check_what_it_sent(app: Recording, key: str) -> list[dict[str, Any]]:
         assert body["thinking"]["type"] in ("enabled", "adaptive")
     answered = [r for r in app.seen if not any(
         t.get("defer_loading") for t in r["body"].get("tools", []))]
-    assert len(answered) >= 2
+    assert len(answered) >= answers
     assert len(answered[0]["body"]["tools"]) >= 20
     return answered
 
@@ -208,4 +209,5 @@ def test_claude_code_gets_an_answer_from_the_embedded_model_as_make_dev_serves_i
         assert "output token maximum" in said, said
     else:
         assert done.stdout.strip()
-    _check_what_it_sent(app, "unused")
+    # (a small model may answer in prose at once, without the tool: one conversation request)
+    _check_what_it_sent(app, "unused", answers=1)
