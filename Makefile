@@ -17,7 +17,7 @@ SAM_VENV := .venv-sam
 SAM := $(SAM_VENV)/bin/sam
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: dev docs test lint bench bench-relay bench-lambda bench-load bench-lmi template-lmi build validate sam-local clean
+.PHONY: dev docs test lint bench bench-relay bench-lambda bench-load bench-lmi bench-gateways template-lmi build validate sam-local clean
 
 # --no-compile: pip would byte-compile every module of ~200 packages (botocore, sympy, moto...)
 # up front, minutes on two shared cores; Python compiles what a run imports, when it imports it.
@@ -85,6 +85,11 @@ bench-load: $(VENV)/.installed ## 50 concurrent streams for 60 s against the dev
 
 bench-lmi: $(VENV)/.installed ## Managed Instances: N streams as threads in one process vs N processes
 	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) bench/bench_lmi.py $(LMI_ARGS)
+
+# Installs the Portkey gateway (npm ci, pinned in bench/package-lock.json) into bench/node_modules
+# on first use; GATEWAYS_ARGS="--gateways devserver" runs without Node.
+bench-gateways: $(VENV)/.installed ## The dev server vs the Portkey gateway: 50 streams, same upstream
+	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) bench/bench_gateways.py $(GATEWAYS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .aws-sam
