@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +22,7 @@ from streamgate.httpclient import Upstream
 from streamgate.providers.openai import OpenAIProvider
 from streamgate.runtime import run
 from streamgate.runtime_api import RuntimeAPIClient
+from tests.fake_http import RawPeer, read_request
 from tests.fake_openai import FakeUpstream, Reply, chunk, sse
 from tests.fake_runtime_api import FakeRuntimeAPI, Invoke, Posted
 from tests.helpers import chat_event, sse_json
@@ -37,7 +39,7 @@ def _close_providers() -> Iterator[None]:
         _providers.pop().close()
 
 
-def _app(fake: FakeUpstream) -> App:
+def _app(fake: FakeUpstream | RawPeer) -> App:
     s = load_settings({}, provider="openai", upstream_base_url=fake.url,
                       upstream_models=("m=upstream-model",), upstream_backoff_s=0.01)
     provider = OpenAIProvider(s, ApiKey(None, 60, value="sk-test-key"),
@@ -84,6 +86,38 @@ def test_chunks_one_upstream_read_delivered_leave_in_one_write_each_intact() -> 
     assert {d["id"] for d in docs} == {docs[0]["id"]} and all(d["usage"] is None for d in docs)
     assert all(d["object"] == "chat.completion.chunk" and d["model"] == "m" for d in docs)
     # and the whole stream ends as always, with no trailers
+    raw = b"".join(writes)
+    assert sse_json(raw)[-1]["usage"] == USAGE and raw.endswith(b"data: [DONE]\n\n")
+    assert posted.trailers == {}
+
+
+def test_events_sent_as_separate_http_chunks_in_one_segment_leave_in_one_write() -> None:
+    # GIVEN an upstream (vLLM, llama.cpp server) that frames each event as its own HTTP chunk,
+    # four of them sent in one TCP segment, the rest 0.3 s later
+    head = [chunk("", role="assistant"), chunk("one"), chunk(" two"), chunk(" three")]
+    tail = [chunk(finish="stop"), chunk(choices=False, usage=USAGE)]
+    framed = [b"%x\r\n%s\r\n" % (len(e), e) for e in (sse(c, done=False) for c in head)]
+
+    def serve(sock: socket.socket) -> None:
+        read_request(sock)
+        sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n" + b"".join(framed))
+        time.sleep(0.3)
+        rest = sse(*tail)
+        sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+        time.sleep(1)
+
+    event = chat_event({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                        "stream": True, "stream_options": {"include_usage": True}})
+    # WHEN the Lambda loop relays it
+    with RawPeer(serve) as peer, FakeRuntimeAPI([event]) as api:
+        assert run(_app(peer), environ={"AWS_LAMBDA_RUNTIME_API": api.address}) == 0
+    (posted,) = api.posted
+    # THEN the three content chunks leave in one Runtime API write (not one write per HTTP
+    # chunk), each a whole event, and the answer ends as always
+    writes = [data for _, data in posted.chunks[1:]]
+    first = [json.loads(e.removeprefix(b"data: ")) for e in _events(writes[0])]
+    assert [d["choices"][0]["delta"].get("content") for d in first] == ["one", " two", " three"]
     raw = b"".join(writes)
     assert sse_json(raw)[-1]["usage"] == USAGE and raw.endswith(b"data: [DONE]\n\n")
     assert posted.trailers == {}

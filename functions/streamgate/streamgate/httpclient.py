@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextvars
 import http.client
+import re
 import select
 import socket
 import ssl
@@ -284,14 +285,46 @@ class Exchange:
         self._guard = g
         self._done = False
         self.status = response.status
+        # A chunked body is read from the socket and unframed here: all that one read brought
+        # comes back at once (http.client's read1 stops at each chunk's end, one call per
+        # event when an upstream writes each as a chunk), with a fraction of its calls.
+        self._chunks = Dechunker() if response.chunked else None
+        self._fresh = True
+        assert conn.sock is not None
+        self._recv = conn.sock.recv
 
     def header(self, name: str) -> str:
         return self._response.getheader(name, "") or ""
 
     def read(self, until: float) -> bytes:
-        """The next bytes of the body (b"" at its end). Raises :class:`WaitExpired` when
-        ``until`` passes first, ``UpstreamError`` if the connection breaks."""
-        self._bound(until)
+        """The next bytes of the body (b"" at its end): everything one read of the socket
+        delivered. Raises :class:`WaitExpired` when ``until`` passes first, ``UpstreamError``
+        if the connection breaks or the chunked framing is broken."""
+        self._guard.move(until)
+        chunks = self._chunks
+        if chunks is None:  # a body with a length, or one that ends when the peer closes
+            return self._read_plain()
+        while not chunks.done:
+            try:
+                if self._fresh:  # what http.client's buffer holds after the headers
+                    self._fresh = False
+                    raw = self._response.fp.read1(READ_SIZE)
+                else:
+                    raw = self._recv(READ_SIZE)
+            except OSError as e:
+                if self._guard.fired:
+                    raise WaitExpired from e
+                raise UpstreamError("The connection to the upstream broke mid-stream") from e
+            if not raw:
+                if self._guard.fired:
+                    raise WaitExpired
+                raise UpstreamError("The connection to the upstream broke mid-stream")
+            data = chunks.feed(raw)
+            if data:
+                return data
+        return b""
+
+    def _read_plain(self) -> bytes:
         try:
             data = self._response.read1(READ_SIZE)
         except TimeoutError as e:
@@ -324,6 +357,8 @@ class Exchange:
             clean = not self.read(time.monotonic() + 1.0) and not self._response.will_close
         except (WaitExpired, UpstreamError):
             clean = False
+        if self._chunks is not None and self._chunks.extra:
+            clean = False  # bytes after the body: the connection's framing cannot be trusted
         if clean:
             self._done = True
             self._guard.cancel()
@@ -338,5 +373,83 @@ class Exchange:
             self._response.close()
             self._conn.close()
 
-    def _bound(self, until: float) -> None:
-        self._guard.move(until)
+
+# A chunk-size line (RFC 9112 section 7.1): hex digits, then extensions after ";" (ignored),
+# and a trailer field line: neither may grow past this.
+_MAX_LINE = 4096
+_MAX_TRAILER = 65536
+_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+
+
+class Dechunker:
+    """``Transfer-Encoding: chunked`` undone incrementally: :meth:`feed` takes bytes as the
+    socket gave them, cut anywhere, and returns the body bytes among them. Lines end with
+    CRLF or a bare LF (as http.client accepts); a size is 1-16 hex digits; any other framing
+    is an ``UpstreamError``. ``done`` once the last chunk and the trailer section have ended;
+    ``extra`` if bytes came after that."""
+
+    __slots__ = ("_state", "_left", "_line", "_trailer", "done", "extra")
+
+    def __init__(self) -> None:
+        self._state = _SIZE
+        self._left = 0
+        self._line = b""
+        self._trailer = 0
+        self.done = False
+        self.extra = False
+
+    def feed(self, raw: bytes) -> bytes:
+        out: list[bytes] = []
+        pos, end = 0, len(raw)
+        while pos < end:
+            if self._state == _DATA:
+                take = min(self._left, end - pos)
+                out.append(raw if take == end else raw[pos:pos + take])  # no copy if all
+                pos += take
+                self._left -= take
+                if not self._left:
+                    self._state = _DATA_END
+                continue
+            if self._state == _DONE:
+                self.extra = True
+                break
+            eol = raw.find(b"\n", pos)
+            if eol < 0:
+                self._line += raw[pos:]
+                if len(self._line) > _MAX_LINE:
+                    raise UpstreamError("The upstream sent a malformed chunked body")
+                break
+            line = raw[pos:eol]
+            if self._line:
+                line = self._line + line
+                self._line = b""
+            pos = eol + 1
+            if len(line) > _MAX_LINE:
+                raise UpstreamError("The upstream sent a malformed chunked body")
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if self._state == _DATA_END:
+                if line:
+                    raise UpstreamError("The upstream sent a malformed chunked body")
+                self._state = _SIZE
+            else:
+                self._end_line(line)
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _end_line(self, line: bytes) -> None:
+        if self._state == _SIZE:
+            size = line.split(b";", 1)[0].strip(b" \t")
+            if not _HEX.fullmatch(size):
+                raise UpstreamError("The upstream sent a malformed chunked body")
+            self._left = int(size, 16)
+            self._state = _DATA if self._left else _TRAILER
+        elif line:  # _TRAILER: a trailer field, not used
+            self._trailer += len(line)
+            if self._trailer > _MAX_TRAILER:
+                raise UpstreamError("The upstream sent a malformed chunked body")
+        else:
+            self._state = _DONE
+            self.done = True
+
+
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
