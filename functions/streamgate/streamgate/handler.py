@@ -71,7 +71,7 @@ from streamgate.providers import (
 )
 from streamgate.providers import create_provider as _create_provider
 from streamgate.providers.embedding import EmbeddingRequest, create_embedder
-from streamgate.routes import Route, Router
+from streamgate.routes import Route, RoutedStream, Router
 from streamgate.telemetry import Telemetry
 from streamgate.validation import (
     CAP_COUNT_TOKENS,
@@ -508,9 +508,14 @@ def _observe(
     before each group, each delta's finish reason, usage and output recorded in ``outcome``
     as if it had come alone, and a finish reason required."""
     log_content = outcome.prompt_text is not None  # set only when content is logged
+    stop_at = deadline.at
+    if isinstance(deltas, RoutedStream):
+        deltas = deltas.remaining()  # the caller still closes the stream it gave
     delta = first
     while delta is not None:
-        deadline.check()  # stop before the Lambda deadline rather than be killed mid-write
+        # Stop before the Lambda deadline rather than be killed mid-write (deadline.check()).
+        if stop_at is not None and time.monotonic() >= stop_at:
+            deadline.check()
         group: list[Output] = []
         for piece in delta.deltas if isinstance(delta, Batch) else (delta,):
             if type(piece) is TextDelta:  # nearly every one: the same steps as below, inline

@@ -65,14 +65,13 @@ def with_retries(
     client); see the module docstring for when a wait is too long to take."""
     cap = backoff_s * 8
     for n in range(1, attempts + 1):
-        started = False
         try:
-            for item in attempt():
-                started = True
-                yield item
+            items = iter(attempt())
+            first = next(items)
+        except StopIteration:
             return
         except StreamgateError as e:
-            if started or not e.transient or n == attempts:
+            if not e.transient or n == attempts:
                 raise
             delay = random.uniform(0, min(cap, backoff_s * 2 ** (n - 1)))
             if honour_retry_after and e.retry_after is not None:
@@ -83,3 +82,13 @@ def with_retries(
                            upstream, n, attempts, e.code, delay)
             time.sleep(delay)
             deadline.check()
+            continue
+        # Begun: from here on a failure is the caller's, and the items pass straight through.
+        try:
+            yield first
+            yield from items
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # at once, when the caller stops early, not when it is collected
+        return

@@ -11,8 +11,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 DONE = b"data: [DONE]\n\n"
 
@@ -35,6 +34,17 @@ def json_bytes(obj: Any) -> bytes:
         return fixed.encode("utf-8")
 
 
+_encode_text = json.encoder.encode_basestring  # what _encoder uses for a str (C)
+
+
+def text_bytes(text: str) -> bytes:
+    """:func:`json_bytes` of a string, without the encoder's Python-level dispatch."""
+    try:
+        return _encode_text(text).encode("utf-8")
+    except UnicodeEncodeError:
+        return json_bytes(text)
+
+
 def data_event(obj: Any) -> bytes:
     """One SSE event carrying ``obj`` as JSON: ``data: {...}\\n\\n``."""
     return b"data: " + json_bytes(obj) + b"\n\n"
@@ -46,11 +56,15 @@ def named_event(name: str, obj: Any) -> bytes:
     return b"event: " + name.encode("ascii") + b"\ndata: " + json_bytes(obj) + b"\n\n"
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     data: str
     event: str = "message"
     id: str = ""
+
+
+# An Event made without a Python-level __new__ call (the decoder makes one per upstream event).
+_event = tuple.__new__
+_utf8 = codecs.utf_8_decode
 
 
 class EventTooLargeError(ValueError):
@@ -71,7 +85,7 @@ class Decoder:
     """
 
     def __init__(self, max_event_chars: int = 1 << 20) -> None:
-        self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._bytes = b""  # the start of a UTF-8 sequence that the next chunk completes
         self._max = max_event_chars
         self._first = True
         self._line: list[str] = []  # pieces of the line not yet ended
@@ -84,12 +98,20 @@ class Decoder:
 
     def feed(self, chunk: bytes) -> list[Event]:
         """Events completed by ``chunk`` (which may end mid-line or mid-character)."""
-        return self._lines(self._text.decode(chunk))
+        if self._bytes:
+            chunk = self._bytes + chunk
+        text, used = _utf8(chunk, "replace", False)
+        self._bytes = chunk[used:] if used < len(chunk) else b""
+        if "\r" in text or self._first or self._skip_lf:
+            return self._lines(text)
+        return self._lf_lines(text)  # what upstreams send, nearly always
 
     def end(self) -> list[Event]:
         """Events completed at the end of the stream. An unfinished line or an event without
         its blank line is dropped, as the spec says."""
-        return self._lines(self._text.decode(b"", final=True))
+        text, _ = _utf8(self._bytes, "replace", True)
+        self._bytes = b""
+        return self._lines(text)
 
     def _lines(self, text: str) -> list[Event]:
         if not text:
@@ -136,11 +158,12 @@ class Decoder:
             self._line_size = 0
         data = self._data
         for line in lines:
-            if not line:
-                event = self._dispatch()
-                data = self._data
-                if event is not None:
-                    events.append(event)
+            if not line:  # dispatch, as _dispatch does
+                if data:
+                    events.append(_event(Event, ("\n".join(data), self._event or "message",
+                                                 self._id)))
+                data = self._data = []
+                self._event, self._data_size = "", 0
             elif line.startswith("data: "):
                 value = line[6:]
                 data.append(value)
@@ -182,7 +205,7 @@ class Decoder:
         self._data, self._event, self._data_size = [], "", 0
         if not data:
             return None
-        return Event("\n".join(data), event or "message", self._id)
+        return _event(Event, ("\n".join(data), event or "message", self._id))
 
 
 # A CR not followed by LF in the same piece ends its line at once; ``_skip_lf`` then drops the

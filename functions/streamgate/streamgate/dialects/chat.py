@@ -552,7 +552,7 @@ class ChunkBuilder:
             if len(tail) != 1:  # the marker in an id or model name: no shortcut
                 return sse.data_event(self.text(text))
             frame = self._text_frame = (head, tail[0])
-        return frame[0] + sse.json_bytes(text) + frame[1]
+        return frame[0] + sse.text_bytes(text) + frame[1]
 
     def reasoning(self, text: str) -> dict[str, Any]:
         return self._delta({"reasoning_content": text}, None)

@@ -171,7 +171,8 @@ class OutputTimer:
     def until(self) -> float:
         """The monotonic instant by which the next output must arrive."""
         limit = self._first_by if self._last is None else self._last + self._idle_s
-        return self._deadline.until(limit)
+        at = self._deadline.at  # as Deadline.until does
+        return limit if at is None or limit < at else at
 
     def remaining(self) -> float:
         return max(0.0, self.until() - time.monotonic())
