@@ -17,7 +17,7 @@ SAM_VENV := .venv-sam
 SAM := $(SAM_VENV)/bin/sam
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: dev docs test lint bench bench-relay bench-lambda bench-load bench-lmi bench-gateways template-lmi build validate sam-local clean
+.PHONY: dev docs test lint bench bench-relay bench-json bench-lambda bench-load bench-lmi bench-gateways template-lmi build validate sam-local clean
 
 # --no-compile: pip would byte-compile every module of ~200 packages (botocore, sympy, moto...)
 # up front, minutes on two shared cores; Python compiles what a run imports, when it imports it.
@@ -76,6 +76,9 @@ bench: $(VENV)/.installed ## Pipeline and embedded-model figures (see docs/bench
 
 bench-relay: $(VENV)/.installed ## The Lambda loop relaying an upstream: CPU per chunk vs a bare loop
 	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) bench/bench_pipeline.py --only-loop
+
+bench-json: $(VENV)/.installed ## Faster JSON libraries where the relay still parses (orjson, msgspec)
+	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) bench/bench_json.py
 
 bench-lambda: $(VENV)/.installed ## Cold start vs FastAPI+uvicorn, peak RSS, zip size
 	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) bench/bench_coldstart.py
