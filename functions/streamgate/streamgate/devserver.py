@@ -802,9 +802,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 if self.command != "HEAD":
                     self.wfile.write(body)
                 return
-            for item in response.body:
-                if item:  # an empty chunk would end the body
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(item), item) if chunked else item)
+            self._write_events(response.body, chunked)
             response.close()  # HTTP/1.0: the end is the connection closing, after this
             if chunked:
                 self.wfile.write(b"0\r\n\r\n")
@@ -814,6 +812,28 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             response.close()
+
+    def _write_events(self, events: Iterator[bytes], chunked: bool) -> None:
+        """A stream's events, each sent as it comes, on a blocking socket: the connection's
+        guard alone bounds each write, by the request timeout as a socket timeout would (a
+        client that stops reading is cut), and never past the guard's own limit (the time
+        limit and its grace). A socket timeout would cost every write a ``poll`` and one
+        more GIL hand-off; moving the guard costs attribute writes (and, about once per
+        request timeout, a heap push)."""
+        sock: socket.socket = self.connection
+        g, idle = self._guard, self.server.request_timeout_s
+        limit = g.at
+        send = sock.sendall
+        sock.settimeout(None)
+        try:
+            for item in events:
+                if item:  # an empty chunk would end the body
+                    g.move(min(time.monotonic() + idle, limit))
+                    send(b"%x\r\n%s\r\n" % (len(item), item) if chunked else item)
+                    g.move(limit)  # waiting for the model is not a stalled write
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(idle)  # for the next request's head, as before
 
     def _send_head(self, status: int, headers: Mapping[str, str]) -> None:
         if self.server.access_log:  # the console has the request's own line instead
