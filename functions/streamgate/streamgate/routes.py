@@ -73,7 +73,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from streamgate.errors import (
     ConfigError,
@@ -627,6 +627,70 @@ class Router:
         way is appended to ``attempts`` (for the request's log), whatever the outcome.
         ``observe(target)`` is entered around each provider call's opening (telemetry: a span
         per attempt), and sees its failure."""
+        observed = observe or _unobserved
+
+        def honours(target: Target, fallback: bool) -> bool:
+            if fallback:
+                try:
+                    check_supported(chat, self._provider_for(target).capabilities)
+                except RequestError:
+                    return False
+            return True
+
+        def attempt(target: Target) -> RoutedStream:
+            provider = self._provider_for(target)
+            deltas: Iterator[Delta] = iter(())
+            try:
+                with observed(target):
+                    deltas = provider.stream(chat, target.model, deadline)
+                    head = _until_answered(deltas)
+            except BaseException:
+                _close(deltas)
+                raise
+            return RoutedStream(target, head, deltas)
+
+        return self._first_answer(route, deadline, attempts, honours, attempt)[1]
+
+    def embed(self, route: Route, request: EmbeddingRequest, deadline: Deadline, *,
+              attempts: list[dict[str, str]] | None = None,
+              observe: Callable[[Target], AbstractContextManager[object]] | None = None,
+              ) -> tuple[Target, Embeddings]:
+        """The embeddings of the first target that gives them, by :meth:`open`'s rules (a
+        target skipped while cooling, or when it cannot honour the request as a fallback),
+        each answer checked to hold one vector of the route's size per input."""
+        observed = observe or _unobserved
+
+        def honours(target: Target, fallback: bool) -> bool:
+            assert target.embedding is not None
+            try:
+                check_embedding(request, target.embedding)
+            except RequestError:
+                if not fallback:
+                    raise  # the route's own model cannot: the client's to hear
+                return False
+            return True
+
+        def attempt(target: Target) -> Embeddings:
+            info = target.embedding
+            assert info is not None
+            # A model of several sizes gives the route's unless the request asks another.
+            ask = replace(request, dimensions=request.dimensions or (
+                info.dimensions if info.choices else None))
+            with observed(target):
+                result = self._embedder_for(target).embed(ask, target.model, deadline)
+            return check_vectors(result, request, request.dimensions or info.dimensions,
+                                 f"Backend {target.name}")
+
+        return self._first_answer(route, deadline, attempts, honours, attempt)
+
+    def _first_answer(self, route: Route, deadline: Deadline,
+                      attempts: list[dict[str, str]] | None,
+                      honours: Callable[[Target, bool], bool],
+                      attempt: Callable[[Target], T]) -> tuple[Target, T]:
+        """The route's targets in turn (those cooling last), ``attempt(target)`` on each that
+        ``honours(target, fallback)`` the request, until one answers: the rules of the module
+        docstring, shared by :meth:`open` and :meth:`embed`. What was skipped or failed is
+        appended to ``attempts``; with no answer, the most meaningful failure is raised."""
         tried: list[dict[str, str]] = attempts if attempts is not None else []
         cooling = self._current().cooling
         order = [t for t in route.targets if not self._cooling_down(t)]
@@ -636,21 +700,13 @@ class Router:
         failures: list[StreamgateError] = []
         for position, target in enumerate(order):
             deadline.check()
-            provider = self._provider_for(target)
             fallback = position > 0 or target is not route.targets[0]
-            if fallback:
-                try:
-                    check_supported(chat, provider.capabilities)
-                except RequestError:
-                    tried.append(Attempt(target.name, "cannot_honour").record())
-                    continue
-            deltas: Iterator[Delta] = iter(())
+            if not honours(target, fallback):
+                tried.append(Attempt(target.name, "cannot_honour").record())
+                continue
             try:
-                with observe(target) if observe is not None else nullcontext():
-                    deltas = provider.stream(chat, target.model, deadline)
-                    head = _until_answered(deltas)
+                answer = attempt(target)
             except StreamgateError as e:
-                _close(deltas)
                 if isinstance(e, DeadlineExceededError):
                     raise
                 if not _worth_another_backend(e, route):
@@ -666,67 +722,8 @@ class Router:
                                e.code, health, "trying the next" if position + 1 < len(order)
                                else "no target left")
                 continue
-            except BaseException:
-                _close(deltas)
-                raise
             self._answered(target)
-            return RoutedStream(target, head, deltas)
-        if not failures:
-            raise UpstreamUnavailableError(
-                f"No backend of model `{route.name}` can serve this request now",
-                retry_after=1)
-        raise _most_meaningful(failures)
-
-    def embed(self, route: Route, request: EmbeddingRequest, deadline: Deadline, *,
-              attempts: list[dict[str, str]] | None = None,
-              observe: Callable[[Target], AbstractContextManager[object]] | None = None,
-              ) -> tuple[Target, Embeddings]:
-        """The embeddings of the first target that gives them, by :meth:`open`'s rules (a
-        target skipped while cooling, or when it cannot honour the request as a fallback),
-        each answer checked to hold one vector of the route's size per input."""
-        tried: list[dict[str, str]] = attempts if attempts is not None else []
-        cooling = self._current().cooling
-        order = [t for t in route.targets if not self._cooling_down(t)] or list(route.targets)
-        tried += [Attempt(t.name, "cooling").record() for t in route.targets if t not in order]
-        failures: list[StreamgateError] = []
-        for position, target in enumerate(order):
-            deadline.check()
-            info = target.embedding
-            assert info is not None
-            fallback = position > 0 or target is not route.targets[0]
-            try:
-                check_embedding(request, info)
-            except RequestError:
-                if not fallback:
-                    raise
-                tried.append(Attempt(target.name, "cannot_honour").record())
-                continue
-            # A model of several sizes gives the route's unless the request asks another.
-            ask = replace(request, dimensions=request.dimensions or (
-                info.dimensions if info.choices else None))
-            try:
-                with observe(target) if observe is not None else nullcontext():
-                    result = self._embedder_for(target).embed(ask, target.model, deadline)
-                checked = check_vectors(result, request, request.dimensions or info.dimensions,
-                                        f"Backend {target.name}")
-            except StreamgateError as e:
-                if isinstance(e, DeadlineExceededError):
-                    raise
-                if not _worth_another_backend(e, route):
-                    if fallback and isinstance(e, RequestError):
-                        tried.append(Attempt(target.name, e.code or "invalid_request").record())
-                        continue
-                    raise
-                tried.append(Attempt(target.name, e.code or e.type).record())
-                failures.append(e)
-                health = ("" if isinstance(e, RequestError)  # the client's, never the backend's
-                          else self._failed(target, e, cooling))
-                logger.warning("route %s: target %s failed (%s%s); %s", route.name, target.name,
-                               e.code, health, "trying the next" if position + 1 < len(order)
-                               else "no target left")
-                continue
-            self._answered(target)
-            return target, checked
+            return target, answer
         if not failures:
             raise UpstreamUnavailableError(
                 f"No backend of model `{route.name}` can serve this request now",
@@ -781,6 +778,13 @@ class _Health:
 
     failures: list[float] = field(default_factory=list)  # monotonic instants, oldest first
     cooling_until: float = -math.inf
+
+
+T = TypeVar("T")
+
+
+def _unobserved(target: Target) -> AbstractContextManager[object]:
+    return nullcontext()
 
 
 def _cooling_key(target: Target) -> str:
