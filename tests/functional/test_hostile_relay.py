@@ -371,9 +371,6 @@ CLOSING = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="httpclient.py:216 (and :295-296) read conn.sock after "
-                   "getresponse(), which http.client sets to None when the answer will close "
-                   "the connection: AttributeError, a 500 internal_error")
 @pytest.mark.parametrize("head", CLOSING.values(), ids=CLOSING.keys())
 def test_an_sse_answer_that_closes_the_connection_is_relayed(head: bytes) -> None:
     # GIVEN an upstream whose answer ends the connection (Connection: close, or HTTP/1.0):
@@ -390,8 +387,33 @@ def test_an_sse_answer_that_closes_the_connection_is_relayed(head: bytes) -> Non
     assert waited < 2
 
 
-@pytest.mark.xfail(strict=True, reason="httpclient.py:216: the same AttributeError on an error "
-                   "status that closes the connection: a 500 internal_error, not the 503")
+def test_a_whole_answer_closed_after_its_last_chunk_without_the_final_crlf_is_whole() -> None:
+    # GIVEN a sloppy server: a non-streaming answer whose chunked body ends "0\r\n", then
+    # the connection closes without the blank line that ends the trailer section
+    doc = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                      "model": "upstream-model", "choices": [{
+                          "index": 0, "finish_reason": "stop",
+                          "message": {"role": "assistant", "content": "Hello world"}}]})
+
+    def answer(sock: socket.socket) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n" + _framed(doc.encode()) + b"0\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        _hold(sock, 2)
+
+    with _peer(answer, answer) as peer:
+        app = _app(peer.url)
+        response, raw, waited = _ask(app, body={"model": "upstream-model", "messages": USER})
+        again, raw2, _ = _ask(app, body={"model": "upstream-model", "messages": USER})
+        accepted = peer.accepted
+    # THEN the body counts as whole, as http.client took it, and the connection is not reused
+    assert response.status == 200 and waited < 2
+    assert json.loads(raw)["choices"][0]["message"]["content"] == "Hello world"
+    assert again.status == 200 and json.loads(raw2)["choices"][0]["message"]["content"] == (
+        "Hello world")
+    assert accepted == 2
+
+
 def test_an_error_status_that_closes_the_connection_is_the_upstreams_status() -> None:
     def answer(sock: socket.socket) -> None:
         sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"

@@ -207,13 +207,16 @@ class Upstream:
     def _send(self, conn: http.client.HTTPConnection, method: str, path: str,
               body: bytes | None, headers: Mapping[str, str], until: float,
               deadline: Deadline, *, fresh: bool) -> Exchange:
-        assert conn.sock is not None
-        g = guard(conn.sock, until)
+        # The socket, kept: when the answer will close the connection, getresponse() drops
+        # conn.sock (the response reads on through its own file object).
+        sock = conn.sock
+        assert sock is not None
+        g = guard(sock, until)
         try:
-            conn.sock.settimeout(max(until - time.monotonic(), 0.001))
+            sock.settimeout(max(until - time.monotonic(), 0.001))
             conn.request(method, self._prefix + path, body=body, headers=dict(headers))
             response = conn.getresponse()
-            conn.sock.settimeout(None)  # the body's reads: bounded by the guard alone
+            sock.settimeout(None)  # the body's reads: bounded by the guard alone
         except (OSError, http.client.HTTPException) as e:
             g.cancel()
             conn.close()
@@ -227,7 +230,7 @@ class Upstream:
                 raise UpstreamError(f"The upstream at {self.where} closed the connection",
                                     transient=True) from e
             raise UpstreamError(f"The upstream at {self.where} sent a broken response") from e
-        return Exchange(self, conn, response, g)
+        return Exchange(self, conn, response, g, sock)
 
     def give_back(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -279,7 +282,7 @@ class Exchange:
     (``finish()`` after a complete, keep-alive response) or closed (``close()``)."""
 
     def __init__(self, upstream: Upstream, conn: http.client.HTTPConnection,
-                 response: http.client.HTTPResponse, g: Guard) -> None:
+                 response: http.client.HTTPResponse, g: Guard, sock: socket.socket) -> None:
         self._upstream = upstream
         self._conn = conn
         self._response = response
@@ -292,8 +295,7 @@ class Exchange:
         self._chunks = Dechunker() if response.chunked else None
         self._fresh = True
         self._size = _SMALL_READ
-        assert conn.sock is not None
-        self._recv = conn.sock.recv
+        self._recv = sock.recv
 
     def header(self, name: str) -> str:
         return self._response.getheader(name, "") or ""
@@ -324,6 +326,9 @@ class Exchange:
             if not raw:
                 if self._guard.fired:
                     raise WaitExpired
+                if chunks.ended:  # closed after the last chunk, before the final CRLF:
+                    chunks.done = chunks.extra = True  # the body is whole (http.client took it
+                    return b""  # so too); the connection is not reused
                 raise UpstreamError("The connection to the upstream broke mid-stream")
             data = chunks.feed(raw)
             if data:
@@ -441,6 +446,11 @@ class Dechunker:
             else:
                 self._end_line(line)
         return out[0] if len(out) == 1 else b"".join(out)
+
+    @property
+    def ended(self) -> bool:
+        """The last chunk has come: the body is whole, only the trailer section may follow."""
+        return self._state >= _TRAILER
 
     def _end_line(self, line: bytes) -> None:
         if self._state == _SIZE:
