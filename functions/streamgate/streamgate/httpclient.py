@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextvars
 import http.client
+import io
 import re
 import select
 import socket
@@ -45,7 +46,9 @@ from urllib.parse import urlsplit
 from streamgate.deadline import Deadline, Guard, guard
 from streamgate.errors import ConfigError, UpstreamError, UpstreamTimeoutError
 
-READ_SIZE = 65536
+# At least the size of http.client's read buffer (io.DEFAULT_BUFFER_SIZE): the first read of a
+# chunked body must take all that buffer holds, as later reads bypass it.
+READ_SIZE = max(65536, io.DEFAULT_BUFFER_SIZE)
 _SMALL_READ = 4096
 # Idle connections kept per upstream. Under steady load few are idle at any moment (each is
 # taken again as the next request comes), so the cap only trims what a burst left behind;
@@ -310,9 +313,9 @@ class Exchange:
             return self._read_plain()
         while not chunks.done:
             try:
-                if self._fresh:  # what http.client's buffer holds after the headers: all
-                    self._fresh = False  # of it (READ_SIZE is more than its 8 KB), as later
-                    raw = self._response.fp.read1(READ_SIZE)  # reads bypass it
+                if self._fresh:  # all that http.client's buffer holds after the headers
+                    self._fresh = False
+                    raw = self._response.fp.read1(READ_SIZE)
                 else:
                     raw = self._recv(self._size)
                 # Small reads while events come one at a time; whole buffers once a read
