@@ -70,6 +70,26 @@ def test_text_stream_maps_to_openai_chunks_with_usage() -> None:
     assert raw.endswith(b"data: [DONE]\n\n")
 
 
+def test_events_bedrock_sent_together_leave_as_one_write_each_intact() -> None:
+    # GIVEN a ConverseStream answer of 300 text events written in one piece (a burst)
+    words = [f" w{i}" for i in range(300)]
+    frames = text_events(*words, usage=(12, 300))
+    with FakeBedrock([Reply(frames=[b"".join(f for f in frames if isinstance(f, bytes))])]
+                     ) as fake:
+        response = _app(fake).handle(chat_event({"stream": True, "messages": [
+            {"role": "user", "content": "hi"}]}))
+        items = [item for item in response.body if item]
+        response.close()
+    # THEN the events the reader had already parsed went on together: fewer body items (one
+    # write each) than events, and each event whole and in order, as if each came alone
+    events = [e for item in items for e in item.split(b"\n\n") if e]
+    docs = [json.loads(e.removeprefix(b"data: ")) for e in events if e != b"data: [DONE]"]
+    text = "".join(d["choices"][0]["delta"].get("content") or "" for d in docs if d["choices"])
+    assert text == "".join(words)
+    assert len(items) < len(events) // 2
+    assert any(item.count(b"data: ") >= 2 for item in items)
+
+
 def test_usage_reports_prompt_cache_reads_and_writes() -> None:
     frames = [start_event(), *text_block(0, "ok"), *finish_events(usage=(5, 2), cache=(100, 20))]
     with FakeBedrock([Reply(frames=frames)]) as fake:

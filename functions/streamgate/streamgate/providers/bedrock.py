@@ -63,11 +63,13 @@ from streamgate.errors import (
     relayed,
 )
 from streamgate.providers import (
+    Batch,
     Delta,
     Finish,
     FinishReason,
     NativeDelta,
     OutputTimer,
+    Piece,
     ReasoningDelta,
     TextDelta,
     ToolCallDelta,
@@ -333,9 +335,22 @@ class BedrockProvider:
                     raise timer.expired() from None
                 if event is None:
                     return
-                for delta in blocks.deltas(event):
+                # With the events the reader has already parsed (a burst), as one item: one
+                # write to the client. Nothing waits for more. An event that fails its checks
+                # ends the stream after the good ones before it, as if each had come alone.
+                got = blocks.deltas(event)
+                failure: StreamgateError | None = None
+                try:
+                    for more in pump.ready():
+                        got += blocks.deltas(more)
+                except StreamgateError as e:
+                    failure = e
+                for delta in got:
                     timer.saw(delta)
-                    yield delta
+                if got:
+                    yield got[0] if len(got) == 1 else Batch(tuple(got))
+                if failure is not None:
+                    raise failure
         except Exception as e:
             err = e if isinstance(e, StreamgateError) else map_error(e)
             if structured:
@@ -368,6 +383,7 @@ class _EventPump:
         self._events: Any = None
         self._closed = False
         self._drained = False  # the consumer has taken the end or the reader's error
+        self._next: Any = None  # the end or an error met by ready(), for the next get()
         # In the request's context: what it logs (botocore's credential refresh, say, or our
         # own lines) carries the request's id and trace, as the consumer's lines do.
         threading.Thread(target=contextvars.copy_context().run, args=(self._run, call),
@@ -396,7 +412,10 @@ class _EventPump:
 
     def get(self, timeout: float) -> dict[str, Any] | None:
         """The next event, None at the end; raises the reader's error or ``queue.Empty``."""
-        item = self._queue.get(timeout=max(timeout, 0.0))
+        if self._next is not None:
+            item, self._next = self._next, None
+        else:
+            item = self._queue.get(timeout=max(timeout, 0.0))
         if item is self._END:
             self._drained = True
             return None
@@ -405,6 +424,21 @@ class _EventPump:
             raise item
         event: dict[str, Any] = item
         return event
+
+    def ready(self) -> list[dict[str, Any]]:
+        """The events the reader has already handed over, without waiting; the end or an
+        error among them is left for the next :meth:`get`."""
+        events: list[dict[str, Any]] = []
+        while self._next is None:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is self._END or isinstance(item, BaseException):
+                self._next = item
+            else:
+                events.append(item)
+        return events
 
     def close(self) -> None:
         """Stop reading. A read still in progress (client gone, timed out) is woken up."""
@@ -463,11 +497,11 @@ class _Blocks:
         self._tools: dict[int, int] = {}  # contentBlockIndex -> tool call index
         self._with_input: set[int] = set()
 
-    def deltas(self, event: Any) -> list[Delta]:
+    def deltas(self, event: Any) -> list[Piece]:
         """The deltas of one event; a malformed one is Bedrock's fault, not a bug of ours."""
         return malformed_is_upstream_error(self._deltas(event), "Amazon Bedrock")
 
-    def _deltas(self, event: dict[str, Any]) -> Iterator[Delta]:
+    def _deltas(self, event: dict[str, Any]) -> Iterator[Piece]:
         if "contentBlockStart" in event:
             start = event["contentBlockStart"]
             tool = start.get("start", {}).get("toolUse")
