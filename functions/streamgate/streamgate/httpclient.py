@@ -2,7 +2,9 @@
 
 It streams, takes a timeout per read, keeps connections alive for reuse across invocations of
 the container, and costs nothing at cold start; urllib3 (present in the Lambda runtime through
-botocore) would add ~20 ms of imports for nothing we use.
+botocore) would add ~20 ms of imports for nothing we use. http.client sends the request and
+reads the status and headers; a chunked body is then unframed here (:class:`Dechunker`) from
+the socket's reads as they come, so all that one read brought is handed on at once.
 
 Waits: each call names the monotonic instant by which it must have made progress (the caller
 combines its own timeout with the request's deadline). Until the response's headers are in,
