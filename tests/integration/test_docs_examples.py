@@ -129,11 +129,20 @@ def _name(example: str) -> str:
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("body", _python_examples(), ids=_name)
 def test_the_python_examples_stream_an_answer(server: str, body: str) -> None:
+    from agents.exceptions import ModelBehaviorError
+
     printed = io.StringIO()
     names: dict[str, object] = {}
     try:
         with contextlib.redirect_stdout(printed):
             exec(compile(body.replace(URL, server), "docs", "exec"), names)
+    except ModelBehaviorError as e:
+        # What the Agents SDK example's comment says: a base model that has not ended its
+        # answer by max_output_tokens gets `response.incomplete`, which the SDK raises. The
+        # wiring held (the SDK read our answer, typed); anything else is a failure.
+        assert "reason='max_output_tokens'" in str(e), e
+        assert "max_output_tokens" in body and "response.incomplete" in body
+        return
     finally:
         _close_clients(names)
     assert len(printed.getvalue().strip()) > 100, body
