@@ -19,9 +19,12 @@ from typing import Any, TypeVar
 import pytest
 
 from streamgate.config import load_settings
+from streamgate.credentials import ApiKey
 from streamgate.devserver import DevServer, serve
 from streamgate.handler import App
+from streamgate.httpclient import Upstream
 from streamgate.providers import Provider
+from streamgate.providers.openai import OpenAIProvider
 
 # The switch under which any skipped test fails the run (docs/contributing.md, Tests).
 NO_SKIPS = "STREAMGATE_NO_SKIPS"
@@ -113,6 +116,19 @@ def sdk_client(client: _Client) -> _Client:
     with a ResourceWarning that is not its own."""
     _SDK_CLIENTS.append(client)
     return client
+
+
+def openai_app(url: str, *, key: str = "sk-test-key", **settings: Any) -> App:
+    """The app with the OpenAI-compatible provider in front of the upstream at ``url``
+    (``upstream_models`` defaults to ``upstream-model``, retries wait 10 ms), its pooled
+    connections closed when the test ends."""
+    s = load_settings({}, provider="openai", upstream_base_url=url,
+                      **{"upstream_models": ("upstream-model",), "upstream_backoff_s": 0.01,
+                         **settings})
+    provider = sdk_client(OpenAIProvider(s, ApiKey(None, 60, value=key),
+                                         Upstream(url, s.upstream_connect_timeout_s,
+                                                  max_idle_s=s.upstream_max_idle_s)))
+    return App(s, provider)
 
 
 @pytest.fixture(autouse=True)

@@ -20,15 +20,11 @@ from typing import Any
 
 import pytest
 
-from streamgate.config import load_settings
-from streamgate.credentials import ApiKey
 from streamgate.deadline import Deadline
 from streamgate.handler import App, Response
-from streamgate.httpclient import Upstream
 from streamgate.providers import Finish, TextDelta, Usage
-from streamgate.providers.openai import OpenAIProvider
 from streamgate.runtime import run
-from tests.conftest import running_dev_server
+from tests.conftest import openai_app, running_dev_server
 from tests.fake_http import RawPeer, read_request
 from tests.fake_openai import chunk, sse, text_stream
 from tests.fake_runtime_api import FakeRuntimeAPI, Invoke
@@ -40,25 +36,8 @@ USER = [{"role": "user", "content": "hi"}]
 JSON = {"accept": "application/json"}
 HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
         b"transfer-encoding: chunked\r\n\r\n")
-_providers: list[OpenAIProvider] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_providers() -> Iterator[None]:
-    yield
-    while _providers:
-        _providers.pop().close()
-
-
 def _app(url: str, **settings: Any) -> App:
-    s = load_settings({}, provider="openai", upstream_base_url=url,
-                      upstream_models=("upstream-model",),
-                      **{"upstream_backoff_s": 0.01, "upstream_max_attempts": 1, **settings})
-    provider = OpenAIProvider(s, ApiKey(None, 60, value="sk-test-key"),
-                              Upstream(url, s.upstream_connect_timeout_s,
-                                       max_idle_s=s.upstream_max_idle_s))
-    _providers.append(provider)
-    return App(s, provider)
+    return openai_app(url, **{"upstream_max_attempts": 1, **settings})
 
 
 def _ask(app: App, *, path: str = "/v1/chat/completions", body: dict[str, Any] | None = None,

@@ -9,17 +9,13 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from streamgate.config import load_settings
-from streamgate.credentials import ApiKey
 from streamgate.deadline import Deadline
 from streamgate.handler import App, Response
-from streamgate.httpclient import Upstream
-from streamgate.providers.openai import OpenAIProvider
+from tests.conftest import openai_app
 from tests.fake_http import RawPeer, read_request
 from tests.fake_openai import FakeUpstream, Reply, chunk, completion_reply, error_reply, sse
 from tests.helpers import body_bytes, chat_event, sse_json
@@ -27,25 +23,8 @@ from tests.helpers import body_bytes, chat_event, sse_json
 JSON = {"accept": "application/json"}
 USER = [{"role": "user", "content": "hi"}]
 KEY = "sk-live-0123456789abcdefXYZ"
-_providers: list[OpenAIProvider] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_providers() -> Iterator[None]:
-    yield
-    while _providers:
-        _providers.pop().close()
-
-
 def _app(url: str, **settings: Any) -> App:
-    s = load_settings({}, provider="openai", upstream_base_url=url,
-                      upstream_models=("upstream-model",),
-                      **{"upstream_backoff_s": 0.01, **settings})
-    provider = OpenAIProvider(s, ApiKey(None, 60, value=KEY),
-                              Upstream(url, s.upstream_connect_timeout_s,
-                                       max_idle_s=s.upstream_max_idle_s))
-    _providers.append(provider)
-    return App(s, provider)
+    return openai_app(url, key=KEY, **settings)
 
 
 def _ask(app: App, *, stream: bool = True, deadline: Deadline | None = None,

@@ -15,13 +15,10 @@ from typing import Any
 
 import pytest
 
-from streamgate.config import load_settings
-from streamgate.credentials import ApiKey
 from streamgate.handler import App
-from streamgate.httpclient import Upstream
-from streamgate.providers.openai import OpenAIProvider
 from streamgate.runtime import run
 from streamgate.runtime_api import RuntimeAPIClient
+from tests.conftest import openai_app
 from tests.fake_http import RawPeer, read_request
 from tests.fake_openai import FakeUpstream, Reply, chunk, sse
 from tests.fake_runtime_api import FakeRuntimeAPI, Invoke, Posted
@@ -29,23 +26,10 @@ from tests.helpers import chat_event, sse_json
 
 NULS = b"\x00" * 8
 USAGE = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
-_providers: list[OpenAIProvider] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_providers() -> Iterator[None]:
-    yield
-    while _providers:
-        _providers.pop().close()
 
 
 def _app(fake: FakeUpstream | RawPeer) -> App:
-    s = load_settings({}, provider="openai", upstream_base_url=fake.url,
-                      upstream_models=("m=upstream-model",), upstream_backoff_s=0.01)
-    provider = OpenAIProvider(s, ApiKey(None, 60, value="sk-test-key"),
-                              Upstream(fake.url, s.upstream_connect_timeout_s))
-    _providers.append(provider)
-    return App(s, provider)
+    return openai_app(fake.url, upstream_models=("m=upstream-model",))
 
 
 def _relay(replies: list[Reply]) -> Posted:
