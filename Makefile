@@ -35,7 +35,7 @@ $(SAM_VENV)/.installed: requirements-sam.txt
 
 dev: $(VENV)/.installed ## Dev server on $(HOST):$(PORT), embedded model unless STREAMGATE_PROVIDER says otherwise
 	$(PY) -m streamgate.devserver --host $(HOST) --port $(PORT) \
-	  $(if $(CORS_ORIGINS),--cors-origins '$(CORS_ORIGINS)')
+	  $(if $(CORS_ORIGINS),--cors-origins '$(CORS_ORIGINS)') $(if $(WORKERS),--workers $(WORKERS))
 
 # The documentation site (mkdocs.yml, docs/), rebuilt as pages change; make test builds it
 # strictly (tests/functional/test_docs_site.py).

@@ -14,7 +14,8 @@ found in /proc), which ends with the bench:
 
 - ``devserver``: ``python -m streamgate.devserver`` as ``make dev`` runs it, provider
   ``openai`` at the upstream, auth off, limits raised past the load, its console (one line per
-  request) written to /dev/null;
+  request) written to /dev/null; ``devserver:N`` the same with ``--workers N`` (N processes on
+  the port, each with the same limits, CPU and RSS summed over the processes);
 - ``portkey``: ``@portkey-ai/gateway`` pinned in bench/package.json and package-lock.json,
   installed here on first use (``npm ci``, from npm's registry) into bench/node_modules, run as
   ``start-server.js --headless`` with bench/portkey_loopback.mjs preloaded (the gateway listens
@@ -45,6 +46,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -62,7 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 PORTKEY = BENCH / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
 INSTALLED = BENCH / "node_modules" / ".streamgate-lock"  # the lock's hash, once installed
-GATEWAYS = ("devserver", "portkey")
+GATEWAYS = ("devserver", "devserver:2", "portkey")
 TICK = os.sysconf("SC_CLK_TCK")
 PROMPT = "Explain streaming APIs"
 
@@ -228,17 +230,25 @@ def install_portkey() -> None:
     INSTALLED.write_text(digest + "\n")
 
 
+def dev_workers(name: str) -> int:
+    """N of ``devserver:N`` (1 for ``devserver``)."""
+    _, _, workers = name.partition(":")
+    return int(workers or 1)
+
+
 @contextlib.contextmanager
 def gateway(name: str, upstream: str, models: list[str],
             concurrency: int) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """A fresh gateway process in front of ``upstream``, and its port."""
     env = _clean_env()
-    if name == "devserver":
+    if name.startswith("devserver"):
+        workers = dev_workers(name)
         env.update(PYTHONPATH=f"{ROOT / 'functions' / 'streamgate'}",
                    STREAMGATE_PROVIDER="openai", STREAMGATE_UPSTREAM_BASE_URL=upstream,
                    STREAMGATE_UPSTREAM_MODELS=",".join(models), STREAMGATE_AUTH="none")
         command = [sys.executable, "-m", "streamgate.devserver", "--host", "127.0.0.1",
-                   "--port", "0", "--max-streams", str(concurrency * 2),
+                   "--port", "0", "--workers", str(workers),
+                   "--max-streams", str(concurrency * 2),
                    "--max-connections", str(max(256, concurrency * 2))]
     else:
         env.update(NODE_ENV="production")
@@ -361,12 +371,12 @@ COLUMNS = (("streams/s", "streams_s", "{:.1f}"), ("TTFB p50", "ttfb_p50", "{:.1f
 def row(label: str, values: dict[str, float]) -> str:
     cells = [fmt.format(int(values[key]) if fmt == "{:d}" else values[key])
              for _, key, fmt in COLUMNS]
-    return f"  {label:<10}" + "".join(f"{cell:>14}" for cell in cells)
+    return f"  {label:<12}" + "".join(f"{cell:>14}" for cell in cells)
 
 
 def summary(results: list[Result], gateways: list[str], paces: list[str]) -> None:
     print("\nmedians over rounds (errors: the sum)")
-    print(f"  {'':<10}" + "".join(f"{title:>14}" for title, _, _ in COLUMNS))
+    print(f"  {'':<12}" + "".join(f"{title:>14}" for title, _, _ in COLUMNS))
     for pace in paces:
         print(f" {pace}")
         medians: dict[str, dict[str, float]] = {}
@@ -378,18 +388,21 @@ def summary(results: list[Result], gateways: list[str], paces: list[str]) -> Non
                                    else statistics.median(getattr(r, key) for r in runs))
                              for _, key, _ in COLUMNS}
             print(row(name, medians[name]))
-        if {"devserver", "portkey"} <= medians.keys():
-            dev, peer = medians["devserver"], medians["portkey"]
-            print(f"  dev server / Portkey: streams/s {dev['streams_s'] / peer['streams_s']:.2f}x"
-                  f", TTFB p99 {dev['ttfb_p99'] / peer['ttfb_p99']:.2f}x, CPU/stream "
-                  f"{dev['cpu_per_stream_ms'] / peer['cpu_per_stream_ms']:.2f}x")
+        peer = medians.get("portkey")
+        for name, dev in medians.items():
+            if peer is not None and name.startswith("devserver"):
+                print(f"  {name} / Portkey: streams/s "
+                      f"{dev['streams_s'] / peer['streams_s']:.2f}x, TTFB p99 "
+                      f"{dev['ttfb_p99'] / peer['ttfb_p99']:.2f}x, CPU/stream "
+                      f"{dev['cpu_per_stream_ms'] / peer['cpu_per_stream_ms']:.2f}x")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gateways", default=",".join(GATEWAYS),
-                        help="comma-separated, of: devserver, portkey (default both)")
+                        help="comma-separated, of: devserver, devserver:N (--workers N), "
+                             "portkey (default: devserver, devserver:2, portkey)")
     parser.add_argument("--paces", default="32x2,32x0",
                         help="CHUNKSxINTERVAL_MS, comma-separated (default 32x2,32x0: 32 chunks "
                              "2 ms apart, then back to back)")
@@ -399,9 +412,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     gateways = [g.strip() for g in args.gateways.split(",") if g.strip()]
-    unknown = set(gateways) - set(GATEWAYS)
-    if unknown or not gateways:
-        parser.error(f"--gateways: choose from {', '.join(GATEWAYS)}")
+    known = re.compile(r"devserver(:[1-9][0-9]?)?|portkey")
+    if not gateways or not all(known.fullmatch(g) for g in gateways):
+        parser.error("--gateways: choose from devserver, devserver:N (N from 1 to 99), portkey")
     paces = parse_paces(args.paces)
     models = [f"paced-{chunks}-{interval}" for chunks, interval in paces]
     if "portkey" in gateways:
@@ -418,7 +431,7 @@ def main() -> int:
               f"{args.warmup:g} s warm-up + {args.seconds:g} s per window, {args.rounds} rounds; "
               f"{os.cpu_count()} CPUs; load average at start "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-        print(f"  {'':<10}" + "".join(f"{title:>14}" for title, _, _ in COLUMNS))
+        print(f"  {'':<12}" + "".join(f"{title:>14}" for title, _, _ in COLUMNS))
         for n in range(args.rounds):
             order = gateways if n % 2 == 0 else gateways[::-1]
             for (chunks, interval), model in zip(paces, models, strict=True):

@@ -24,7 +24,7 @@ def test_the_gateway_bench_serves_streams_through_the_dev_server_without_errors(
     assert result.returncode == 0, result.stdout + result.stderr
     summary = result.stdout.split("medians over rounds", 1)[1]
     row = next(line for line in summary.splitlines() if line.startswith("  devserver"))
-    cells = [row[12 + 14 * i:12 + 14 * (i + 1)].strip() for i in range(4)]
+    cells = [row[14 + 14 * i:14 + 14 * (i + 1)].strip() for i in range(4)]
     streams_s, _, _, errors = cells
     assert float(streams_s) > 0
     assert errors == "0"

@@ -21,7 +21,7 @@ PROVIDERS = ("bedrock", "openai", "local", "routes")
 # api_key: Bearer keys checked against the keys table; iam: the Function URL's AWS_IAM auth
 # (requests must carry a signed identity); none: anyone (local development).
 AUTH_MODES = ("api_key", "iam", "none")
-RESPONSE_STORES = ("memory", "dynamodb", "off")  # see responsestore.py
+RESPONSE_STORES = ("memory", "sqlite", "dynamodb", "off")  # see responsestore.py
 # What a browser sends as Origin (RFC 6454 §6.1): scheme://host[:port], nothing after it.
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
 
@@ -133,9 +133,11 @@ class Settings:
     route_failures_to_cool: int = 3
     route_failure_window_s: float = 60.0
     # Stored responses of the Responses API (responsestore.py): "memory" (this process only,
-    # the dev server's), "dynamodb" (responses_table; what Lambda uses) or "off".
+    # the dev server's), "sqlite" (responses_file: shared by the processes on one machine, the
+    # dev server's with --workers), "dynamodb" (responses_table; what Lambda uses) or "off".
     responses_store: str = "memory"
     responses_table: str = ""
+    responses_file: str = ""
     responses_ttl_s: float = 30 * 86_400.0  # as long as OpenAI keeps a stored response
     responses_max_bytes: int = 4 << 20  # one record, as compressed JSON
     responses_memory_items: int = 1_000
@@ -204,6 +206,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "route_failure_window_s": ("STREAMGATE_ROUTE_FAILURE_WINDOW_S", float),
     "responses_store": ("STREAMGATE_RESPONSES_STORE", str),
     "responses_table": ("STREAMGATE_RESPONSES_TABLE", str),
+    "responses_file": ("STREAMGATE_RESPONSES_FILE", str),
     "responses_ttl_s": ("STREAMGATE_RESPONSES_TTL_S", float),
     "responses_max_bytes": ("STREAMGATE_RESPONSES_MAX_BYTES", int),
     "responses_memory_items": ("STREAMGATE_RESPONSES_MEMORY_ITEMS", int),
@@ -293,6 +296,9 @@ def load_settings(
                           f"{', '.join(RESPONSE_STORES)}, got {settings.responses_store!r}")
     if settings.responses_store == "dynamodb" and not settings.responses_table:
         raise ConfigError("STREAMGATE_RESPONSES_STORE=dynamodb needs STREAMGATE_RESPONSES_TABLE")
+    if settings.responses_store == "sqlite" and not settings.responses_file:
+        raise ConfigError("STREAMGATE_RESPONSES_STORE=sqlite needs STREAMGATE_RESPONSES_FILE "
+                          "(the database file's path)")
     if settings.keys_timeout_s <= 0:
         raise ConfigError("STREAMGATE_KEYS_TIMEOUT_S must be more than 0")
     if settings.default_max_tokens > settings.max_tokens_cap:

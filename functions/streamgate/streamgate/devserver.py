@@ -38,6 +38,15 @@ What it promises, whatever a client sends or fails to send:
   or a whole body), and closing the server ends the requests still running and waits for
   their threads (``close_timeout_s``): nothing of a closed server still generates, or writes,
   afterwards. ``wait_idle`` waits until no request is being served.
+
+``--workers N`` serves one port from N processes (one interpreter, one GIL each): the first
+binds the port and starts N - 1 more, each given the listening socket and the read end of a
+pipe whose write end only the first holds; each accepts what it can (the socket is
+non-blocking, so a process that loses a connection to another goes back to waiting). A worker
+whose pipe ends (the first process has stopped, however) stops too. Each worker has its own
+model, limits (``--max-streams``, ``--max-connections`` are per worker) and route state; stored
+responses, in memory with one worker, are shared in a SQLite file in a temporary directory
+that the first process removes when it stops.
 """
 
 from __future__ import annotations
@@ -52,8 +61,12 @@ import logging
 import os
 import re
 import select
+import shutil
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -307,7 +320,10 @@ class DevServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], app: App, *, max_streams: int = 32,
                  request_timeout_s: float = 60,
                  header_timeout_s: float = 10, timeout_s: float = 300,
-                 max_connections: int = 256, close_timeout_s: float = 10) -> None:
+                 max_connections: int = 256, close_timeout_s: float = 10,
+                 listen_socket: socket.socket | None = None) -> None:
+        """``listen_socket``: serve a socket that another process bound and listens on (a
+        worker of ``--workers``) rather than bind ``address``."""
         for name, value in (("max_streams", max_streams), ("request_timeout_s",
                             request_timeout_s), ("header_timeout_s", header_timeout_s),
                             ("timeout_s", timeout_s), ("max_connections", max_connections),
@@ -337,7 +353,13 @@ class DevServer(ThreadingHTTPServer):
         self._serving = 0
         self._served = threading.Condition()
         # Last: a bind that fails calls server_close, which reads the attributes above.
-        super().__init__(address, _RequestHandler)
+        super().__init__(address, _RequestHandler, bind_and_activate=listen_socket is None)
+        if listen_socket is not None:
+            self.socket.close()
+            self.socket = listen_socket
+            self.server_address = listen_socket.getsockname()
+            host, self.server_port = self.server_address[:2]
+            self.server_name = str(host)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait, at most ``timeout`` seconds, until no request is being served (an idle
@@ -895,10 +917,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      description=(__doc__ or "").split("\n\n", 1)[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--workers", type=_positive(int), default=1,
+                        help=f"processes serving the port, at most {MAX_WORKERS} (default 1): "
+                             "each has its own interpreter, model and limits; stored responses "
+                             "are shared")
     parser.add_argument("--max-streams", type=_positive(int), default=32,
-                        help="concurrent requests before answering 429 (default 32)")
+                        help="concurrent requests before answering 429, per worker (default 32)")
     parser.add_argument("--max-connections", type=_positive(int), default=256,
-                        help="open connections before answering 503 (default 256)")
+                        help="open connections before answering 503, per worker (default 256)")
     parser.add_argument("--header-timeout", type=_positive(float), default=10,
                         help="seconds for a request's line and headers to arrive, and for an "
                              "idle kept-alive connection (default 10)")
@@ -914,6 +940,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "from any other origin are refused 403 (default: "
                              "STREAMGATE_CORS_ALLOW_ORIGINS, else none, like the template's "
                              "CorsAllowOrigins; the playground's own origin always works)")
+    # A worker of --workers: the listening socket and the pipe from the first process.
+    parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--parent-fd", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -966,7 +995,15 @@ def _console_logging() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what the workers of --workers are started with
+    if not 1 <= args.workers <= MAX_WORKERS:
+        print(f"streamgate: --workers must be from 1 to {MAX_WORKERS}", file=sys.stderr)
+        return 2
+    if (args.listen_fd is None) != (args.parent_fd is None):
+        print("streamgate: --listen-fd and --parent-fd go together", file=sys.stderr)
+        return 2
     try:
         fmt = log_format(args)
     except ValueError as e:
@@ -980,11 +1017,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace, fmt: str) -> int:
+    if args.listen_fd is not None:
+        return _serve_worker(args, fmt)
+    environ = dict(os.environ)
+    shared: str | None = None  # the directory of the workers' shared response store
     try:
-        app = App(dev_settings(args))
+        if args.workers > 1 and dev_settings(args, environ).responses_store == "memory":
+            shared = tempfile.mkdtemp(prefix="streamgate-responses-")
+            environ["STREAMGATE_RESPONSES_STORE"] = "sqlite"
+            environ["STREAMGATE_RESPONSES_FILE"] = os.path.join(shared, "responses.sqlite3")
+        return _serve_first(args, fmt, environ, shared)
     except StreamgateError as e:
         print(f"streamgate: {e.message}", file=sys.stderr)
         return 2
+    finally:
+        if shared is not None:
+            shutil.rmtree(shared, ignore_errors=True)
+
+
+def _serve_first(args: argparse.Namespace, fmt: str, environ: dict[str, str],
+                 shared: str | None) -> int:
+    """The dev server, or with ``--workers`` the first of its processes, which starts and
+    stops the others."""
+    app = App(dev_settings(args, environ))
     try:  # before loading the model: a port in use is said at once
         server = DevServer((args.host, args.port), app, max_streams=args.max_streams,
                            header_timeout_s=args.header_timeout,
@@ -994,21 +1049,135 @@ def _serve(args: argparse.Namespace, fmt: str) -> int:
               file=sys.stderr)
         return 2
     server.access_log = fmt == "json"
+    workers: Workers | None = None
     try:
+        if args.workers > 1:  # they load their models while this process loads its own
+            workers = Workers(server.socket, args, environ)
         served = app.router.kinds()  # load the model (or read the routes) now, not later
-    except StreamgateError as e:
-        server.server_close()
-        print(f"streamgate: {e.message}", file=sys.stderr)
-        return 2
-    for line in banner(app, served, f"http://{args.host}:{server.server_port}", fmt):
-        print(line, flush=True)
-    try:
-        server.serve_forever()
+        lines = banner(app, served, f"http://{args.host}:{server.server_port}", fmt)
+        if workers is not None:
+            lines.append(workers.describe(app.settings, shared))
+        for line in lines:
+            print(line, flush=True)
+        with _stopped_by_sigterm(workers is not None):
+            server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        if workers is not None:
+            workers.stop(server.close_timeout_s + 5)
     return 0
+
+
+def _serve_worker(args: argparse.Namespace, fmt: str) -> int:
+    """One of the processes a first one started (``--listen-fd``, ``--parent-fd``): serves
+    until the first process stops."""
+    listen = socket.socket(fileno=args.listen_fd)
+    listen.setblocking(False)  # shared with the other workers: see the module docstring
+    try:
+        app = App(dev_settings(args))
+        server = DevServer((args.host, args.port), app, max_streams=args.max_streams,
+                           header_timeout_s=args.header_timeout, timeout_s=args.timeout,
+                           max_connections=args.max_connections, listen_socket=listen)
+        server.access_log = fmt == "json"
+        app.router.kinds()
+    except StreamgateError as e:
+        listen.close()
+        print(f"streamgate worker {os.getpid()}: {e.message}", file=sys.stderr)
+        return 2
+
+    def watch_parent() -> None:
+        with contextlib.suppress(OSError):
+            os.read(args.parent_fd, 1)  # nothing is ever written: this returns when it ends
+        server.shutdown()
+
+    threading.Thread(target=watch_parent, name="devserver-parent", daemon=True).start()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal's group
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+MAX_WORKERS = 64
+
+
+class Workers:
+    """The processes a ``--workers`` dev server starts besides the first: the same command
+    line, given the listening socket and the read end of a pipe only the first process can
+    write to (or close, by stopping however it stops)."""
+
+    def __init__(self, listen: socket.socket, args: argparse.Namespace,
+                 environ: dict[str, str]) -> None:
+        listen.setblocking(False)  # shared: see the module docstring
+        self._stopping = False
+        read_fd, self._write_fd = os.pipe()
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (package_root, environ.get("PYTHONPATH", "")) if p)}
+        command = [sys.executable, "-m", "streamgate.devserver", *args.argv,
+                   "--listen-fd", str(listen.fileno()), "--parent-fd", str(read_fd)]
+        self.processes: list[subprocess.Popen[bytes]] = []
+        try:
+            for _ in range(args.workers - 1):
+                self.processes.append(subprocess.Popen(
+                    command, env=env, stdin=subprocess.DEVNULL,  # their console is ours
+                    pass_fds=(listen.fileno(), read_fd)))
+        except BaseException:
+            self.stop(0)
+            raise
+        finally:
+            os.close(read_fd)
+        for process in self.processes:
+            threading.Thread(target=self._watch, args=(process,), daemon=True,
+                             name=f"devserver-worker-{process.pid}").start()
+
+    def describe(self, settings: Settings, shared: str | None) -> str:
+        where = (f"shared in {settings.responses_file}, removed when the server stops"
+                 if shared is not None else f"in the {settings.responses_store} store")
+        return (f"Workers: {len(self.processes) + 1} processes on this port, each with its own "
+                f"model and limits; stored responses {where}")
+
+    def _watch(self, process: subprocess.Popen[bytes]) -> None:
+        code = process.wait()
+        if not self._stopping:
+            logger.warning("dev server worker %d exited (code %s); the other workers go on",
+                           process.pid, code)
+
+    def stop(self, timeout_s: float) -> None:
+        """Close the pipe (every worker stops as the first process would), wait for them at
+        most ``timeout_s``, then kill what is left."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.close(self._write_fd)
+        until = time.monotonic() + timeout_s
+        for process in self.processes:
+            try:
+                process.wait(max(0.0, until - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@contextlib.contextmanager
+def _stopped_by_sigterm(on: bool) -> Iterator[None]:
+    """While it lasts, SIGTERM stops the server as Ctrl-C does (so that a first process stops
+    its workers and removes the shared store); only in the main thread, only when ``on``."""
+    if not on or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def banner(app: App, served: set[str], base: str, fmt: str) -> list[str]:
