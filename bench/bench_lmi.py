@@ -13,7 +13,10 @@ process) serves 1 + --rounds streams in a row. Telemetry is on, as on Lambda (lo
 /dev/null).
 
 - threads: one process, AWS_LAMBDA_MAX_CONCURRENCY=N;
-- processes: N processes, each a classic single loop (one request at a time, its own init).
+- processes: N processes, each a classic single loop (one request at a time, its own init);
+- bare: the floor of the threads model (bench/bare_lmi_relay.py): N threads of one process,
+  each only polling, asking the upstream and writing each upstream read on as one chunk, with
+  none of Streamgate's work. What a thread per stream costs on this machine by itself.
 
 Reported per model and N: peak memory, sampled every 100 ms while serving (RSS summed over the
 model's processes, and PSS, which shares the pages processes have in common, such as the
@@ -109,10 +112,12 @@ def serve(model: str, n: int, rounds: int, upstream: str) -> Result:
     env.pop("AWS_LAMBDA_MAX_CONCURRENCY", None)
     if model == "threads":
         env["AWS_LAMBDA_MAX_CONCURRENCY"] = str(n)
-    count = 1 if model == "threads" else n
+    count = n if model == "processes" else 1
+    command = [str(BOOTSTRAP), sys.executable, "/var/runtime/bootstrap.py"]
+    if model == "bare":
+        command = [sys.executable, str(ROOT / "bench" / "bare_lmi_relay.py"), str(n), upstream]
     with open(os.devnull, "wb") as devnull:
-        processes = [subprocess.Popen([str(BOOTSTRAP), sys.executable, "/var/runtime/bootstrap.py"],
-                                      env=env, stdout=devnull, stderr=devnull)
+        processes = [subprocess.Popen(command, env=env, stdout=devnull, stderr=devnull)
                      for _ in range(count)]
     try:
         deadline = time.monotonic() + 120
@@ -133,7 +138,7 @@ def serve(model: str, n: int, rounds: int, upstream: str) -> Result:
             time.sleep(0.1)
         cpu = sum(_cpu_s(pid) for pid in pids) - cpu_start
         hwm = sum(_status(pid)["VmHWM"] for pid in pids)
-        peak_rss = max(peak_rss, hwm if model == "threads" else 0)
+        peak_rss = max(peak_rss, hwm if model != "processes" else 0)
     finally:
         api.hold_when_empty.set()
         for p in processes:
@@ -169,8 +174,8 @@ def main() -> int:
     parser.add_argument("--first-token-ms", type=float, default=150)
     parser.add_argument("--chunks", type=int, default=40)
     parser.add_argument("--interval-ms", type=float, default=25)
-    parser.add_argument("--models", default="threads,processes",
-                        help="comma-separated: threads, processes (default both)")
+    parser.add_argument("--models", default="threads,processes,bare",
+                        help="comma-separated: threads, processes, bare (default all three)")
     args = parser.parse_args()
     ns = [int(n) for n in args.concurrency.split(",")]
 
@@ -205,6 +210,7 @@ def main() -> int:
         upstream_process.wait(10)
     print(f"(all in {time.monotonic() - started:.0f} s)")
     threads = {r.n: r for r in results if r.model == "threads"}
+    bare = {r.n: r for r in results if r.model == "bare"}
     ok = True
     if 64 in threads:
         r = threads[64]
@@ -224,6 +230,12 @@ def main() -> int:
                   f"{'met' if delta <= RELAY_TTFB_MS else 'missed'}; CPU per chunk at 64 "
                   f"{r.cpu_us_per_chunk:.0f} µs (halved from {RELAY_CPU_BEFORE_US} µs: "
                   f"{'met' if r.cpu_us_per_chunk <= RELAY_CPU_BEFORE_US / 2 else 'missed'})")
+            if {1, 64} <= bare.keys():
+                floor = bare[64].ttfb_p99 - bare[1].ttfb_p99
+                print(f"  the bare threads' floor in this run: p99 +{floor:.1f} ms at 64, CPU "
+                      f"per chunk {bare[64].cpu_us_per_chunk:.0f} µs; Streamgate over it: "
+                      f"+{delta - floor:.1f} ms, "
+                      f"{r.cpu_us_per_chunk / bare[64].cpu_us_per_chunk:.2f}x")
     if any(r.errors for r in results):
         ok = False
         print("errors: some streams did not end 200 ... [DONE] without trailers")
