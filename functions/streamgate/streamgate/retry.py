@@ -57,38 +57,71 @@ def with_retries(
     deadline: Deadline,
     upstream: str,
     honour_retry_after: bool = True,
-) -> Iterator[T]:
+) -> Retrying[T]:
     """The items of ``attempt()``, calling it again after a transient failure while nothing
     has been yielded. Waits use full-jitter exponential backoff (at most ``8 × backoff_s``),
     or the failure's ``retry_after`` when it asks for longer (with ``honour_retry_after``:
     the upstream said so; Bedrock sends none, and its errors carry only our hint to the
     client); see the module docstring for when a wait is too long to take."""
-    cap = backoff_s * 8
-    for n in range(1, attempts + 1):
-        try:
-            items = iter(attempt())
-            first = next(items)
-        except StopIteration:
-            return
-        except StreamgateError as e:
-            if not e.transient or n == attempts:
-                raise
-            delay = random.uniform(0, min(cap, backoff_s * 2 ** (n - 1)))
-            if honour_retry_after and e.retry_after is not None:
-                delay = max(delay, e.retry_after)
-            if delay > cap or delay >= deadline.remaining():
-                raise  # not worth holding the request for: the client decides
-            logger.warning("%s attempt %d of %d failed (%s); retrying in %.2f s",
-                           upstream, n, attempts, e.code, delay)
-            time.sleep(delay)
-            deadline.check()
-            continue
-        # Begun: from here on a failure is the caller's, and the items pass straight through.
-        try:
-            yield first
-            yield from items
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()  # at once, when the caller stops early, not when it is collected
-        return
+
+    def begin() -> tuple[Iterator[T], T] | None:
+        cap = backoff_s * 8
+        for n in range(1, attempts + 1):
+            try:
+                items = iter(attempt())
+                return items, next(items)
+            except StopIteration:
+                return None
+            except StreamgateError as e:
+                if not e.transient or n == attempts:
+                    raise
+                delay = random.uniform(0, min(cap, backoff_s * 2 ** (n - 1)))
+                if honour_retry_after and e.retry_after is not None:
+                    delay = max(delay, e.retry_after)
+                if delay > cap or delay >= deadline.remaining():
+                    raise  # not worth holding the request for: the client decides
+                logger.warning("%s attempt %d of %d failed (%s); retrying in %.2f s",
+                               upstream, n, attempts, e.code, delay)
+                time.sleep(delay)
+                deadline.check()
+        return None  # attempts < 1: nothing was tried
+
+    return Retrying(begin)
+
+
+class Retrying(Iterator[T]):
+    """What :func:`with_retries` returns: the first item is taken (and retried) on the first
+    ``next()``; once it has come, the attempt's own iterator holds the rest and
+    :meth:`remaining` hands it over, so a consumer reads on with no retry layer per item.
+    :meth:`close` closes that iterator at once (when the consumer stops early, not when it is
+    collected); after a failure, the end or a close, ``next()`` raises ``StopIteration``."""
+
+    __slots__ = ("_begin", "_items")
+
+    def __init__(self, begin: Callable[[], tuple[Iterator[T], T] | None]) -> None:
+        self._begin: Callable[[], tuple[Iterator[T], T] | None] | None = begin
+        self._items: Iterator[T] | None = None
+
+    def __iter__(self) -> Retrying[T]:
+        return self
+
+    def __next__(self) -> T:
+        if self._items is not None:
+            return next(self._items)
+        begin, self._begin = self._begin, None
+        begun = begin() if begin is not None else None
+        if begun is None:
+            raise StopIteration
+        self._items, first = begun
+        return first
+
+    def remaining(self) -> Iterator[T]:
+        """The items not yet taken: the attempt's own iterator once the first has come."""
+        return self if self._items is None else self._items
+
+    def close(self) -> None:
+        self._begin = None
+        items, self._items = self._items, None
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()

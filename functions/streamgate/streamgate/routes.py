@@ -420,10 +420,16 @@ class RoutedStream:
 
     def remaining(self) -> Iterator[Delta]:
         """The deltas not yet taken, as one iterator that costs no Python call per delta (the
-        relay's loop takes them from it; :meth:`close` still ends the stream)."""
+        relay's loop takes them from it; :meth:`close` still ends the stream): past the
+        provider's own layers too where they offer theirs
+        (:meth:`streamgate.retry.Retrying.remaining`)."""
         head = self.head[self._sent:]
         self._sent = len(self.head)
-        return itertools.chain(head, self.rest) if head else self.rest
+        rest = self.rest
+        handover = getattr(rest, "remaining", None)
+        if handover is not None:
+            rest = handover()
+        return itertools.chain(head, rest) if head else rest
 
     def close(self) -> None:
         close = getattr(self.rest, "close", None)
