@@ -28,6 +28,7 @@ it is admitted or reaches a model, and every wait in the provider ends by it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import threading
@@ -500,50 +501,52 @@ class App:
 Output = TextDelta | ReasoningDelta | ToolCallDelta | NativeDelta | Finish
 
 
-def _observe(
-    first: Delta | None, deltas: Iterator[Delta], outcome: Outcome, deadline: Deadline
-) -> Iterator[list[Output]]:
-    """The provider's deltas, in groups that arrived together (one delta, or a
-    :class:`~streamgate.providers.Batch`), with the checks every answer shares: the deadline
-    before each group, each delta's finish reason, usage and output recorded in ``outcome``
-    as if it had come alone, and a finish reason required."""
-    log_content = outcome.prompt_text is not None  # set only when content is logged
-    stop_at = deadline.at
-    if isinstance(deltas, RoutedStream):
-        deltas = deltas.remaining()  # the caller still closes the stream it gave
-    delta = first
-    while delta is not None:
-        # Stop before the Lambda deadline rather than be killed mid-write (deadline.check()).
-        if stop_at is not None and time.monotonic() >= stop_at:
-            deadline.check()
-        group: list[Output] = []
-        for piece in delta.deltas if isinstance(delta, Batch) else (delta,):
-            if type(piece) is TextDelta:  # nearly every one: the same steps as below, inline
-                if outcome.first_token_at is None:
-                    outcome.first_token_at = time.monotonic()
-                outcome.deltas += 1
-                outcome.produced_chars += len(piece.text)
-                if log_content:
-                    outcome.completion_text.append(piece.text)
-                group.append(piece)
-                continue
-            if isinstance(piece, Usage):
-                outcome.usage = piece
-                continue
-            if isinstance(piece, Finish):
-                outcome.finish_reason = piece.reason
-            elif not isinstance(piece, NativeDelta) or piece.output:
-                if outcome.first_token_at is None:
-                    outcome.first_token_at = time.monotonic()
-                text = piece.arguments if isinstance(piece, ToolCallDelta) else piece.text
-                outcome.deltas += 1
-                outcome.produced_chars += len(text)
-                if log_content:
-                    outcome.completion_text.append(text)
+def _taken(first: Delta | None, deltas: Iterator[Delta]) -> Iterator[Delta]:
+    """``first``, then the deltas not yet taken, from the provider's own iterator where the
+    stream offers it (:meth:`RoutedStream.remaining`): no layer of ours per delta. The caller
+    still closes the stream it gave."""
+    if first is None:
+        return iter(())
+    return itertools.chain((first,), deltas.remaining() if isinstance(deltas, RoutedStream)
+                           else deltas)
+
+
+def _observe(delta: Delta, outcome: Outcome, log_content: bool) -> list[Output]:
+    """The checks every answer shares, on one group of deltas that arrived together (one
+    delta, or a :class:`~streamgate.providers.Batch`): each delta's finish reason, usage and
+    output recorded in ``outcome`` as if it had come alone; the outputs to encode returned.
+    The loops that call it check the deadline before each group and require a finish reason
+    at the end (:func:`_finished`)."""
+    group: list[Output] = []
+    for piece in delta.deltas if isinstance(delta, Batch) else (delta,):
+        if type(piece) is TextDelta:  # nearly every one: the same steps as below, inline
+            if outcome.first_token_at is None:
+                outcome.first_token_at = time.monotonic()
+            outcome.deltas += 1
+            outcome.produced_chars += len(piece.text)
+            if log_content:
+                outcome.completion_text.append(piece.text)
             group.append(piece)
-        if group:
-            yield group
-        delta = next(deltas, None)
+            continue
+        if isinstance(piece, Usage):
+            outcome.usage = piece
+            continue
+        if isinstance(piece, Finish):
+            outcome.finish_reason = piece.reason
+        elif not isinstance(piece, NativeDelta) or piece.output:
+            if outcome.first_token_at is None:
+                outcome.first_token_at = time.monotonic()
+            text = piece.arguments if isinstance(piece, ToolCallDelta) else piece.text
+            outcome.deltas += 1
+            outcome.produced_chars += len(text)
+            if log_content:
+                outcome.completion_text.append(text)
+        group.append(piece)
+    return group
+
+
+def _finished(outcome: Outcome) -> None:
+    """The provider's deltas have ended: an answer without a finish reason is broken."""
     if outcome.finish_reason is None:
         raise UpstreamError("The model stream ended without a finish reason")
 
@@ -556,22 +559,33 @@ def _stream(
     deadline: Deadline,
 ) -> Iterator[bytes]:
     """The events of one answer; a failure ends them with one in-band error event. The events
-    of deltas that arrived together are one item (one write), each event intact in it."""
+    of deltas that arrived together are one item (one write), each event intact in it.
+
+    One loop over the provider's deltas, the checks of :func:`_observe` in it: this generator
+    is the only layer of the pipeline between the driver's write and the provider's read."""
     try:
         head = encoder.start()
         if head:
             yield head
-        for group in _observe(first, deltas, outcome, deadline):
+        log_content = outcome.prompt_text is not None  # set only when content is logged
+        stop_at = deadline.at
+        encode = encoder.delta
+        for delta in _taken(first, deltas):
+            # Stop before the Lambda deadline rather than be killed mid-write (deadline.check()).
+            if stop_at is not None and time.monotonic() >= stop_at:
+                deadline.check()
+            group = _observe(delta, outcome, log_content)
             if len(group) == 1:
-                event = encoder.delta(group[0])
+                event = encode(group[0])
                 if event:
                     outcome.chunks += 1
                     yield event
                 continue
-            events = [event for event in map(encoder.delta, group) if event]
+            events = [event for event in map(encode, group) if event]
             if events:
                 outcome.chunks += len(events)
                 yield b"".join(events)
+        _finished(outcome)
         yield from encoder.end(outcome)
     except Exception as e:
         err = from_exception(e)
@@ -590,28 +604,34 @@ def _complete(
     outcome: Outcome,
     deadline: Deadline,
 ) -> bytes:
-    """The whole answer, the same deltas joined; any failure is a real status."""
+    """The whole answer, the same deltas joined, with the same checks as :func:`_stream`; any
+    failure is a real status."""
     text: list[str] = []
     reasoning: list[str] = []
     calls: dict[int, AnswerCall] = {}
     answer = Answer()
-    for delta in (d for group in _observe(first, deltas, outcome, deadline) for d in group):
-        if isinstance(delta, TextDelta):
-            text.append(delta.text)
-        elif isinstance(delta, ReasoningDelta):
-            reasoning.append(delta.text)
-            answer.reasoning_signature = delta.signature or answer.reasoning_signature
-        elif isinstance(delta, Finish):
-            answer.finish = delta
-        elif isinstance(delta, NativeDelta):
-            answer.native.append(delta)
-        elif isinstance(delta, ToolCallDelta):
-            call = calls.get(delta.index)
-            if call is None:
-                calls[delta.index] = AnswerCall(delta.id or "", delta.name or "",
-                                                delta.arguments)
-            else:
-                call.arguments += delta.arguments
+    log_content = outcome.prompt_text is not None
+    for group in _taken(first, deltas):
+        if deadline.at is not None:
+            deadline.check()
+        for delta in _observe(group, outcome, log_content):
+            if isinstance(delta, TextDelta):
+                text.append(delta.text)
+            elif isinstance(delta, ReasoningDelta):
+                reasoning.append(delta.text)
+                answer.reasoning_signature = delta.signature or answer.reasoning_signature
+            elif isinstance(delta, Finish):
+                answer.finish = delta
+            elif isinstance(delta, NativeDelta):
+                answer.native.append(delta)
+            elif isinstance(delta, ToolCallDelta):
+                call = calls.get(delta.index)
+                if call is None:
+                    calls[delta.index] = AnswerCall(delta.id or "", delta.name or "",
+                                                    delta.arguments)
+                else:
+                    call.arguments += delta.arguments
+    _finished(outcome)
     answer.text, answer.reasoning = "".join(text), "".join(reasoning)
     answer.tool_calls = [calls[i] for i in sorted(calls)]
     return encoder.document(answer, outcome)
