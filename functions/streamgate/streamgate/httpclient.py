@@ -415,6 +415,14 @@ class Dechunker:
         self.extra = False
 
     def feed(self, raw: bytes) -> bytes:
+        if self._state == _SIZE and not self._line:
+            # What one read nearly always brings while events come one at a time: exactly one
+            # whole chunk, CRLF after its size and its data. The same checks as below, at once.
+            eol = raw.find(b"\n", 0, _MAX_LINE)
+            if eol > 0 and raw[eol - 1] == 13 and raw.endswith(b"\r\n"):
+                size = raw[:eol - 1]
+                if _HEX.fullmatch(size) and int(size, 16) == len(raw) - eol - 3 > 0:
+                    return raw[eol + 1:-2]
         out: list[bytes] = []
         pos, end = 0, len(raw)
         while pos < end:
