@@ -34,13 +34,15 @@ def json_bytes(obj: Any) -> bytes:
         return fixed.encode("utf-8")
 
 
-_encode_text = json.encoder.encode_basestring  # what _encoder uses for a str (C)
+# What _encoder uses for a str (C): JSON text of a str, non-ASCII kept. A caller that encodes
+# its own result to UTF-8 falls back to text_bytes on UnicodeEncodeError (a lone surrogate).
+encode_text = json.encoder.encode_basestring
 
 
 def text_bytes(text: str) -> bytes:
     """:func:`json_bytes` of a string, without the encoder's Python-level dispatch."""
     try:
-        return _encode_text(text).encode("utf-8")
+        return encode_text(text).encode("utf-8")
     except UnicodeEncodeError:
         return json_bytes(text)
 
@@ -104,7 +106,14 @@ class Decoder:
         self._bytes = chunk[used:] if used < len(chunk) else b""
         if "\r" in text or self._first or self._skip_lf:
             return self._lines(text)
-        return self._lf_lines(text)  # what upstreams send, nearly always
+        # What upstreams send, nearly always: lines that end with LF, and most often one whole
+        # ``data:`` event per read with nothing pending, dispatched here as _lf_lines would.
+        if (text.startswith("data: ") and text.find("\n") == len(text) - 2
+                and text.endswith("\n\n") and not (self._line or self._data or self._event)):
+            if len(text) - 7 > self._max:
+                raise EventTooLargeError(f"an event is larger than {self._max} characters")
+            return [_event(Event, (text[6:-2], "message", self._id))]
+        return self._lf_lines(text)
 
     def end(self) -> list[Event]:
         """Events completed at the end of the stream. An unfinished line or an event without
