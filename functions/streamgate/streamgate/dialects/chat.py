@@ -37,6 +37,7 @@ from streamgate.providers import (
     ToolCallDelta,
     Usage,
 )
+from streamgate.sse import encode_text as _encode_text
 from streamgate.validation import (
     MAX_TOOLS,
     RESPONSE_FORMATS,
@@ -552,7 +553,10 @@ class ChunkBuilder:
             if len(tail) != 1:  # the marker in an id or model name: no shortcut
                 return sse.data_event(self.text(text))
             frame = self._text_frame = (head, tail[0])
-        return frame[0] + sse.text_bytes(text) + frame[1]
+        try:  # sse.text_bytes(text), inline: one call fewer per event
+            return frame[0] + _encode_text(text).encode("utf-8") + frame[1]
+        except UnicodeEncodeError:
+            return frame[0] + sse.text_bytes(text) + frame[1]
 
     def reasoning(self, text: str) -> dict[str, Any]:
         return self._delta({"reasoning_content": text}, None)
