@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 import sys
 import threading
 from urllib.parse import urlsplit
@@ -23,8 +24,19 @@ PRELUDE = json.dumps({"statusCode": 200, "headers": {
 
 
 def loop(api: str, upstream: str, body: bytes) -> None:
+    try:
+        relay(api, upstream, body)
+    except Exception as e:  # a loop that fails is said, not silent: its streams go unserved
+        print(f"bare relay loop failed: {e!r}", file=sys.stderr, flush=True)
+        raise
+
+
+def relay(api: str, upstream: str, body: bytes) -> None:
     target = urlsplit(upstream)
     runtime = http.client.HTTPConnection(api)
+    runtime.connect()
+    assert runtime.sock is not None  # each chunk goes out when written, as the runtime's do
+    runtime.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     model = http.client.HTTPConnection(target.hostname or "", target.port)
     while True:
         runtime.request("GET", "/2018-06-01/runtime/invocation/next")
@@ -36,19 +48,19 @@ def loop(api: str, upstream: str, body: bytes) -> None:
         model.request("POST", f"{target.path}/chat/completions", body,
                       {"content-type": "application/json"})
         answer = model.getresponse()
-        sink = http.client.HTTPConnection(api)
-        sink.putrequest("POST", f"/2018-06-01/runtime/invocation/{request_id}/response")
-        sink.putheader("Lambda-Runtime-Function-Response-Mode", "streaming")
-        sink.putheader("Content-Type", "application/vnd.awslambda.http-integration-response")
-        sink.putheader("Transfer-Encoding", "chunked")
-        sink.endheaders()
-        assert sink.sock is not None
-        sink.sock.sendall(b"%x\r\n%s\r\n" % (len(PRELUDE), PRELUDE))
+        # The poll's connection carries the response too, as the runtime's own client does.
+        runtime.putrequest("POST", f"/2018-06-01/runtime/invocation/{request_id}/response")
+        runtime.putheader("Lambda-Runtime-Function-Response-Mode", "streaming")
+        runtime.putheader("Content-Type", "application/vnd.awslambda.http-integration-response")
+        runtime.putheader("Transfer-Encoding", "chunked")
+        runtime.endheaders()
+        assert runtime.sock is not None
+        send = runtime.sock.sendall
+        send(b"%x\r\n%s\r\n" % (len(PRELUDE), PRELUDE))
         while data := answer.read1(65536):
-            sink.sock.sendall(b"%x\r\n%s\r\n" % (len(data), data))
-        sink.sock.sendall(b"0\r\n\r\n")
-        sink.getresponse().read()
-        sink.close()
+            send(b"%x\r\n%s\r\n" % (len(data), data))
+        send(b"0\r\n\r\n")
+        runtime.getresponse().read()
 
 
 def main() -> int:

@@ -64,7 +64,8 @@ def _status(pid: int) -> dict[str, int]:
     except OSError:
         return {"VmRSS": 0, "VmHWM": 0}
     fields = dict(line.split(":", 1) for line in lines if ":" in line)
-    return {k: int(fields[k].split()[0]) for k in ("VmRSS", "VmHWM")}
+    # A process that has exited but is not yet reaped has neither.
+    return {k: int(fields[k].split()[0]) if k in fields else 0 for k in ("VmRSS", "VmHWM")}
 
 
 def _pss_kib(pid: int) -> int:
@@ -117,7 +118,8 @@ def serve(model: str, n: int, rounds: int, upstream: str) -> Result:
     if model == "bare":
         command = [sys.executable, str(ROOT / "bench" / "bare_lmi_relay.py"), str(n), upstream]
     with open(os.devnull, "wb") as devnull:
-        processes = [subprocess.Popen(command, env=env, stdout=devnull, stderr=devnull)
+        processes = [subprocess.Popen(command, env=env, stdout=devnull,
+                                      stderr=None if model == "bare" else devnull)
                      for _ in range(count)]
     try:
         deadline = time.monotonic() + 120
@@ -234,7 +236,7 @@ def main() -> int:
                 floor = bare[64].ttfb_p99 - bare[1].ttfb_p99
                 print(f"  the bare threads' floor in this run: p99 +{floor:.1f} ms at 64, CPU "
                       f"per chunk {bare[64].cpu_us_per_chunk:.0f} µs; Streamgate over it: "
-                      f"+{delta - floor:.1f} ms, "
+                      f"{delta - floor:+.1f} ms, "
                       f"{r.cpu_us_per_chunk / bare[64].cpu_us_per_chunk:.2f}x")
     if any(r.errors for r in results):
         ok = False
