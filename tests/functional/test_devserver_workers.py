@@ -152,18 +152,27 @@ def test_stopping_the_first_process_stops_every_worker_and_removes_the_shared_st
         assert not store.parent.exists()
 
 
-def test_workers_stop_when_the_first_process_is_killed() -> None:
-    # GIVEN the dev server with two workers
-    with FakeUpstream() as upstream, dev_server(upstream, "--workers", "2") as (
-            process, port, _):
+def test_workers_stop_when_the_first_process_is_killed_and_remove_the_shared_store() -> None:
+    # GIVEN the dev server with two workers, and a response stored in their shared store
+    with FakeUpstream([completion_reply("Kept a while")]) as upstream, dev_server(
+            upstream, "--workers", "2") as (process, port, banner):
         [worker] = children(process.pid)
-        # WHEN the first process is killed, with no chance to stop them
+        match = re.search(r"shared in (\S+),", banner[4])
+        assert match, banner
+        store = Path(match.group(1))
+        status, created = call(port, "POST", "/v1/responses",
+                               {"model": "upstream-model", "input": "a secret prompt"})
+        assert status == 200, created
+        assert store.exists()
+        # WHEN the first process is killed, with no chance to stop them or remove the store
         process.kill()
         process.wait(10)
         # THEN the worker stops by itself, and nothing serves the port any more
         assert wait_gone(worker, 15)
         with pytest.raises(ConnectionRefusedError):
             call(port, "GET", "/v1/models")
+        # AND the stored prompts are not left behind in the temporary directory
+        assert not store.parent.exists()
 
 
 def test_both_processes_serve_streams_at_once() -> None:
@@ -202,12 +211,16 @@ def test_both_processes_serve_streams_at_once() -> None:
 
 
 @pytest.mark.parametrize("args", [["--workers", "0"], ["--workers", "65"],
-                                  ["--listen-fd", "3"]])
+                                  ["--listen-fd", "3"],
+                                  # by hand: stdin (/dev/null) is neither a socket nor a pipe
+                                  ["--listen-fd", "0", "--parent-fd", "0"],
+                                  ["--listen-fd", "99", "--parent-fd", "98"]])
 def test_a_bad_workers_command_line_is_refused(args: list[str]) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "streamgate.devserver", "--port", "0", *args],
         env={**os.environ, "PYTHONPATH": str(ROOT / "functions" / "streamgate")},
-        capture_output=True, text=True, timeout=60, check=False)
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
     assert "streamgate" in result.stderr and ("workers" in result.stderr
                                               or "parent-fd" in result.stderr)
+    assert "Traceback" not in result.stderr

@@ -64,6 +64,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -943,6 +944,8 @@ def build_parser() -> argparse.ArgumentParser:
     # A worker of --workers: the listening socket and the pipe from the first process.
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--parent-fd", type=int, default=None, help=argparse.SUPPRESS)
+    # The worker's STREAMGATE_RESPONSES_FILE is the first process's temporary one.
+    parser.add_argument("--shared-store", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -1051,15 +1054,17 @@ def _serve_first(args: argparse.Namespace, fmt: str, environ: dict[str, str],
     server.access_log = fmt == "json"
     workers: Workers | None = None
     try:
-        if args.workers > 1:  # they load their models while this process loads its own
-            workers = Workers(server.socket, args, environ)
-        served = app.router.kinds()  # load the model (or read the routes) now, not later
-        lines = banner(app, served, f"http://{args.host}:{server.server_port}", fmt)
-        if workers is not None:
-            lines.append(workers.describe(app.settings, shared))
-        for line in lines:
-            print(line, flush=True)
-        with _stopped_by_sigterm(workers is not None):
+        # From before the workers start and the banner is out: whoever reads it may stop the
+        # server at once, and a first process killed by SIGTERM would leave the shared store.
+        with _stopped_by_sigterm(args.workers > 1):
+            if args.workers > 1:  # they load their models while this process loads its own
+                workers = Workers(server.socket, args, environ, shared)
+            served = app.router.kinds()  # load the model (or read the routes) now, not later
+            lines = banner(app, served, f"http://{args.host}:{server.server_port}", fmt)
+            if workers is not None:
+                lines.append(workers.describe(app.settings, shared))
+            for line in lines:
+                print(line, flush=True)
             server.serve_forever()
     except KeyboardInterrupt:
         pass
@@ -1073,7 +1078,15 @@ def _serve_first(args: argparse.Namespace, fmt: str, environ: dict[str, str],
 def _serve_worker(args: argparse.Namespace, fmt: str) -> int:
     """One of the processes a first one started (``--listen-fd``, ``--parent-fd``): serves
     until the first process stops."""
-    listen = socket.socket(fileno=args.listen_fd)
+    try:  # by hand, these may be anything: a worker is given a listening socket and a pipe
+        listen = socket.socket(fileno=args.listen_fd)
+        if (not listen.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                or not stat.S_ISFIFO(os.fstat(args.parent_fd).st_mode)):
+            raise OSError("not a listening socket and a pipe")
+    except OSError as e:
+        print(f"streamgate: --listen-fd and --parent-fd are for the processes --workers starts "
+              f"({e.strerror or e})", file=sys.stderr)
+        return 2
     listen.setblocking(False)  # shared with the other workers: see the module docstring
     try:
         app = App(dev_settings(args))
@@ -1087,9 +1100,12 @@ def _serve_worker(args: argparse.Namespace, fmt: str) -> int:
         print(f"streamgate worker {os.getpid()}: {e.message}", file=sys.stderr)
         return 2
 
+    orphaned = threading.Event()
+
     def watch_parent() -> None:
         with contextlib.suppress(OSError):
             os.read(args.parent_fd, 1)  # nothing is ever written: this returns when it ends
+        orphaned.set()
         server.shutdown()
 
     threading.Thread(target=watch_parent, name="devserver-parent", daemon=True).start()
@@ -1099,7 +1115,19 @@ def _serve_worker(args: argparse.Namespace, fmt: str) -> int:
         pass
     finally:
         server.server_close()
+        if args.shared_store and orphaned.is_set():
+            # The first process may have been killed before it could remove the shared store
+            # (the stored prompts): each worker removes it too, only its own files.
+            _remove_shared_store(app.settings.responses_file)
     return 0
+
+
+def _remove_shared_store(path: str) -> None:
+    for name in (path, f"{path}-wal", f"{path}-shm", f"{path}-journal"):
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+    with contextlib.suppress(OSError):  # not if anything else is in it
+        os.rmdir(os.path.dirname(path))
 
 
 MAX_WORKERS = 64
@@ -1111,7 +1139,7 @@ class Workers:
     write to (or close, by stopping however it stops)."""
 
     def __init__(self, listen: socket.socket, args: argparse.Namespace,
-                 environ: dict[str, str]) -> None:
+                 environ: dict[str, str], shared: str | None = None) -> None:
         listen.setblocking(False)  # shared: see the module docstring
         self._stopping = False
         read_fd, self._write_fd = os.pipe()
@@ -1119,7 +1147,8 @@ class Workers:
         env = {**environ, "PYTHONPATH": os.pathsep.join(
             p for p in (package_root, environ.get("PYTHONPATH", "")) if p)}
         command = [sys.executable, "-m", "streamgate.devserver", *args.argv,
-                   "--listen-fd", str(listen.fileno()), "--parent-fd", str(read_fd)]
+                   "--listen-fd", str(listen.fileno()), "--parent-fd", str(read_fd),
+                   *(["--shared-store"] if shared is not None else [])]
         self.processes: list[subprocess.Popen[bytes]] = []
         try:
             for _ in range(args.workers - 1):
