@@ -44,10 +44,19 @@ def dev_server(upstream: FakeUpstream, *args: str) -> Iterator[tuple[subprocess.
         workers = children(process.pid)
         yield process, int(match.group(1)), banner
     finally:
-        for pid in [process.pid, *workers]:
+        for pid in [process.pid, *workers]:  # none left stopped by a test
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-                os.kill(pid, signal.SIGKILL)
+        if process.poll() is None:  # stopped as a user would: it removes its shared store
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                if not wait_gone(pid, 15):
+                    os.kill(pid, signal.SIGKILL)
         process.wait(10)
         assert process.stdout is not None
         process.stdout.close()
