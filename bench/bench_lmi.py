@@ -12,7 +12,9 @@ nothing until N polls wait together, then keeps N invocations in flight: each wo
 process) serves 1 + --rounds streams in a row. Telemetry is on, as on Lambda (logs and EMF to
 /dev/null).
 
-- threads: one process, AWS_LAMBDA_MAX_CONCURRENCY=N;
+- threads: one process, AWS_LAMBDA_MAX_CONCURRENCY=N, as deployed: a worker thread per
+  invocation, and the streams under way waiting in one relay thread (streamgate/relay.py);
+- perthread: the same with STREAMGATE_RELAY_LOOP=false: each stream waits in its worker;
 - processes: N processes, each a classic single loop (one request at a time, its own init);
 - bare: the floor of the threads model (bench/bare_lmi_relay.py): N threads of one process,
   each only polling, asking the upstream and writing each upstream read on as one chunk, with
@@ -111,8 +113,10 @@ def serve(model: str, n: int, rounds: int, upstream: str) -> Result:
            "STREAMGATE_UPSTREAM_MODELS": "m", "STREAMGATE_AUTH": "none",
            "STREAMGATE_ALLOW_UNAUTHENTICATED": "true", "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("AWS_LAMBDA_MAX_CONCURRENCY", None)
-    if model == "threads":
+    if model in ("threads", "perthread"):
         env["AWS_LAMBDA_MAX_CONCURRENCY"] = str(n)
+    if model == "perthread":
+        env["STREAMGATE_RELAY_LOOP"] = "false"
     count = n if model == "processes" else 1
     command = [str(BOOTSTRAP), sys.executable, "/var/runtime/bootstrap.py"]
     if model == "bare":
@@ -177,7 +181,8 @@ def main() -> int:
     parser.add_argument("--chunks", type=int, default=40)
     parser.add_argument("--interval-ms", type=float, default=25)
     parser.add_argument("--models", default="threads,processes,bare",
-                        help="comma-separated: threads, processes, bare (default all three)")
+                        help="comma-separated: threads, perthread, processes, bare "
+                             "(default threads, processes, bare)")
     args = parser.parse_args()
     ns = [int(n) for n in args.concurrency.split(",")]
 

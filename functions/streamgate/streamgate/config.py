@@ -69,6 +69,9 @@ class Settings:
     metrics_namespace: str = "Streamgate"
     tracing: bool = False
     log_content: bool = False
+    # With AWS_LAMBDA_MAX_CONCURRENCY > 1: streams under way wait in one relay thread
+    # (streamgate.relay), not each in its worker thread.
+    relay_loop: bool = True
     # Local (embedded) model.
     local_model_path: str = ""
     # Models served on POST /v1/embeddings by the configured provider (without routes):
@@ -169,6 +172,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "metrics_namespace": ("STREAMGATE_METRICS_NAMESPACE", str),
     "tracing": ("STREAMGATE_TRACING", bool),
     "log_content": ("STREAMGATE_LOG_CONTENT", bool),
+    "relay_loop": ("STREAMGATE_RELAY_LOOP", bool),
     "local_model_path": ("STREAMGATE_LOCAL_MODEL_PATH", str),
     "embedding_models": ("STREAMGATE_EMBEDDING_MODELS", tuple),
     "local_threads": ("STREAMGATE_LOCAL_THREADS", int),

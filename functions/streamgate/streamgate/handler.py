@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from streamgate import cors, playground, sse
 from streamgate.auth import Admission, Caller, Gate
@@ -72,6 +72,7 @@ from streamgate.providers import (
 )
 from streamgate.providers import create_provider as _create_provider
 from streamgate.providers.embedding import EmbeddingRequest, create_embedder
+from streamgate.relay import HAND_BACK, RELAYING, Pending
 from streamgate.routes import Route, RoutedStream, Router
 from streamgate.telemetry import Telemetry
 from streamgate.validation import (
@@ -570,7 +571,12 @@ def _stream(
         log_content = outcome.prompt_text is not None  # set only when content is logged
         stop_at = deadline.at
         encode = encoder.delta
+        relaying = RELAYING.get() is not None
         for delta in _taken(first, deltas):
+            # Not a delta: the upstream has nothing yet, and the relay waits for it (relay.py).
+            if delta.__class__ is Pending:  # type: ignore[comparison-overlap]
+                yield cast(bytes, delta)
+                continue
             # Stop before the Lambda deadline rather than be killed mid-write (deadline.check()).
             if stop_at is not None and time.monotonic() >= stop_at:
                 deadline.check()
@@ -586,12 +592,16 @@ def _stream(
                 outcome.chunks += len(events)
                 yield b"".join(events)
         _finished(outcome)
+        if relaying:
+            yield HAND_BACK  # the end (a stored response, say) is written by the worker
         yield from encoder.end(outcome)
     except Exception as e:
         err = from_exception(e)
         if not isinstance(e, StreamgateError):
             logger.exception("unhandled error after the first byte")
         outcome.error = err
+        if relaying:
+            yield HAND_BACK
         yield encoder.fail(err, outcome)
     finally:
         _close(deltas)

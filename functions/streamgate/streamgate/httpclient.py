@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, overload
 from urllib.parse import urlsplit
 
 from streamgate.deadline import Deadline, Guard, guard
@@ -301,23 +301,51 @@ class Exchange:
         self._fresh = True
         self._size = _SMALL_READ
         self._recv = sock.recv
+        self.sock = sock
+        # Reads that must not wait (read(nowait=True)): MSG_DONTWAIT on a plain socket; a TLS
+        # socket, which takes no flags, is switched to non-blocking mode instead.
+        self._flags = -1  # not set up yet
+        self._drained = False
+        self._finish_by: float | None = None
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the body is chunked: only such a body can be read with ``nowait``."""
+        return self._chunks is not None
 
     def header(self, name: str) -> str:
         return self._response.getheader(name, "") or ""
 
-    def read(self, until: float) -> bytes:
+    @overload
+    def read(self, until: float) -> bytes: ...
+
+    @overload
+    def read(self, until: float, nowait: bool) -> bytes | None: ...
+
+    def read(self, until: float, nowait: bool = False) -> bytes | None:
         """The next bytes of the body (b"" at its end): everything one read of the socket
         delivered. Raises :class:`WaitExpired` when ``until`` passes first, ``UpstreamError``
-        if the connection breaks or the chunked framing is broken."""
+        if the connection breaks or the chunked framing is broken. With ``nowait`` (a chunked
+        body only), None when nothing has arrived: the caller waits for :attr:`sock` to be
+        readable (streamgate.relay), and the guard still bounds that wait by ``until``."""
         self._guard.move(until)
         chunks = self._chunks
         if chunks is None:  # a body with a length, or one that ends when the peer closes
             return self._read_plain()
+        if nowait and self._flags < 0:
+            self._nowait_reads()
         while not chunks.done:
             try:
                 if self._fresh:  # all that http.client's buffer holds after the headers
+                    # (the first read, always taken before the answer can be relayed)
                     self._fresh = False
                     raw = self._response.fp.read1(READ_SIZE)
+                elif nowait:
+                    if self._drained:  # the last read took less than it asked: nothing left
+                        self._drained = False
+                        return None
+                    raw = self._recv(self._size, self._flags)
+                    self._drained = self._flags != 0 and len(raw) < self._size
                 else:
                     raw = self._recv(self._size)
                 # Small reads while events come one at a time; whole buffers once a read
@@ -325,6 +353,8 @@ class Exchange:
                 # allocator: its per-thread arenas fragment (+7 MiB of RSS at 50 streams).
                 self._size = READ_SIZE if len(raw) == self._size else _SMALL_READ
             except OSError as e:
+                if nowait and isinstance(e, (BlockingIOError, ssl.SSLWantReadError)):
+                    return None
                 if self._guard.fired:
                     raise WaitExpired from e
                 raise UpstreamError("The connection to the upstream broke mid-stream") from e
@@ -367,10 +397,17 @@ class Exchange:
                 raise UpstreamError(f"The upstream's answer is larger than {limit} bytes")
             chunks.append(data)
 
-    def finish(self) -> None:
-        """After a complete answer: keep the connection if the upstream allows it."""
+    def finish(self, nowait: bool = False) -> bool:
+        """After a complete answer: keep the connection if the upstream allows it. With
+        ``nowait``, False when the end of the body has not arrived yet (call again once
+        :attr:`sock` is readable); True once done either way."""
+        if self._finish_by is None:  # one second for the end, however many calls it takes
+            self._finish_by = time.monotonic() + 1.0
         try:
-            clean = not self.read(time.monotonic() + 1.0) and not self._response.will_close
+            data = self.read(self._finish_by, nowait)
+            if data is None:
+                return False
+            clean = not data and not self._response.will_close
         except (WaitExpired, UpstreamError):
             clean = False
         if self._chunks is not None and self._chunks.extra:
@@ -379,7 +416,17 @@ class Exchange:
             self._done = True
             self._guard.cancel()
             self._response.close()
+            if self._flags == 0:  # a TLS socket made non-blocking: as the pool expects it
+                self.sock.setblocking(True)
             self._upstream.give_back(self._conn)
+        return True
+
+    def _nowait_reads(self) -> None:
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.sock.setblocking(False)
+            self._flags = 0
+        else:
+            self._flags = socket.MSG_DONTWAIT
 
     def close(self) -> None:
         """Drop the connection unless ``finish()`` returned it (client gone, error, timeout)."""

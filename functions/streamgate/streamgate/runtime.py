@@ -40,6 +40,11 @@ process with its own init and memory. (1 or unset: one loop on the main thread, 
   stream finish it (each is bounded by its deadline); workers waiting in ``next`` have that
   poll cut, unless a byte of its answer has arrived (that invocation is served); the exit
   status is 1 if any ``next`` broke, 0 if the Runtime API only said stop (410).
+- Once a streamed answer is under way, its waits for the upstream and its writes move to one
+  relay thread (relay.py) where the provider can read without blocking (the OpenAI-compatible
+  one): a thread blocked per stream in ``recv`` costs a wake-up and a GIL hand-over per chunk.
+  The worker sleeps meanwhile, then writes the end of the answer itself.
+  ``STREAMGATE_RELAY_LOOP=false`` keeps every stream on its worker.
 - Per invocation, in the worker's thread: the context, the deadline, the trace header (a
   context variable read by telemetry; ``_X_AMZN_TRACE_ID``, being the process's, is left unset
   as it could only name some other invocation), the log field ``function_request_id``, the
@@ -97,6 +102,7 @@ from streamgate.config import (
 from streamgate.deadline import Deadline
 from streamgate.errors import ConfigError, StreamgateError
 from streamgate.handler import App, Response
+from streamgate.relay import RELAYING, Relay
 from streamgate.routes import Router
 from streamgate.runtime_api import (
     Invocation,
@@ -191,6 +197,8 @@ class _Workers:
         self.clients = [client] + [RuntimeAPIClient(env.runtime_api)
                                    for _ in range(env.max_concurrency - 1)]
         self.concurrent = env.max_concurrency > 1
+        # Streams under way wait in one relay thread, not each in its worker (relay.py).
+        self.relay = Relay() if self.concurrent and app.settings.relay_loop else None
         self._polls_left = max_invocations
         self._lock = threading.Lock()
         self._stopping = False
@@ -242,7 +250,8 @@ class _Workers:
                     logger.error("runtime loop ends: GET next failed (%s)", type(e).__name__)
                     self._stop(1)
                 return
-            _invoke(client, self.app, self.env, invocation, concurrent=self.concurrent)
+            _invoke(client, self.app, self.env, invocation, concurrent=self.concurrent,
+                    relay=self.relay)
 
     def _poll_allowed(self) -> bool:
         """Whether a worker may poll ``next`` again (and one poll fewer is left)."""
@@ -266,7 +275,7 @@ class _Workers:
 
 def _invoke(
     client: RuntimeAPIClient, app: App, env: LambdaEnvironment, invocation: Invocation, *,
-    concurrent: bool = False,
+    concurrent: bool = False, relay: Relay | None = None,
 ) -> None:
     """Serve one invocation; nothing that goes wrong here leaves this function but what is
     not an ``Exception`` (SystemExit, say: the invocation is answered, then it ends the
@@ -289,10 +298,14 @@ def _invoke(
             if env.sam_local:
                 client.post_response(invocation.request_id, proxy_response(response))
             else:
-                client.stream_response(
-                    invocation.request_id, prelude(response), response.body,
-                    lambda: _stream_failure(response), timeout=timeout,
-                )
+                relaying = RELAYING.set(relay)  # the body's upstream reads may then park
+                try:
+                    client.stream_response(
+                        invocation.request_id, prelude(response), response.body,
+                        lambda: _stream_failure(response), timeout=timeout, relay=relay,
+                    )
+                finally:
+                    RELAYING.reset(relaying)
     except BaseException as e:
         if response is None:
             logger.exception("invocation %s failed before its response", invocation.request_id)

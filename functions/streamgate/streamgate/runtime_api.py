@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import quote
 
 from streamgate.deadline import Guard, guard
+from streamgate.relay import Pending, Relay
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +271,7 @@ class RuntimeAPIClient:
         failure: Callable[[], tuple[str, str] | None],
         *,
         timeout: float | None = None,
+        relay: Relay | None = None,
     ) -> None:
         """One chunked POST: prelude JSON + 8 NULs, then each item of ``events`` as one chunk
         (one ``send``, written as soon as it is given), then the terminator, with real
@@ -279,6 +281,8 @@ class RuntimeAPIClient:
         stops reading cannot hold the loop forever; it fails with ``TimeoutError``). Should
         ``events`` itself raise, the body still ends properly, with trailers naming it (what
         is not an ``Exception``, SystemExit say, is raised again once the body has ended).
+        With a ``relay``, a :class:`~streamgate.relay.Pending` item parks the body there until
+        it needs this thread again (the relay writes the chunks meanwhile, framed the same).
         """
         escaped: BaseException | None = None
         conn = self._connection()
@@ -300,7 +304,12 @@ class RuntimeAPIClient:
             send(_chunk(json.dumps(prelude, separators=(",", ":")).encode()
                         + PRELUDE_SEPARATOR))
             try:
-                for event in events:
+                body = iter(events)
+                for event in body:
+                    if event.__class__ is not bytes:  # one of the relay's (empty) markers
+                        if relay is not None and event.__class__ is Pending:
+                            relay.carry(body, event, sock, timeout)
+                        continue
                     if event:
                         send(b"%x\r\n%s\r\n" % (len(event), event))
                 trailers = failure()

@@ -55,6 +55,7 @@ from streamgate.providers import (
     Usage,
     malformed_is_upstream_error,
 )
+from streamgate.relay import RELAYING, Pending
 from streamgate.retry import parse_retry_after, with_retries
 from streamgate.validation import (
     CAP_IMAGES,
@@ -256,9 +257,18 @@ class OpenAIProvider:
             decoder = sse.Decoder(s.upstream_max_event_chars)
             chunks = _Chunks(self._secrets())
             done = False
+            # While the answer is relayed (streamgate.relay), a read finding nothing yields
+            # this instead of waiting: the relay's thread waits for the socket.
+            pending = Pending(exchange.sock) if exchange.chunked else None
             while not done:
                 try:
-                    data = exchange.read(timer.until())
+                    if pending is not None and RELAYING.get() is not None:
+                        data = exchange.read(timer.until(), True)
+                        if data is None:
+                            yield cast(Delta, pending)
+                            continue
+                    else:
+                        data = exchange.read(timer.until())
                     events = decoder.feed(data) if data else decoder.end()
                 except WaitExpired:
                     raise timer.expired() from None
@@ -295,7 +305,8 @@ class OpenAIProvider:
                     raise failure
                 if not data and not done:
                     raise UpstreamError("The upstream stream ended before [DONE]")
-            exchange.finish()
+            while not exchange.finish(pending is not None and RELAYING.get() is not None):
+                yield cast(Delta, pending)  # the body's last chunk is still to come
         finally:
             exchange.close()
 
