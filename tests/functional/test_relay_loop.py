@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -25,7 +26,7 @@ from streamgate.deadline import Deadline
 from streamgate.handler import App
 from streamgate.relay import Relay
 from streamgate.runtime import run
-from tests.conftest import openai_app
+from tests.conftest import openai_app, running_dev_server
 from tests.fake_openai import FakeUpstream, Reply, chunk, sse
 from tests.fake_runtime_api import FakeRuntimeAPI, Invoke, Posted
 from tests.functional import test_hostile_relay as hostile
@@ -54,6 +55,7 @@ from tests.functional.test_hostile_relay import (  # noqa: F401 - run again, thr
 )
 from tests.functional.test_upstream_tls import tls_files, trusting  # noqa: F401 - fixtures
 from tests.helpers import chat_event, sse_json
+from tests.raw_http import connect, read_response
 
 NULS = b"\x00" * 8
 USER = [{"role": "user", "content": "hi"}]
@@ -290,3 +292,65 @@ def test_a_stored_response_relayed_is_stored_by_its_worker_and_can_be_read_back(
     assert carried.count == 1
     assert got.status == 200 and stored["status"] == "completed"
     assert stored["output"][0]["content"][0]["text"] == "xy"
+
+
+# -- the dev server: the same relay, its own bounds ---------------------------------------------
+
+def _post(body: dict[str, Any]) -> bytes:
+    raw = json.dumps(body).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json"
+            b"\r\ncontent-length: %d\r\n\r\n%s" % (len(raw), raw))
+
+
+def test_a_dev_server_client_that_stops_reading_a_relayed_stream_is_cut_at_the_request_timeout(
+    carried: Carried,
+) -> None:
+    # GIVEN two relayed streams of 16 MB each, one to a client that reads nothing at all
+    big = "y" * 16000
+    flood: list[bytes | float] = [sse(chunk("", role="assistant"), chunk("y"), done=False),
+                                  0.3]
+    flood += [sse(*(chunk(big) for _ in range(10)), done=False) for _ in range(100)]
+    flood += [sse(chunk(finish="stop"))]
+    with FakeUpstream([Reply(200, flood), Reply(200, flood)]) as fake, running_dev_server(
+            openai_app(fake.url, upstream_models=("m=upstream-model",)),
+            request_timeout_s=0.5, timeout_s=60) as url:
+        stalled = connect(url, timeout=5)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader = connect(url, timeout=10)
+        started = time.monotonic()
+        stalled.sendall(_post({"model": "m", "messages": USER, "stream": True}))
+        reader.sendall(_post({"model": "m", "messages": USER, "stream": True}))
+        # WHEN the other client reads its answer
+        response = read_response(reader)
+        read_in = time.monotonic() - started
+        # THEN it is whole, and came while the stalled one waited
+        assert response.status == 200 and response.body.endswith(b"data: [DONE]\n\n")
+        assert "".join(d["choices"][0]["delta"].get("content") or ""
+                       for d in sse_json(response.body) if d.get("choices")) == "y" + big * 1000
+        # AND the stalled one is cut at the request timeout: its upstream connection freed
+        # (the fake sees the hang-up), long before the 60 s time limit
+        assert fake.aborted.wait(5)
+        freed = time.monotonic() - started
+        stalled.close()
+        reader.close()
+    assert carried.count == 2
+    assert read_in < 10 and freed < 6
+
+
+def test_a_dev_server_model_pausing_past_the_request_timeout_while_relayed_is_not_cut(
+    carried: Carried,
+) -> None:
+    # GIVEN an upstream that pauses longer than the request timeout between its words
+    with FakeUpstream([_paced(["a", "b", "c"], gap=0.5)]) as fake, running_dev_server(
+            openai_app(fake.url, upstream_models=("m=upstream-model",)),
+            request_timeout_s=0.3, timeout_s=30) as url:
+        sock = connect(url, timeout=10)
+        # WHEN a client asks through the dev server (the stream parked in the relay)
+        sock.sendall(_post({"model": "m", "messages": USER, "stream": True}))
+        response = read_response(sock)
+        sock.close()
+    # THEN the whole answer arrives: only a stalled write is cut
+    assert carried.count == 1
+    assert response.status == 200 and response.body.endswith(b"data: [DONE]\n\n")
+    assert "".join(d["choices"][0]["delta"].get("content") or ""
+                   for d in sse_json(response.body) if d.get("choices")) == "abc"

@@ -88,6 +88,7 @@ from streamgate.errors import (
     StreamgateError,
 )
 from streamgate.handler import App, Response
+from streamgate.relay import RELAYING, Pending, Relay
 
 logger = logging.getLogger(__name__)
 
@@ -353,6 +354,9 @@ class DevServer(ThreadingHTTPServer):
         # Requests being served: from their request line to the end of their answer.
         self._serving = 0
         self._served = threading.Condition()
+        # Streams from an OpenAI-compatible upstream wait for it in one thread, not in each
+        # connection's (relay.py); STREAMGATE_RELAY_LOOP=false keeps them in their own.
+        self.relay = Relay() if app.settings.relay_loop else None
         # Last: a bind that fails calls server_close, which reads the attributes above.
         super().__init__(address, _RequestHandler, bind_and_activate=listen_socket is None)
         if listen_socket is not None:
@@ -848,13 +852,23 @@ class _RequestHandler(BaseHTTPRequestHandler):
         limit = g.at
         send = sock.sendall
         sock.settimeout(None)
+        # A chunked stream may wait for its upstream in the relay's thread (relay.py).
+        relay = self.server.relay if chunked else None
+        relaying = RELAYING.set(relay)
         try:
-            for item in events:
+            body = iter(events)
+            for item in body:
+                if item.__class__ is not bytes:  # one of the relay's (empty) markers
+                    if relay is not None and item.__class__ is Pending:
+                        relay.carry(body, item, sock, max(limit - time.monotonic(), 0.0),
+                                    stall=(g, idle))
+                    continue
                 if item:  # an empty chunk would end the body
                     g.move(min(time.monotonic() + idle, limit))
                     send(b"%x\r\n%s\r\n" % (len(item), item) if chunked else item)
                     g.move(limit)  # waiting for the model is not a stalled write
         finally:
+            RELAYING.reset(relaying)
             with contextlib.suppress(OSError):
                 sock.settimeout(idle)  # for the next request's head, as before
 

@@ -38,8 +38,11 @@ import logging
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import cast
+
+from streamgate.deadline import Guard
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +79,16 @@ RELAYING: contextvars.ContextVar[Relay | None] = contextvars.ContextVar("streamg
 class _Parked:
     """One stream while the relay holds it."""
 
-    __slots__ = ("body", "sock", "ctx", "watching", "events", "out", "error", "done")
+    __slots__ = ("body", "sock", "ctx", "stall", "limit", "watching", "events", "out", "error",
+                 "done")
 
-    def __init__(self, body: Iterator[bytes], sock: socket.socket,
-                 ctx: contextvars.Context) -> None:
+    def __init__(self, body: Iterator[bytes], sock: socket.socket, ctx: contextvars.Context,
+                 stall: tuple[Guard, float] | None) -> None:
         self.body = body
-        self.sock = sock  # the Runtime API's, carrying the chunked response
+        self.sock = sock  # the client's (the Runtime API's), carrying the chunked response
         self.ctx = ctx
+        self.stall = stall
+        self.limit = stall[0].at if stall is not None else 0.0  # the guard's own bound
         self.watching: socket.socket | None = None
         self.events = 0
         self.out: memoryview | None = None  # framed bytes the Runtime API has not taken yet
@@ -100,11 +106,14 @@ class Relay:
         self._wake_w: socket.socket | None = None
 
     def carry(self, body: Iterator[bytes], pending: Pending, sock: socket.socket,
-              timeout: float | None) -> None:
+              timeout: float | None, *, stall: tuple[Guard, float] | None = None) -> None:
         """Relay ``body`` (whose last item was ``pending``) as chunks on ``sock`` until it
         needs its worker again; return then, or raise what its writing or the body raised.
-        ``timeout``: the bound the caller's guard puts on the whole response (None: none)."""
-        parked = _Parked(body, sock, contextvars.copy_context())
+        ``timeout``: the bound the caller's guard puts on the whole response (None: none).
+        ``stall``: the guard on ``sock`` and how long one write may wait for the client to
+        read (the dev server's request timeout): while a write waits, the guard is moved to
+        that bound (never past its own), and back once the write is done."""
+        parked = _Parked(body, sock, contextvars.copy_context(), stall)
         self._send(parked, pending.sock)
         if parked.done.wait(None if timeout is None else timeout + _HAND_BACK_GRACE_S):
             if parked.error is not None:
@@ -191,9 +200,12 @@ class Relay:
                 except OSError as e:
                     self._release(selector, parked, e)
                     return
-                if sent < len(frame):  # the Runtime API reads slower than we write
+                if sent < len(frame):  # the client reads slower than we write
                     parked.out = memoryview(frame)[sent:]
                     self._watch(selector, parked, parked.sock, _WRITE)
+                    if parked.stall is not None:  # bound this write by the stall time
+                        g, stall_s = parked.stall
+                        g.move(min(time.monotonic() + stall_s, parked.limit))
                     return
                 continue
             if kind is Pending:
@@ -218,6 +230,8 @@ class Relay:
             parked.out = out[sent:]
             return
         parked.out = None
+        if parked.stall is not None:
+            parked.stall[0].move(parked.limit)  # waiting for the model is not a stalled write
         self._advance(selector, parked)
 
     def _watch(self, selector: selectors.BaseSelector, parked: _Parked, sock: socket.socket,
