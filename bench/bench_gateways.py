@@ -15,7 +15,10 @@ found in /proc), which ends with the bench:
 - ``devserver``: ``python -m streamgate.devserver`` as ``make dev`` runs it, provider
   ``openai`` at the upstream, auth off, limits raised past the load, its console (one line per
   request) written to /dev/null; ``devserver:N`` the same with ``--workers N`` (N processes on
-  the port, each with the same limits, CPU and RSS summed over the processes);
+  the port, each with the same limits, CPU and RSS summed over the processes); streams wait
+  for the upstream in the relay's thread (streamgate/relay.py); ``perthread`` and
+  ``perthread:N`` are the same with STREAMGATE_RELAY_LOOP=false, each stream waiting in its
+  connection's thread;
 - ``portkey``: ``@portkey-ai/gateway`` pinned in bench/package.json and package-lock.json,
   installed here on first use (``npm ci``, from npm's registry) into bench/node_modules, run as
   ``start-server.js --headless`` with bench/portkey_loopback.mjs preloaded (the gateway listens
@@ -241,11 +244,12 @@ def gateway(name: str, upstream: str, models: list[str],
             concurrency: int) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """A fresh gateway process in front of ``upstream``, and its port."""
     env = _clean_env()
-    if name.startswith("devserver"):
+    if name.startswith(("devserver", "perthread")):
         workers = dev_workers(name)
         env.update(PYTHONPATH=f"{ROOT / 'functions' / 'streamgate'}",
                    STREAMGATE_PROVIDER="openai", STREAMGATE_UPSTREAM_BASE_URL=upstream,
-                   STREAMGATE_UPSTREAM_MODELS=",".join(models), STREAMGATE_AUTH="none")
+                   STREAMGATE_UPSTREAM_MODELS=",".join(models), STREAMGATE_AUTH="none",
+                   STREAMGATE_RELAY_LOOP="false" if name.startswith("perthread") else "true")
         command = [sys.executable, "-m", "streamgate.devserver", "--host", "127.0.0.1",
                    "--port", "0", "--workers", str(workers),
                    "--max-streams", str(concurrency * 2),
@@ -390,7 +394,7 @@ def summary(results: list[Result], gateways: list[str], paces: list[str]) -> Non
             print(row(name, medians[name]))
         peer = medians.get("portkey")
         for name, dev in medians.items():
-            if peer is not None and name.startswith("devserver"):
+            if peer is not None and name.startswith(("devserver", "perthread")):
                 print(f"  {name} / Portkey: streams/s "
                       f"{dev['streams_s'] / peer['streams_s']:.2f}x, TTFB p99 "
                       f"{dev['ttfb_p99'] / peer['ttfb_p99']:.2f}x, CPU/stream "
@@ -402,7 +406,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gateways", default=",".join(GATEWAYS),
                         help="comma-separated, of: devserver, devserver:N (--workers N), "
-                             "portkey (default: devserver, devserver:2, portkey)")
+                             "perthread[:N] (the relay off), portkey (default: devserver, "
+                             "devserver:2, portkey)")
     parser.add_argument("--paces", default="32x2,32x0",
                         help="CHUNKSxINTERVAL_MS, comma-separated (default 32x2,32x0: 32 chunks "
                              "2 ms apart, then back to back)")
@@ -412,9 +417,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     gateways = [g.strip() for g in args.gateways.split(",") if g.strip()]
-    known = re.compile(r"devserver(:[1-9][0-9]?)?|portkey")
+    known = re.compile(r"(devserver|perthread)(:[1-9][0-9]?)?|portkey")
     if not gateways or not all(known.fullmatch(g) for g in gateways):
-        parser.error("--gateways: choose from devserver, devserver:N (N from 1 to 99), portkey")
+        parser.error("--gateways: choose from devserver, devserver:N (N from 1 to 99), "
+                     "perthread, perthread:N, portkey")
     paces = parse_paces(args.paces)
     models = [f"paced-{chunks}-{interval}" for chunks, interval in paces]
     if "portkey" in gateways:

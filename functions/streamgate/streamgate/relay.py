@@ -80,7 +80,7 @@ class _Parked:
     """One stream while the relay holds it."""
 
     __slots__ = ("body", "sock", "ctx", "stall", "limit", "watching", "events", "out", "error",
-                 "done")
+                 "done", "released")
 
     def __init__(self, body: Iterator[bytes], sock: socket.socket, ctx: contextvars.Context,
                  stall: tuple[Guard, float] | None) -> None:
@@ -94,6 +94,7 @@ class _Parked:
         self.out: memoryview | None = None  # framed bytes the Runtime API has not taken yet
         self.error: BaseException | None = None
         self.done = threading.Event()
+        self.released = False  # handed back (set on the relay's thread only)
 
 
 class Relay:
@@ -151,6 +152,8 @@ class Relay:
                 continue
             for key, mask in ready:
                 parked: _Parked | None = key.data
+                if parked is not None and parked.released:
+                    continue  # handed back earlier in this round; its socket may be another's
                 try:
                     if parked is None:
                         self._arrive(selector, wake_r)
@@ -170,10 +173,14 @@ class Relay:
             arriving, self._arriving = self._arriving, []
         for parked, upstream in arriving:
             if upstream is None:  # its worker gave up on it
-                if not parked.done.is_set():
+                if not parked.released:
                     self._release(selector, parked, TimeoutError("given up"))
                 continue
-            self._watch(selector, parked, upstream, _READ)
+            try:
+                self._watch(selector, parked, upstream, _READ)
+            except Exception as e:  # noqa: BLE001 - its worker raises it; the others go on
+                logger.exception("the relay could not take a stream")
+                self._release(selector, parked, e)
 
     def _advance(self, selector: selectors.BaseSelector, parked: _Parked) -> None:
         """Run the stream's pipeline on what its upstream has, writing each item as one
@@ -255,5 +262,6 @@ class Relay:
                  error: BaseException | None) -> None:
         """Hand the stream back to its worker."""
         self._unwatch(selector, parked)
+        parked.released = True
         parked.error = error
         parked.done.set()
